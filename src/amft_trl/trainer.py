@@ -1,0 +1,510 @@
+"""`AMFTTrainer`: TRL's `GRPOTrainer` plus an SFT term, an SFT warm-up, and the mu controller.
+
+What the trainer does per optimizer step, and where each piece of the paper lives:
+
+- warm-up steps (`global_step < sft_warmup_steps`, Algorithm 2 lines 6-10): SFT only, no rollouts generated;
+- mixed steps: the loss of Eq. 3, `(1 - mu) * L_RL + mu * L_SFT`. `L_RL` is exactly GRPOTrainer's loss for the
+  configured `loss_type` (its `training_step` is reused, only `compute_loss` is scaled); `L_SFT` is the
+  token-mean NLL of Eq. 2 at temperature 1, normalised by the completion tokens of the whole step's SFT batch so
+  that it is invariant to gradient accumulation, like TRL's `dapo` loss;
+- every `meta_update_steps` mixed steps, the meta-gradient of Eq. 25 (`controller.meta_gradient`): the SFT and
+  RL gradients of the step are kept apart in two buffers, the validation rollouts give a policy-gradient estimate
+  of grad U in the model's own `.grad`, the inner products are taken, and `.grad` is then set to the combined
+  gradient the optimizer steps on. At most two gradient-sized buffers live besides `.grad`, and only then;
+- the measurements go to `MuController`, which applies Eq. 6 in `on_step_end`.
+
+Simplification, documented: mu computed from the measurements of step t is used from step t + 1 on (Algorithm 2
+applies it to step t's own loss, which would need the entropy before the backward, i.e. a second forward).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections import defaultdict, deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from accelerate.utils import DistributedType
+from datasets import Dataset
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOTrainer
+
+from .config import AMFTConfig
+from .controller import MuController, StepMeasurements, cosine_meta_gradient, grad_dot, meta_gradient
+from .sft_data import InfiniteStream, SFTBatch, check_sft_columns, collate_sft, tokenize_sft_dataset
+
+logger = logging.getLogger(__name__)
+
+AMFT_STATE_NAME = "amft_state.json"
+
+
+@dataclass
+class _StepPlan:
+    """What one optimizer step does, fixed at its first micro-step."""
+
+    mu: float  # SFT weight of Eq. 3 for this step (1.0 during warm-up)
+    warmup: bool
+    rl: bool  # compute L_RL (False during warm-up and when mu is pinned to 1)
+    sft: bool  # run the SFT forward at all
+    meta: bool  # meta-gradient step (Eq. 25)
+    entropy: bool  # measure H_t
+    sft_batches: list[SFTBatch] = field(default_factory=list)
+    sft_tokens: int = 0  # completion tokens of the step's SFT batch, over all processes
+    micro: int = 0
+    sft_nll_sum: float = 0.0
+    entropy_sum: float = 0.0
+    rl_loss: float = 0.0
+
+
+class _GradientBuffer:
+    """Accumulates gradients moved out of `.grad` (a reference move at the first call, in-place adds after)."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.tensors: list[torch.Tensor] | None = None
+
+    def take_grads(self) -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        if self.tensors is None:
+            self.tensors = grads
+        else:
+            for t, g in zip(self.tensors, grads, strict=True):
+                t.add_(g)
+        for p in self.params:
+            p.grad = None
+
+
+class AMFTTrainer(GRPOTrainer):
+    """Adaptive Meta Fine-Tuning on top of [`~trl.GRPOTrainer`].
+
+    Args:
+        model, reward_funcs, args, train_dataset, eval_dataset, processing_class, ...: as for `GRPOTrainer`
+            (`args` must be an [`AMFTConfig`]). `train_dataset` holds the RL prompts and reward columns.
+        sft_dataset: demonstrations in TRL's prompt-completion format (standard or conversational), or a
+            conversational `messages` column. Required unless mu is pinned to 0 (`mu_max == 0`).
+        val_dataset: prompts plus reward columns for the meta-objective U (Eq. 4). Required when the
+            meta-gradient is on (`meta_learning_rate > 0` and mu not pinned).
+        mu_controller: a `MuController` (or subclass) to use instead of one built from `args`.
+        **kwargs: passed to `GRPOTrainer` (`reward_processing_classes`, `callbacks`, `optimizers`, `peft_config`, ...).
+    """
+
+    _tag_names = ["trl", "grpo", "amft"]
+    _name = "AMFT"
+
+    def __init__(
+        self,
+        model: Any,
+        reward_funcs: Any = None,
+        args: AMFTConfig | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        *,
+        sft_dataset: Dataset | None = None,
+        val_dataset: Dataset | None = None,
+        mu_controller: MuController | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        **kwargs: Any,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = AMFTConfig(f"{str(name).split('/')[-1]}-AMFT")
+        if not isinstance(args, AMFTConfig):
+            raise TypeError(
+                f"`args` must be an AMFTConfig (a GRPOConfig with AMFT's fields), got {type(args).__name__}. "
+                "Build it with `AMFTConfig(**grpo_config.to_dict(), ...)`."
+            )
+        controller = mu_controller if mu_controller is not None else MuController.from_config(args)
+        self._check_datasets(args, controller, sft_dataset, val_dataset)
+        self.mu_controller = controller
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=[*(callbacks or []), controller],
+            **kwargs,
+        )
+        if controller.wants_meta_gradient and self.accelerator.num_processes > 1:
+            raise ValueError(
+                "The meta-gradient (meta_learning_rate > 0) is implemented for a single process so far; "
+                f"this run has {self.accelerator.num_processes}. Set meta_learning_rate=0 (entropy-only AMFT) "
+                "or run on one process."
+            )
+        self._trainable_params = [p for p in self.model.parameters() if p.requires_grad]
+        if controller.wants_meta_gradient and not self._trainable_params:
+            raise ValueError(
+                "The meta-gradient needs trainable parameters, but every parameter of the model is frozen."
+            )
+
+        self.sft_dataset, self.sft_num_dropped = None, 0
+        if sft_dataset is not None:
+            self.sft_dataset, self.sft_num_dropped = tokenize_sft_dataset(
+                sft_dataset, self.processing_class, args.max_sft_length, chat_template=self.chat_template
+            )
+            self._sft_stream = InfiniteStream(len(self.sft_dataset), seed=args.seed)
+        self.val_dataset = val_dataset
+        if val_dataset is not None:
+            self._val_stream = InfiniteStream(len(val_dataset), seed=args.seed + 1)
+        self._sft_batch_size = args.sft_per_device_train_batch_size or args.per_device_train_batch_size
+        self._rl_weight = 1.0
+        self._plan: _StepPlan | None = None
+        self._controller_history_logged = 0
+
+    # ------------------------------------------------------------------------------------------------------
+    # construction-time checks
+    # ------------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check_datasets(args: AMFTConfig, controller: MuController, sft_dataset, val_dataset) -> None:
+        if sft_dataset is None and controller.mu_max > 0:
+            raise ValueError(
+                f"`sft_dataset` is required: mu can reach mu_max={controller.mu_max} > 0, so the SFT term of Eq. 3 "
+                "is on. Pass demonstrations, or pin mu to 0 (mu_init=mu_min=mu_max=0) for plain GRPO."
+            )
+        if sft_dataset is None and controller.wants_entropy:
+            raise ValueError(
+                "`sft_dataset` is required: the entropy term measures entropy on demonstrations."
+            )
+        if sft_dataset is not None:
+            check_sft_columns(sft_dataset)
+        if controller.wants_meta_gradient:
+            if val_dataset is None:
+                raise ValueError(
+                    "`val_dataset` is required: the meta-gradient is on (meta_learning_rate="
+                    f"{controller.meta_learning_rate}) and needs validation prompts for U. Pass a `val_dataset` or "
+                    "set meta_learning_rate=0."
+                )
+        if val_dataset is not None:
+            if "prompt" not in (val_dataset.column_names or []):
+                raise ValueError(
+                    f"`val_dataset` must have a `prompt` column; it has {val_dataset.column_names}."
+                )
+            if len(val_dataset) == 0:
+                raise ValueError("`val_dataset` is empty.")
+
+    # ------------------------------------------------------------------------------------------------------
+    # the step
+    # ------------------------------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """GRPO's loss (already scaled for gradient accumulation), times the RL weight of this step."""
+        loss = super().compute_loss(
+            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+        )
+        if self._plan is not None:
+            self._plan.rl_loss += float(loss.detach())
+        return loss if self._rl_weight == 1.0 else loss * self._rl_weight
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._plan is None:
+            self._plan = self._begin_step(model)
+        plan = self._plan
+        model.train()
+        display = 0.0
+        if plan.rl:
+            self._rl_weight = 1.0 if plan.meta else 1.0 - plan.mu
+            weighted = super().training_step(model, inputs, num_items_in_batch)
+            display += float(weighted) * ((1.0 - plan.mu) if plan.meta else 1.0)
+            if plan.meta:
+                self._rl_buffer.take_grads()
+        if plan.sft:
+            sft_weight = 1.0 if (plan.meta or plan.warmup) else plan.mu
+            nll_scaled = self._sft_micro_step(model, plan.sft_batches[plan.micro], sft_weight, plan)
+            display += plan.mu * nll_scaled
+            if plan.meta:
+                self._sft_buffer.take_grads()
+        plan.micro += 1
+        if plan.micro == self.current_gradient_accumulation_steps:
+            self._end_step(model, plan)
+            self._plan = None
+        return torch.tensor(display, device=self.args.device)
+
+    def _begin_step(self, model) -> _StepPlan:
+        ctrl, step = self.mu_controller, self.state.global_step
+        warmup = ctrl.is_warmup_step(step)
+        mu = 1.0 if warmup else ctrl.mu
+        pinned_sft_only = ctrl.mu_is_fixed and mu == 1.0
+        meta = not warmup and ctrl.is_meta_step(step)
+        entropy = not warmup and ctrl.wants_entropy
+        sft = warmup or pinned_sft_only or mu > 0 or entropy or meta
+        plan = _StepPlan(
+            mu=mu, warmup=warmup, rl=not (warmup or pinned_sft_only), sft=sft, meta=meta, entropy=entropy
+        )
+        if entropy and ctrl.target_entropy is None:
+            target = self._measure_target_entropy(model)
+            ctrl.set_target_entropy(target)
+            logger.info("AMFT: target entropy H* = %.4f nats/token (measured at step %d).", target, step)
+        if sft:
+            plan.sft_batches = self._draw_sft_batches(self.current_gradient_accumulation_steps)
+            local_tokens = sum(b.num_tokens for b in plan.sft_batches)
+            plan.sft_tokens = int(
+                self.accelerator.gather(torch.tensor(local_tokens, device=self.accelerator.device)).sum()
+            )
+        if meta:
+            self._rl_buffer = _GradientBuffer(self._trainable_params)
+            self._sft_buffer = _GradientBuffer(self._trainable_params)
+        return plan
+
+    def _draw_sft_batches(self, num_micro: int) -> list[SFTBatch]:
+        """This step's SFT examples: the next `batch x micro-steps x processes` of the stream, this rank's slice."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        per_micro = self._sft_batch_size
+        indices = self._sft_stream.take(per_micro * num_micro * world)
+        local = indices[rank * per_micro * num_micro : (rank + 1) * per_micro * num_micro]
+        pad = self._tokenizer.pad_token_id
+        return [
+            collate_sft([self.sft_dataset[i] for i in local[m * per_micro : (m + 1) * per_micro]], pad)
+            for m in range(num_micro)
+        ]
+
+    def _sft_micro_step(self, model, batch: SFTBatch, weight: float, plan: _StepPlan) -> float:
+        """Forward (and, when `weight > 0` or at a meta step, backward) one SFT micro-batch; Eq. 2.
+
+        The loss is `sum of NLL over completion tokens / completion tokens of the whole step (all processes)`,
+        times the process count (DDP averages gradients), so summing micro-steps gives the token mean.
+        Returns this micro-batch's share of the step's token-mean NLL.
+        """
+        batch = batch.to(self.accelerator.device)
+        needs_grad = weight > 0 or plan.meta
+        context = torch.enable_grad() if needs_grad else torch.no_grad()
+        with context, self.compute_loss_context_manager():
+            logps, entropies = self._sft_token_stats(model, batch, compute_entropy=plan.entropy)
+        mask = batch.completion_mask.to(logps.dtype)
+        nll_sum = -(logps * mask).sum()
+        scale = self.accelerator.num_processes / max(plan.sft_tokens, 1)
+        if needs_grad:
+            self._backward(nll_sum * scale * weight)
+        plan.sft_nll_sum += float(nll_sum.detach())
+        if entropies is not None:
+            plan.entropy_sum += float((entropies.detach() * mask).sum())
+        return float(nll_sum.detach()) * scale / self.accelerator.num_processes
+
+    def _sft_token_stats(
+        self, model, batch: SFTBatch, compute_entropy: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-token log-probs and entropies of the demonstration completions at temperature 1. Shapes (B, C).
+
+        At `temperature == 1` this is TRL's fused log-prob head (no logits materialised). Otherwise the fused head
+        would apply the sampling temperature, so the logits of the completion positions are computed directly.
+        """
+        input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
+        attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
+        c = batch.completion_ids.size(1)
+        if self.temperature == 1.0:
+            logps, entropies, _ = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, c, compute_entropy=compute_entropy
+            )
+            return logps, entropies
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=c + 1).logits[
+            :, :-1
+        ]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        logps = logprobs.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
+        entropies = -(logprobs.exp() * logprobs).sum(-1) if compute_entropy else None
+        return logps, entropies
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        kwargs = (
+            {"scale_wrt_gas": False} if self.accelerator.distributed_type == DistributedType.DEEPSPEED else {}
+        )
+        self.accelerator.backward(loss, **kwargs)
+
+    def _end_step(self, model, plan: _StepPlan) -> None:
+        """Last micro-step: the meta-gradient (if due), then hand the measurements to the controller and log."""
+        metrics = self._metrics["train"]
+        metrics["amft/mu"].append(plan.mu)
+        if plan.sft:
+            metrics["amft/sft_loss"].append(self._global_mean(plan.sft_nll_sum, plan.sft_tokens))
+        if plan.rl:
+            metrics["amft/rl_loss"].append(plan.rl_loss)
+        if plan.warmup:
+            return
+        measurements = StepMeasurements()
+        if plan.entropy:
+            measurements.entropy = self._global_mean(plan.entropy_sum, plan.sft_tokens)
+            metrics["amft/entropy"].append(measurements.entropy)
+        if plan.meta:
+            self._meta_step(model, plan, measurements)
+            metrics["amft/meta_gradient"].append(measurements.meta_gradient)
+            metrics["amft/meta_cosine"].append(measurements.cosine)
+            metrics["amft/val_reward"].append(measurements.val_reward)
+        if self.mu_controller.target_entropy is not None:
+            metrics["amft/target_entropy"].append(self.mu_controller.target_entropy)
+        self.mu_controller.record(measurements)
+
+    def _global_mean(self, local_sum: float, global_count: int) -> float:
+        total = self.accelerator.gather(
+            torch.tensor(local_sum, device=self.accelerator.device, dtype=torch.float64)
+        )
+        return float(total.sum()) / max(global_count, 1)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Eq. 25
+    # ------------------------------------------------------------------------------------------------------
+    def _meta_step(self, model, plan: _StepPlan, measurements: StepMeasurements) -> None:
+        """Eq. 25 at this step's parameters, then `.grad = (1 - mu) * grad L_RL + mu * grad L_SFT` for the optimizer.
+
+        Alive here besides `.grad`: the RL and SFT gradient buffers. `.grad` holds the gradient of the validation
+        loss `-U` while the inner products are taken, then becomes the combined gradient (the RL buffer, in place).
+        """
+        grad_sft, grad_rl = self._sft_buffer.tensors, self._rl_buffer.tensors
+        measurements.val_reward = self._validation_backward(model)
+        grad_val = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._trainable_params]
+        # grad U = -grad_val; d = grad_sft - grad_rl
+        val_sft, val_rl = grad_dot(grad_val, grad_sft), grad_dot(grad_val, grad_rl)
+        sft_sq, rl_sq, sft_rl = (
+            grad_dot(grad_sft, grad_sft),
+            grad_dot(grad_rl, grad_rl),
+            grad_dot(grad_sft, grad_rl),
+        )
+        utility_dot_direction = -(val_sft - val_rl)
+        alpha = self.optimizer.param_groups[0]["lr"]
+        measurements.grad_utility_dot_direction = utility_dot_direction
+        measurements.grad_utility_norm = math.sqrt(grad_dot(grad_val, grad_val))
+        measurements.direction_norm = math.sqrt(max(sft_sq + rl_sq - 2.0 * sft_rl, 0.0))
+        measurements.meta_gradient = meta_gradient(utility_dot_direction, alpha)
+        measurements.cosine = cosine_meta_gradient(
+            utility_dot_direction, measurements.grad_utility_norm, measurements.direction_norm
+        )
+        mu = plan.mu
+        for p, r, s in zip(self._trainable_params, grad_rl, grad_sft, strict=True):
+            p.grad = r.mul_(1.0 - mu).add_(s, alpha=mu)
+        self._rl_buffer = self._sft_buffer = None
+
+    def _validation_backward(self, model) -> float:
+        """Validation rollouts through the trainer's own generation path; backward of the PG surrogate of -U.
+
+        The surrogate is `-sum_i A_i * sum_t log pi(y_it) / (validation completion tokens)`, with `A_i` GRPO's
+        group-normalised advantages: its gradient is the policy-gradient estimate of -grad U (Eq. 4) at the sampling
+        temperature. Training metrics and completion logs are left untouched. Returns the mean validation reward.
+        """
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        indices = self._val_stream.take(self.args.meta_val_batch_size)
+        rows = [self.val_dataset[i] for i in indices[rank::world] for _ in range(self.num_generations)]
+        with self._isolated_generation_logs() as val_metrics:
+            out = self._generate_and_score_completions(rows)
+        val_reward = val_metrics["reward"][0] if val_metrics.get("reward") else float("nan")
+        prompt_ids, completion_ids = out["prompt_ids"], out["completion_ids"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
+        mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
+        with self.compute_loss_context_manager():
+            logps, _, _ = self._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, completion_ids.size(1)
+            )
+        advantages = out["advantages"]
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1)
+        tokens = self.accelerator.gather(mask.sum()).sum().clamp(min=1)
+        loss = -(advantages * logps * mask).sum() / tokens * world
+        self._backward(loss)
+        return val_reward
+
+    @contextmanager
+    def _isolated_generation_logs(self):
+        """Run generation without touching the training metrics and completion tables; yields the val metrics."""
+        saved = (self._metrics, self._logs, self._pending_extra_logs, self._pending_metrics)
+
+        def empty_like(container):
+            if isinstance(container, deque):
+                return deque(maxlen=container.maxlen)
+            if isinstance(container, defaultdict):
+                return defaultdict(container.default_factory)
+            return {k: empty_like(v) for k, v in container.items()}
+
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._logs = empty_like(self._logs)
+        self._pending_extra_logs, self._pending_metrics = defaultdict(list), defaultdict(list)
+        try:
+            yield self._metrics["train"]
+        finally:
+            self._metrics, self._logs, self._pending_extra_logs, self._pending_metrics = saved
+
+    # ------------------------------------------------------------------------------------------------------
+    # H* (Algorithm 2, line 11)
+    # ------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _measure_target_entropy(self, model) -> float:
+        """Mean token entropy (temperature 1) of the policy on a fixed, seeded subset of the demonstrations."""
+        n = min(self.args.target_entropy_num_samples, len(self.sft_dataset))
+        indices = InfiniteStream(len(self.sft_dataset), seed=self.args.seed + 2).take(n)
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        local = indices[rank::world]
+        entropy_sum, tokens = 0.0, 0
+        pad = self._tokenizer.pad_token_id
+        for start in range(0, len(local), self._sft_batch_size):
+            batch = collate_sft(
+                [self.sft_dataset[i] for i in local[start : start + self._sft_batch_size]], pad
+            )
+            batch = batch.to(self.accelerator.device)
+            with self.compute_loss_context_manager():
+                _, entropies = self._sft_token_stats(model, batch, compute_entropy=True)
+            entropy_sum += float((entropies * batch.completion_mask).sum())
+            tokens += batch.num_tokens
+        total_tokens = int(
+            self.accelerator.gather(torch.tensor(tokens, device=self.accelerator.device)).sum()
+        )
+        return self._global_mean(entropy_sum, total_tokens)
+
+    # ------------------------------------------------------------------------------------------------------
+    # logging and checkpoints
+    # ------------------------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training:
+            history = self.mu_controller.state.history
+            metrics = self._metrics["train"]
+            for record in history[self._controller_history_logged :]:
+                metrics["amft/entropy_term"].append(record["entropy_term"])
+                metrics["amft/meta_term"].append(record["meta_term"])
+            self._controller_history_logged = len(history)
+            if self.mu_controller.state.num_skipped_nonfinite:
+                metrics["amft/skipped_nonfinite"].append(
+                    float(self.mu_controller.state.num_skipped_nonfinite)
+                )
+        super().log(logs, start_time)
+
+    def amft_state_dict(self) -> dict[str, Any]:
+        """Controller state plus the SFT / validation stream positions: what exact resume needs."""
+        state: dict[str, Any] = {"controller": self.mu_controller.state_dict()}
+        if self.sft_dataset is not None:
+            state["sft_stream"] = self._sft_stream.state_dict()
+        if self.val_dataset is not None:
+            state["val_stream"] = self._val_stream.state_dict()
+        return state
+
+    def load_amft_state_dict(self, state: dict[str, Any]) -> None:
+        self.mu_controller.load_state_dict(state["controller"])
+        self._controller_history_logged = len(self.mu_controller.state.history)
+        if "sft_stream" in state and self.sft_dataset is not None:
+            self._sft_stream.load_state_dict(state["sft_stream"])
+        if "val_stream" in state and self.val_dataset is not None:
+            self._val_stream.load_state_dict(state["val_stream"])
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            with open(os.path.join(folder, AMFT_STATE_NAME), "w") as f:
+                json.dump(self.amft_state_dict(), f)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, AMFT_STATE_NAME)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{path} is missing: this checkpoint was not written by AMFTTrainer, so mu, the target entropy and "
+                "the SFT/validation stream positions cannot be restored."
+            )
+        with open(path) as f:
+            self.load_amft_state_dict(json.load(f))
