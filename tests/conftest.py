@@ -7,7 +7,6 @@ identical weights by path (which also lets GRPO build its reference model from t
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 
@@ -16,59 +15,11 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+from amft_trl.toy import addition_demos as make_demos  # noqa: E402
+from amft_trl.toy import addition_prompts as make_prompts  # noqa: E402
+from amft_trl.toy import build_model, build_tokenizer, digit_fraction_reward  # noqa: E402
 
-
-def _corpus(n: int = 400, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    lines = []
-    for _ in range(n):
-        a, b = rng.randint(0, 20), rng.randint(0, 20)
-        lines.append(f"Compute {a} + {b} = {a + b}. The answer is {a + b}.")
-    return lines
-
-
-def build_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(_corpus(), trainer=trainer)
-    from tokenizers import decoders
-
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>")
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
-
-
-def build_model(tokenizer, seed: int = 0):
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
-    return AutoModelForCausalLM.from_config(config)
+__all__ = ["build_model", "build_tokenizer", "digit_fraction_reward", "make_demos", "make_prompts"]
 
 
 @pytest.fixture(scope="session")
@@ -87,52 +38,6 @@ def tokenizer(tiny_model_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(tiny_model_dir)
-
-
-def digit_fraction_reward(completions, **kwargs) -> list[float]:
-    """A dense toy reward (fraction of digit characters), so advantages are non-zero on a random model."""
-    out = []
-    for c in completions:
-        text = c if isinstance(c, str) else c[-1]["content"]
-        out.append(sum(ch.isdigit() for ch in text) / max(len(text), 1))
-    return out
-
-
-def make_prompts(n: int, seed: int, conversational: bool = False):
-    from datasets import Dataset
-
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(0, 20), rng.randint(0, 20)
-        prompt = f"Compute {a} + {b} ="
-        rows.append(
-            {
-                "prompt": [{"role": "user", "content": prompt}] if conversational else prompt,
-                "answer": str(a + b),
-            }
-        )
-    return Dataset.from_list(rows)
-
-
-def make_demos(n: int, seed: int, conversational: bool = False):
-    from datasets import Dataset
-
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        a, b = rng.randint(0, 20), rng.randint(0, 20)
-        prompt, completion = f"Compute {a} + {b} =", f" {a + b}. The answer is {a + b}."
-        if conversational:
-            rows.append(
-                {
-                    "prompt": [{"role": "user", "content": prompt}],
-                    "completion": [{"role": "assistant", "content": completion}],
-                }
-            )
-        else:
-            rows.append({"prompt": prompt, "completion": completion})
-    return Dataset.from_list(rows)
 
 
 @pytest.fixture

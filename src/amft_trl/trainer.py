@@ -156,7 +156,9 @@ class AMFTTrainer(GRPOTrainer):
             self._val_stream = InfiniteStream(len(val_dataset), seed=args.seed + 1)
         self._sft_batch_size = args.sft_per_device_train_batch_size or args.per_device_train_batch_size
         self._rl_weight = 1.0
-        self._plan: _StepPlan | None = None
+        self._plan: _StepPlan | None = None  # set for the duration of one optimizer step
+        self._rl_buffer: _GradientBuffer | None = None  # the two meta-step buffers: None outside meta steps
+        self._sft_buffer: _GradientBuffer | None = None
         self._controller_history_logged = 0
 
     # ------------------------------------------------------------------------------------------------------
@@ -198,8 +200,9 @@ class AMFTTrainer(GRPOTrainer):
         loss = super().compute_loss(
             model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
         )
-        if self._plan is not None:
-            self._plan.rl_loss += float(loss.detach())
+        if self._plan is None:  # evaluation (prediction_step): GRPO's loss, unweighted
+            return loss
+        self._plan.rl_loss += float(loss.detach())
         return loss if self._rl_weight == 1.0 else loss * self._rl_weight
 
     def training_step(self, model, inputs, num_items_in_batch=None):
