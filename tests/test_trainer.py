@@ -184,34 +184,17 @@ def test_resume_gives_identical_mu_trajectory(tmp_path, tiny_model_dir, tokenize
         save_strategy="steps",
         save_steps=3,
     )
-    straight = build(
-        tmp_path,
-        tiny_model_dir,
-        tokenizer,
-        make_config(tmp_path / "a", **common),
-        sft_dataset=demos,
-        val_dataset=val_prompts,
-    )
-    straight.train()
 
-    first = build(
-        tmp_path,
-        tiny_model_dir,
-        tokenizer,
-        make_config(tmp_path / "b", **common),
-        sft_dataset=demos,
-        val_dataset=val_prompts,
-    )
+    def trainer(name):
+        args = make_config(tmp_path / name, **common)
+        return build(tmp_path, tiny_model_dir, tokenizer, args, sft_dataset=demos, val_dataset=val_prompts)
+
+    straight = trainer("a")
+    straight.train()
+    first = trainer("b")
     first.add_callback(StopAt(3))  # interrupted at the checkpoint, same 6-step schedule
     first.train()
-    second = build(
-        tmp_path,
-        tiny_model_dir,
-        tokenizer,
-        make_config(tmp_path / "b", **common),
-        sft_dataset=demos,
-        val_dataset=val_prompts,
-    )
+    second = trainer("b")
     second.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
 
     mu_straight = [h["mu"] for h in straight.mu_controller.state.history]
