@@ -129,3 +129,17 @@ def test_all_truncated_sft_raises_and_partial_is_reported(
             train_dataset=prompts,
             sft_dataset=Dataset.from_list(rows[:3]),
         )
+
+
+def test_streaming_datasets_are_refused_with_a_clear_error(
+    tmp_path, tiny_model_dir, tokenizer, prompts, demos
+):
+    with pytest.raises(TypeError, match="sft_dataset.*map-style"):
+        _trainer(
+            tmp_path,
+            tiny_model_dir,
+            tokenizer,
+            args=make_config(tmp_path, meta_learning_rate=0.0),
+            train_dataset=prompts,
+            sft_dataset=demos.to_iterable_dataset(),
+        )

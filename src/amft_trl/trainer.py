@@ -175,6 +175,13 @@ class AMFTTrainer(GRPOTrainer):
             raise ValueError(
                 "`sft_dataset` is required: the entropy term measures entropy on demonstrations."
             )
+        for name, dataset in (("sft_dataset", sft_dataset), ("val_dataset", val_dataset)):
+            if dataset is not None and not isinstance(dataset, Dataset):
+                raise TypeError(
+                    f"`{name}` must be a map-style `datasets.Dataset` (it is sampled by index with its own seeded "
+                    f"sampler), got {type(dataset).__name__}. Convert an IterableDataset with "
+                    "`Dataset.from_generator(lambda: (yield from iterable))`."
+                )
         if sft_dataset is not None:
             check_sft_columns(sft_dataset)
         if controller.wants_meta_gradient:
