@@ -40,6 +40,7 @@ def test_defaults_match_the_documented_values(tmp_path):
     assert (args.meta_update_steps, args.sft_warmup_steps) == (20, 50)
     assert args.target_entropy is None
     assert args.meta_gradient_form == "normalized"
+    assert (args.meta_learning_rate, args.meta_val_batch_size) == (0.02, 16)
 
 
 def _trainer(tmp_path, tiny_model_dir, tokenizer, **kwargs):

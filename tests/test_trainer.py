@@ -125,6 +125,9 @@ def test_all_metrics_logged_and_validation_isolated(tmp_path, tiny_model_dir, to
     assert seen_prompts and not any("Validate" in str(p) for p in seen_prompts), "validation rollouts leaked"
     # the training reward is the training rollouts' only: one value per step, logged every step
     assert len(history(trainer, "reward")) == 3
+    # the token count is the training rollouts' only: the last step (2) is a meta step, whose validation rollouts
+    # come after the training generation that logged `num_tokens`
+    assert trainer.state.num_input_tokens_seen == history(trainer, "num_tokens")[-1]
 
 
 def _trajectory(trainer):

@@ -37,7 +37,7 @@ class AMFTConfig(GRPOConfig):
     mu_min: float = field(default=0.05, metadata={"help": "Lower clip bound of mu in Eq. 6 (paper: 0.05)."})
     mu_max: float = field(default=0.95, metadata={"help": "Upper clip bound of mu in Eq. 6 (paper: 0.95)."})
     meta_learning_rate: float = field(
-        default=0.05,
+        default=0.02,
         metadata={
             "help": "eta_mu in Eq. 6: step size of the meta-gradient term. With the default normalized form "
             "(meta_gradient_form='normalized') it is the largest change of mu one meta step can make. The paper's "
@@ -101,7 +101,7 @@ class AMFTConfig(GRPOConfig):
 
     # ---- the meta-objective U (Eq. 4, Eq. 25) ----
     meta_val_batch_size: int = field(
-        default=8,
+        default=16,
         metadata={
             "help": "Validation prompts per meta step (over all processes); each gets num_generations rollouts, "
             "whose group-normalised advantages give the policy-gradient estimate of grad U."

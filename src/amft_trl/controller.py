@@ -166,7 +166,7 @@ class MuController(TrainerCallback):
         mu_init: float = 0.5,
         mu_min: float = 0.05,
         mu_max: float = 0.95,
-        meta_learning_rate: float = 0.05,
+        meta_learning_rate: float = 0.02,
         entropy_learning_rate: float = 5e-4,
         meta_update_steps: int = 20,
         sft_warmup_steps: int = 50,

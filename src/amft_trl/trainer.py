@@ -419,8 +419,12 @@ class AMFTTrainer(GRPOTrainer):
 
     @contextmanager
     def _isolated_generation_logs(self):
-        """Run generation without touching the training metrics and completion tables; yields the val metrics."""
+        """Run generation without touching the training metrics, completion tables and token count.
+
+        Yields the metrics the validation generation logged (its `reward`, ...).
+        """
         saved = (self._metrics, self._logs, self._pending_extra_logs, self._pending_metrics)
+        tokens_seen = self.state.num_input_tokens_seen
 
         def empty_like(container):
             if isinstance(container, deque):
@@ -436,6 +440,7 @@ class AMFTTrainer(GRPOTrainer):
             yield self._metrics["train"]
         finally:
             self._metrics, self._logs, self._pending_extra_logs, self._pending_metrics = saved
+            self.state.num_input_tokens_seen = tokens_seen
 
     # ------------------------------------------------------------------------------------------------------
     # H* (Algorithm 2, line 11)
