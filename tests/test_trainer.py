@@ -312,3 +312,19 @@ def test_conversational_end_to_end(tmp_path, tiny_model_dir, tokenizer):
     trainer.train()
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
     assert len(history(trainer, "amft/meta_gradient")) == 2
+
+
+def test_non_finite_entropy_is_skipped_counted_and_logged(tmp_path, tiny_model_dir, tokenizer, demos, caplog):
+    args = make_config(tmp_path, max_steps=3, meta_learning_rate=0.0, entropy_learning_rate=0.1)
+    trainer = build(tmp_path, tiny_model_dir, tokenizer, args, sft_dataset=demos)
+    record = trainer.mu_controller.record
+
+    def corrupt(measurements):
+        measurements.entropy = float("nan")
+        record(measurements)
+
+    trainer.mu_controller.record = corrupt
+    trainer.train()
+    assert [h["mu"] for h in trainer.mu_controller.state.history] == [0.5, 0.5, 0.5]
+    assert history(trainer, "amft/skipped_nonfinite")[-1] == 3.0
+    assert "non-finite entropy" in caplog.text
