@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Any
+
+from amft_trl._completions import completion_to_text
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -100,15 +101,11 @@ def addition_demos(n: int, seed: int, conversational: bool = False, max_operand:
     return Dataset.from_list(rows)
 
 
-def _text(completion: Any) -> str:
-    return completion if isinstance(completion, str) else completion[-1]["content"]
-
-
 def addition_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
     """1.0 when the first number in the completion is the gold sum, else 0.0."""
     out = []
     for completion, gold in zip(completions, answer, strict=True):
-        match = re.search(r"-?\d+", _text(completion))
+        match = re.search(r"-?\d+", completion_to_text(completion))
         out.append(1.0 if match is not None and match.group() == gold else 0.0)
     return out
 
@@ -117,6 +114,6 @@ def digit_fraction_reward(completions: list, **kwargs) -> list[float]:
     """A dense toy reward (fraction of digit characters), so advantages are non-zero even on a random model."""
     out = []
     for completion in completions:
-        text = _text(completion)
+        text = completion_to_text(completion)
         out.append(sum(ch.isdigit() for ch in text) / max(len(text), 1))
     return out

@@ -253,10 +253,7 @@ class AMFTTrainer(GRPOTrainer):
             logger.info("AMFT: target entropy H* = %.4f nats/token (measured at step %d).", target, step)
         if sft:
             plan.sft_batches = self._draw_sft_batches(self.current_gradient_accumulation_steps)
-            local_tokens = sum(b.num_tokens for b in plan.sft_batches)
-            plan.sft_tokens = int(
-                self.accelerator.gather(torch.tensor(local_tokens, device=self.accelerator.device)).sum()
-            )
+            plan.sft_tokens = int(self._global_sum(sum(b.num_tokens for b in plan.sft_batches)))
         if meta:
             self._rl_buffer = _GradientBuffer(self._trainable_params)
             self._sft_buffer = _GradientBuffer(self._trainable_params)
@@ -268,11 +265,11 @@ class AMFTTrainer(GRPOTrainer):
         per_micro = self._sft_batch_size
         indices = self._sft_stream.take(per_micro * num_micro * world)
         local = indices[rank * per_micro * num_micro : (rank + 1) * per_micro * num_micro]
-        pad = self._tokenizer.pad_token_id
-        return [
-            collate_sft([self.sft_dataset[i] for i in local[m * per_micro : (m + 1) * per_micro]], pad)
-            for m in range(num_micro)
-        ]
+        return [self._collate_sft(local[m * per_micro : (m + 1) * per_micro]) for m in range(num_micro)]
+
+    def _collate_sft(self, indices: list[int]) -> SFTBatch:
+        """The tokenised demonstrations at `indices`, padded into one batch."""
+        return collate_sft([self.sft_dataset[i] for i in indices], self._tokenizer.pad_token_id)
 
     def _sft_micro_step(self, model, batch: SFTBatch, weight: float, plan: _StepPlan) -> float:
         """Forward (and, when `weight > 0` or at a meta step, backward) one SFT micro-batch; Eq. 2.
@@ -349,11 +346,13 @@ class AMFTTrainer(GRPOTrainer):
             metrics["amft/target_entropy"].append(self.mu_controller.target_entropy)
         self.mu_controller.record(measurements)
 
+    def _global_sum(self, local_value: float) -> float:
+        """Sum of a per-process scalar over all processes (float64)."""
+        local = torch.tensor(local_value, device=self.accelerator.device, dtype=torch.float64)
+        return float(self.accelerator.gather(local).sum())
+
     def _global_mean(self, local_sum: float, global_count: int) -> float:
-        total = self.accelerator.gather(
-            torch.tensor(local_sum, device=self.accelerator.device, dtype=torch.float64)
-        )
-        return float(total.sum()) / max(global_count, 1)
+        return self._global_sum(local_sum) / max(global_count, 1)
 
     # ------------------------------------------------------------------------------------------------------
     # Eq. 25
@@ -453,20 +452,13 @@ class AMFTTrainer(GRPOTrainer):
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         local = indices[rank::world]
         entropy_sum, tokens = 0.0, 0
-        pad = self._tokenizer.pad_token_id
         for start in range(0, len(local), self._sft_batch_size):
-            batch = collate_sft(
-                [self.sft_dataset[i] for i in local[start : start + self._sft_batch_size]], pad
-            )
-            batch = batch.to(self.accelerator.device)
+            batch = self._collate_sft(local[start : start + self._sft_batch_size]).to(self.accelerator.device)
             with self.compute_loss_context_manager():
                 _, entropies = self._sft_token_stats(model, batch, compute_entropy=True)
             entropy_sum += float((entropies * batch.completion_mask).sum())
             tokens += batch.num_tokens
-        total_tokens = int(
-            self.accelerator.gather(torch.tensor(tokens, device=self.accelerator.device)).sum()
-        )
-        return self._global_mean(entropy_sum, total_tokens)
+        return self._global_mean(entropy_sum, int(self._global_sum(tokens)))
 
     # ------------------------------------------------------------------------------------------------------
     # logging and checkpoints
