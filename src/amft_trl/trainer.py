@@ -34,6 +34,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
+from trl.import_utils import is_vllm_available
 
 from .config import AMFTConfig
 from .controller import MuController, StepMeasurements, cosine_meta_gradient, grad_dot, meta_gradient
@@ -80,6 +81,35 @@ class _GradientBuffer:
             p.grad = None
 
 
+def _average_across_processes(tensors: list[torch.Tensor], bucket_bytes: int = 2**26) -> None:
+    """In-place mean over processes, in flat buckets of at most `bucket_bytes` (few collectives, bounded memory)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    bucket: list[torch.Tensor] = []
+    size = 0
+
+    def flush() -> None:
+        if not bucket:
+            return
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat)  # SUM: gloo has no AVG
+        flat.div_(world)
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        bucket.clear()
+
+    for t in tensors:
+        if bucket and (size + t.numel() * t.element_size() > bucket_bytes or t.dtype != bucket[0].dtype):
+            flush()
+            size = 0
+        bucket.append(t)
+        size += t.numel() * t.element_size()
+    flush()
+
+
 class AMFTTrainer(GRPOTrainer):
     """Adaptive Meta Fine-Tuning on top of [`~trl.GRPOTrainer`].
 
@@ -120,6 +150,13 @@ class AMFTTrainer(GRPOTrainer):
                 f"`args` must be an AMFTConfig (a GRPOConfig with AMFT's fields), got {type(args).__name__}. "
                 "Build it with `AMFTConfig(**grpo_config.to_dict(), ...)`."
             )
+        if (
+            args.use_vllm and not is_vllm_available()
+        ):  # before the model is loaded, unlike GRPOTrainer's own check
+            raise ImportError(
+                "`use_vllm=True` but vLLM is not installed: install it with `pip install 'amft-trl[vllm]'` (training "
+                "and validation rollouts both go through it), or set `use_vllm=False` to generate with transformers."
+            )
         controller = mu_controller if mu_controller is not None else MuController.from_config(args)
         self._check_datasets(args, controller, sft_dataset, val_dataset)
         self.mu_controller = controller
@@ -133,12 +170,7 @@ class AMFTTrainer(GRPOTrainer):
             callbacks=[*(callbacks or []), controller],
             **kwargs,
         )
-        if controller.wants_meta_gradient and self.accelerator.num_processes > 1:
-            raise ValueError(
-                "The meta-gradient (meta_learning_rate > 0) is implemented for a single process so far; "
-                f"this run has {self.accelerator.num_processes}. Set meta_learning_rate=0 (entropy-only AMFT) "
-                "or run on one process."
-            )
+        self._check_parallel_setup(args, controller)
         self._trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         if controller.wants_meta_gradient and not self._trainable_params:
             raise ValueError(
@@ -199,6 +231,20 @@ class AMFTTrainer(GRPOTrainer):
             if len(val_dataset) == 0:
                 raise ValueError("`val_dataset` is empty.")
 
+    def _check_parallel_setup(self, args: AMFTConfig, controller: MuController) -> None:
+        world = self.accelerator.num_processes
+        if controller.wants_meta_gradient and args.meta_val_batch_size % world:
+            raise ValueError(
+                f"`meta_val_batch_size` ({args.meta_val_batch_size}) must be a multiple of the number of processes "
+                f"({world}): each process generates for an equal share of the validation prompts."
+            )
+        if controller.wants_meta_gradient and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ValueError(
+                "The meta-gradient (meta_learning_rate > 0) does not run under DeepSpeed yet: ZeRO keeps gradients "
+                "in its own partitioned buffers, not in `.grad`. Use DDP (`accelerate launch --multi_gpu`), or set "
+                "meta_learning_rate=0 for entropy-only AMFT under DeepSpeed."
+            )
+
     # ------------------------------------------------------------------------------------------------------
     # the step
     # ------------------------------------------------------------------------------------------------------
@@ -220,7 +266,8 @@ class AMFTTrainer(GRPOTrainer):
         display = 0.0
         if plan.rl:
             self._rl_weight = 1.0 if plan.meta else 1.0 - plan.mu
-            weighted = super().training_step(model, inputs, num_items_in_batch)
+            with self._defer_deepspeed_step(plan.sft):
+                weighted = super().training_step(model, inputs, num_items_in_batch)
             display += float(weighted) * ((1.0 - plan.mu) if plan.meta else 1.0)
             if plan.meta:
                 self._rl_buffer.take_grads()
@@ -236,10 +283,32 @@ class AMFTTrainer(GRPOTrainer):
             self._plan = None
         return torch.tensor(display, device=self.args.device)
 
+    @contextmanager
+    def _defer_deepspeed_step(self, defer: bool):
+        """Under DeepSpeed, keep the RL backward of the last micro-step off the accumulation boundary.
+
+        Accelerate's DeepSpeed wrapper calls `engine.step()` after every backward taken while `sync_gradients` is
+        on, i.e. after each backward of the last micro-step. The SFT backward follows the RL one, so without this the
+        engine would step on the RL gradient alone, then step again on the SFT gradient.
+        """
+        state = self.accelerator.gradient_state
+        if not (
+            defer and self.accelerator.distributed_type == DistributedType.DEEPSPEED and state.sync_gradients
+        ):
+            yield
+            return
+        state._set_sync_gradients(False)
+        try:
+            yield
+        finally:
+            state._set_sync_gradients(True)
+
     def _begin_step(self, model) -> _StepPlan:
         ctrl, step = self.mu_controller, self.state.global_step
         warmup = ctrl.is_warmup_step(step)
         mu = 1.0 if warmup else ctrl.mu
+        if self.accelerator.num_processes > 1:
+            self._check_same_on_all_processes(mu, "mu")
         pinned_sft_only = ctrl.mu_is_fixed and mu == 1.0
         meta = not warmup and ctrl.is_meta_step(step)
         entropy = not warmup and ctrl.wants_entropy
@@ -330,7 +399,7 @@ class AMFTTrainer(GRPOTrainer):
         if plan.sft:
             metrics["amft/sft_loss"].append(self._global_mean(plan.sft_nll_sum, plan.sft_tokens))
         if plan.rl:
-            metrics["amft/rl_loss"].append(plan.rl_loss)
+            metrics["amft/rl_loss"].append(self._global_sum(plan.rl_loss) / self.accelerator.num_processes)
         if plan.warmup:
             return
         measurements = StepMeasurements()
@@ -345,6 +414,18 @@ class AMFTTrainer(GRPOTrainer):
         if self.mu_controller.target_entropy is not None:
             metrics["amft/target_entropy"].append(self.mu_controller.target_entropy)
         self.mu_controller.record(measurements)
+
+    def _check_same_on_all_processes(self, value: float, name: str) -> None:
+        """One scalar all-gather per step: the controller is replicated, so a divergence is a bug, not noise."""
+        values = self.accelerator.gather(
+            torch.tensor([value], device=self.accelerator.device, dtype=torch.float64)
+        )
+        if not bool((values == values[0]).all()):
+            raise RuntimeError(
+                f"AMFT: {name} differs across processes at step {self.state.global_step}: {values.tolist()}. Every "
+                "measurement feeding the controller is reduced over all processes, so this means a process saw "
+                "different data or a different config."
+            )
 
     def _global_sum(self, local_value: float) -> float:
         """Sum of a per-process scalar over all processes (float64)."""
@@ -364,6 +445,11 @@ class AMFTTrainer(GRPOTrainer):
         loss `-U` while the inner products are taken, then becomes the combined gradient (the RL buffer, in place).
         """
         grad_sft, grad_rl = self._sft_buffer.tensors, self._rl_buffer.tensors
+        if self.accelerator.num_processes > 1:
+            # DDP all-reduced only the backward passes of the last micro-step; earlier micro-steps were accumulated
+            # under `no_sync` and moved out of `.grad` before any reduction. Averaging the buffers makes them the
+            # global gradients (averaging the already-reduced part again leaves it unchanged).
+            _average_across_processes(grad_sft + grad_rl)
         measurements.val_reward = self._validation_backward(model)
         grad_val = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._trainable_params]
         # grad U = -grad_val; d = grad_sft - grad_rl
