@@ -166,3 +166,20 @@ def test_vllm_requested_without_vllm_fails_before_loading_the_model(tmp_path, pr
 def test_liger_kernel_flag_is_accepted(tmp_path):
     """TRL 1.16's liger path only swaps layer kernels; the losses AMFT adds go through the same head."""
     assert make_config(tmp_path, use_liger_kernel=True).use_liger_kernel
+
+
+def test_meta_gradient_under_deepspeed_fails_before_loading_the_model(
+    tmp_path, monkeypatch, prompts, demos, val_prompts
+):
+    monkeypatch.setenv(
+        "ACCELERATE_USE_DEEPSPEED", "true"
+    )  # what `accelerate launch` with a DeepSpeed config sets
+    with pytest.raises(ValueError, match="does not run under DeepSpeed"):
+        AMFTTrainer(
+            model=str(tmp_path / "no-such-model"),
+            reward_funcs=digit_fraction_reward,
+            args=make_config(tmp_path),
+            train_dataset=prompts,
+            sft_dataset=demos,
+            val_dataset=val_prompts,
+        )

@@ -98,11 +98,19 @@ def update_mu(mu: float, meta_term: float, entropy_term: float, mu_min: float, m
 
 
 def grad_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    """Inner product of two gradient lists (one tensor per parameter), accumulated in float64."""
-    total = torch.zeros((), dtype=torch.float64)
+    """Inner product of two gradient lists (one tensor per parameter).
+
+    Each parameter's dot product runs in its gradient's precision (float32 for half-precision gradients) without
+    temporaries; the per-parameter results are summed in float64 on the device, with one host sync at the end.
+    The estimate it feeds (Eq. 25) is a noisy Monte-Carlo quantity, far above float32 rounding.
+    """
+    total = None
     for x, y in zip(a, b, strict=True):
-        total += torch.sum(x.double() * y.double()).cpu()
-    return float(total)
+        if x.dtype not in (torch.float32, torch.float64):
+            x, y = x.float(), y.float()
+        term = torch.dot(x.reshape(-1), y.reshape(-1)).double()
+        total = term if total is None else total + term
+    return 0.0 if total is None else float(total)
 
 
 # --------------------------------------------------------------------------------------------------------------

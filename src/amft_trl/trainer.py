@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, parse_flag_from_env
 from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -159,6 +159,9 @@ class AMFTTrainer(GRPOTrainer):
             )
         controller = mu_controller if mu_controller is not None else MuController.from_config(args)
         self._check_datasets(args, controller, sft_dataset, val_dataset)
+        # before the model is loaded: the layout as the launcher set it up (checked again on the Accelerator below)
+        deepspeed = bool(args.deepspeed) or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
+        self._check_parallel_setup(args, controller, args.world_size, deepspeed)
         self.mu_controller = controller
         super().__init__(
             model=model,
@@ -170,7 +173,12 @@ class AMFTTrainer(GRPOTrainer):
             callbacks=[*(callbacks or []), controller],
             **kwargs,
         )
-        self._check_parallel_setup(args, controller)
+        self._check_parallel_setup(
+            args,
+            controller,
+            self.accelerator.num_processes,
+            self.accelerator.distributed_type == DistributedType.DEEPSPEED,
+        )
         self._trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         if controller.wants_meta_gradient and not self._trainable_params:
             raise ValueError(
@@ -231,14 +239,16 @@ class AMFTTrainer(GRPOTrainer):
             if len(val_dataset) == 0:
                 raise ValueError("`val_dataset` is empty.")
 
-    def _check_parallel_setup(self, args: AMFTConfig, controller: MuController) -> None:
-        world = self.accelerator.num_processes
+    @staticmethod
+    def _check_parallel_setup(
+        args: AMFTConfig, controller: MuController, world: int, deepspeed: bool
+    ) -> None:
         if controller.wants_meta_gradient and args.meta_val_batch_size % world:
             raise ValueError(
                 f"`meta_val_batch_size` ({args.meta_val_batch_size}) must be a multiple of the number of processes "
                 f"({world}): each process generates for an equal share of the validation prompts."
             )
-        if controller.wants_meta_gradient and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if controller.wants_meta_gradient and deepspeed:
             raise ValueError(
                 "The meta-gradient (meta_learning_rate > 0) does not run under DeepSpeed yet: ZeRO keeps gradients "
                 "in its own partitioned buffers, not in `.grad`. Use DDP (`accelerate launch --multi_gpu`), or set "

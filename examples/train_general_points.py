@@ -1,0 +1,166 @@
+"""Train a model on General Points (the 24-points card game of the AMFT paper, text variant) with AMFT.
+
+The hands are generated (no download): training and validation hands use the in-distribution face-card rule
+(J = Q = K = 10); with evaluation on (`--eval_strategy steps`), the model is also scored on held-out test hands
+under the ID rule and under the out-of-distribution rule (J, Q, K = 11, 12, 13). See
+`amft_trl.tasks.general_points`. Any field of a recipe can be overridden on the command line:
+
+    # CPU, the embedded SmolLM2-135M-Instruct, a few minutes
+    python examples/train_general_points.py --config examples/configs/general_points_cpu.yaml
+    # one GPU, Qwen2.5-0.5B-Instruct
+    accelerate launch examples/train_general_points.py --config examples/configs/general_points_1gpu.yaml
+
+Bad input (a missing model path, an unknown recipe key, a reward that reads columns the prompts lack, task options
+that cannot be dealt) stops the script with one `error: ...` line before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from trl import ModelConfig, get_peft_config, get_quantization_config
+
+from amft_trl import AMFTConfig, AMFTTrainer
+from amft_trl.models import resolve_model_name_or_path
+from amft_trl.tasks.general_points import build_general_points_datasets, general_points_reward
+
+# The command-line and error helpers are shared with the math script, next to this file.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from train_math import (  # noqa: E402
+    InputError,
+    check_chat_template,
+    check_reward_columns,
+    load_reward_funcs,
+    one_line_errors,
+    parse_args,
+)
+
+REWARD_FUNCS: dict[str, Callable] = {"general_points_reward": general_points_reward}
+
+
+@dataclass
+class GeneralPointsArguments:
+    """Script arguments: the General Points hands to deal and the rewards that score the answers."""
+
+    num_train: int = field(
+        default=500, metadata={"help": "Training hands (RL prompts and SFT demonstrations)."}
+    )
+    num_validation: int = field(default=100, metadata={"help": "Validation hands, for the meta-gradient."})
+    num_eval: int = field(
+        default=100,
+        metadata={"help": "Test hands per evaluation set (ID rule and OOD rule), used when evaluating."},
+    )
+    num_cards: int = field(default=4, metadata={"help": "Cards per hand (1 to 5; the paper: 4)."})
+    target: int = field(default=24, metadata={"help": "The number the formula must reach (the paper: 24)."})
+    split_seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the deal and of the disjoint train/validation/test split of hands."},
+    )
+    eval_at_end: bool = field(
+        default=True,
+        metadata={
+            "help": "After training, score num_eval held-out hands under the ID rule and under the OOD rule "
+            "(sampled answers, the training temperature) and write eval_results.json."
+        },
+    )
+    conversational: bool = field(
+        default=True,
+        metadata={
+            "help": "Chat-formatted prompts (needs a tokenizer with a chat template); false: plain text."
+        },
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["general_points_reward"],
+        metadata={
+            "help": f"Reward functions: {sorted(REWARD_FUNCS)} or dotted import paths (`my_module.my_reward`). "
+            "Weights: reward_weights."
+        },
+    )
+
+
+def main(script_args: GeneralPointsArguments, training_args: AMFTConfig, model_args: ModelConfig) -> None:
+    # ---- checks and data, before any model is loaded ----
+    with one_line_errors():
+        model_name_or_path = resolve_model_name_or_path(model_args.model_name_or_path)
+        reward_funcs = load_reward_funcs(script_args.reward_funcs, REWARD_FUNCS)
+        if script_args.conversational:
+            check_chat_template(model_name_or_path, model_args, training_args)
+        if script_args.num_train < 1 or script_args.num_validation < 1:
+            raise InputError("num_train and num_validation must be at least 1")
+        data = build_general_points_datasets(
+            script_args.num_train,
+            script_args.num_validation,
+            script_args.num_eval,
+            seed=script_args.split_seed,
+            num_cards=script_args.num_cards,
+            target=script_args.target,
+            conversational=script_args.conversational,
+        )
+        eval_dataset = None
+        evaluating = training_args.eval_strategy != "no" or script_args.eval_at_end
+        if evaluating and script_args.num_eval < 1:
+            raise InputError("num_eval must be at least 1 to evaluate (eval_strategy or eval_at_end)")
+        if training_args.eval_strategy != "no":
+            eval_dataset = {"id": data.eval_id, "ood": data.eval_ood}
+        check_reward_columns(
+            reward_funcs,
+            {
+                "RL prompt": data.rl,
+                "validation": data.validation,
+                **({"evaluation": data.eval_id} if evaluating else {}),
+            },
+        )
+
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+
+    # ---- training ----
+    trainer = AMFTTrainer(
+        model=model_name_or_path,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=data.rl,
+        eval_dataset=eval_dataset,
+        sft_dataset=data.sft,
+        val_dataset=data.validation,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.accelerator.print(
+        f"AMFT on {model_name_or_path}: General Points with {script_args.num_cards} cards to {script_args.target}; "
+        f"{len(data.rl)} RL prompts, {len(trainer.sft_dataset)} SFT demonstrations, {len(data.validation)} "
+        "validation prompts"
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    processes = trainer.accelerator.num_processes
+    trainer.accelerator.print(
+        f"Trained {trainer.state.global_step} steps on {processes} process{'es' if processes > 1 else ''}; "
+        f"mu {training_args.mu_init:.3f} -> {trainer.mu_controller.state.mu:.3f}"
+    )
+    if script_args.eval_at_end:
+        # One evaluation per rule: GRPO logs its reward metrics as `eval_reward` whatever the dataset's name.
+        results = {}
+        for rule, dataset in (("id", data.eval_id), ("ood", data.eval_ood)):
+            metrics = trainer.evaluate(dataset, metric_key_prefix=f"eval_{rule}")
+            results[f"{rule}_reward"] = metrics.get("eval_reward")
+        trainer.save_metrics("eval", results)
+        trainer.accelerator.print(
+            f"Held-out hands, {script_args.num_eval} per rule (mean reward of sampled answers): "
+            f"ID {results['id_reward']}, OOD {results['ood_reward']}"
+        )
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}")
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+
+
+if __name__ == "__main__":
+    main(*parse_args(script_class=GeneralPointsArguments))

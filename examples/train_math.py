@@ -1,0 +1,366 @@
+"""Train a model on math with AMFT: one run mixes SFT on worked solutions and GRPO on the problems.
+
+Recipes live in `examples/configs/`; any field of a recipe can be overridden on the command line:
+
+    # CPU, the embedded SmolLM2-135M-Instruct, a few minutes
+    python examples/train_math.py --config examples/configs/math_cpu.yaml
+    # one GPU, Qwen2.5-0.5B-Instruct on OpenR1-Math-46k-8192
+    accelerate launch examples/train_math.py --config examples/configs/math_1gpu.yaml
+    # the paper's setting (Qwen2.5-Math-7B, 8 GPUs, DeepSpeed ZeRO-3, vLLM)
+    accelerate launch --config_file examples/accelerate_configs/deepspeed_zero3.yaml \
+        examples/train_math.py --config examples/configs/math_paper.yaml
+
+From one math dataset (a hub id or a local .jsonl/.json/.parquet/.csv file, in the OpenR1-Math-46k-8192 schema
+or with `problem`/`solution` columns, see `amft_trl.data`) the script builds the RL prompts (with the gold answer
+in `solution`), the SFT demonstrations (the worked solutions) and held-out validation prompts for the
+meta-gradient, then trains `AMFTTrainer` with `math_accuracy_reward`.
+
+Bad input (a missing model or dataset path, an unreadable dataset file, an unknown recipe key, a dataset without
+the columns a reward reads) stops the script with one `error: ...` line before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from datasets import Dataset
+from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+
+from amft_trl import AMFTConfig, AMFTTrainer
+from amft_trl.data import (
+    DEFAULT_INSTRUCTION,
+    OPENR1_MATH_46K,
+    SCHEMAS,
+    load_math_dataset,
+    math_rl_prompts,
+    math_sft_pairs,
+    split_validation,
+)
+from amft_trl.models import resolve_model_name_or_path
+from amft_trl.rewards import boxed_format_reward, math_accuracy_reward
+
+REWARD_FUNCS: dict[str, Callable] = {
+    "math_accuracy_reward": math_accuracy_reward,
+    "boxed_format_reward": boxed_format_reward,
+}
+
+
+@dataclass
+class MathScriptArguments(ScriptArguments):
+    """Script arguments: where the math data comes from, how prompts are written, which rewards score them."""
+
+    dataset_name: str = field(
+        default=OPENR1_MATH_46K,
+        metadata={
+            "help": "Math dataset: a hub id or a local .jsonl/.json/.parquet/.csv file, in the OpenR1-Math-46k-8192 "
+            "schema or with problem/solution(/answer) columns. Gives the RL prompts, the SFT demonstrations and, "
+            "unless validation_dataset_name is set, the held-out validation prompts."
+        },
+    )
+    schema: str | None = field(
+        default=None,
+        metadata={"help": f"Schema of the math files: one of {SCHEMAS}; None detects it from the columns."},
+    )
+    validation_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Separate dataset (hub id or local file) for the validation prompts of the meta-gradient. None: "
+            "hold out validation_size rows of dataset_name."
+        },
+    )
+    validation_size: float = field(
+        default=500,
+        metadata={
+            "help": "Rows of dataset_name held out for validation when validation_dataset_name is not set: a number "
+            "of rows (>= 1) or a fraction (< 1)."
+        },
+    )
+    sft_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Separate dataset (hub id or local file) for the SFT demonstrations. None: the worked "
+            "solutions of the training rows of dataset_name."
+        },
+    )
+    max_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Use only the first max_samples rows of each dataset (quick runs). None: all rows."
+        },
+    )
+    split_seed: int = field(default=0, metadata={"help": "Seed of the held-out validation split."})
+    instruction: str | None = field(
+        default=DEFAULT_INSTRUCTION,
+        metadata={"help": "Appended to every problem (after a blank line). Empty or None for none."},
+    )
+    system_prompt: str | None = field(default=None, metadata={"help": "Optional system message."})
+    conversational: bool = field(
+        default=True,
+        metadata={
+            "help": "Chat-formatted prompts (needs a tokenizer with a chat template); false: plain text."
+        },
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["math_accuracy_reward"],
+        metadata={
+            "help": f"Reward functions: {sorted(REWARD_FUNCS)} or dotted import paths (`my_module.my_reward`). "
+            "Weights: reward_weights."
+        },
+    )
+
+
+# ---- helpers, also used by train_general_points.py ----
+
+
+class InputError(ValueError):
+    """Bad user input found before training: reported as one line, without a traceback."""
+
+
+def fail(message: str) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+@contextlib.contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Report the errors of the checks done before the model is loaded as one `error: ...` line."""
+    try:
+        yield
+    except (ValueError, OSError, ImportError, RuntimeError) as error:
+        fail(" ".join(str(error).split()) or type(error).__name__)
+
+
+def parse_args(
+    argv: Sequence[str] | None = None, script_class: type = MathScriptArguments
+) -> tuple[Any, AMFTConfig, ModelConfig]:
+    """Parse `--config RECIPE.yaml` and command-line overrides into `(script_class, AMFTConfig, ModelConfig)`.
+
+    Unknown recipe keys, unknown arguments and invalid values end the script with one `error: ...` line.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = TrlParser(
+        (script_class, AMFTConfig, ModelConfig),
+        usage="%(prog)s [--config RECIPE.yaml] [--FIELD VALUE ...]",
+        allow_abbrev=False,
+    )
+    recipe = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else None
+    try:
+        *parsed, recipe_unknown, cli_unknown = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except FileNotFoundError:
+        fail(f"recipe file {recipe!r} does not exist")
+    except Exception as error:  # yaml errors, a config's __post_init__ validation
+        fail(f"{'recipe ' + repr(recipe) + ': ' if recipe else ''}{' '.join(str(error).split())}")
+    if recipe_unknown:
+        keys = ", ".join(repr(key.removeprefix("--")) for key in recipe_unknown[0::2])
+        fail(
+            f"unknown key(s) {keys} in recipe {recipe!r}: not a field of {script_class.__name__}, AMFTConfig or ModelConfig"
+        )
+    if cli_unknown:
+        fail(f"unknown command-line argument(s): {' '.join(cli_unknown)}")
+    return tuple(parsed)  # type: ignore[return-value]
+
+
+def load_dataset_arg(name_or_path: str, field_name: str, split: str, config: str | None = None) -> Dataset:
+    """Load a hub dataset or a local file; a missing or unreadable path raises `InputError` naming it."""
+    path = os.path.expanduser(name_or_path)
+    extension = os.path.splitext(path)[1].lower()
+    looks_local = extension in (".jsonl", ".json", ".parquet", ".csv") or path.startswith(("/", "./", "../"))
+    if not os.path.exists(path) and (looks_local or path.count("/") > 1):
+        raise InputError(f"{field_name}: the dataset file {name_or_path!r} does not exist")
+    if os.path.isfile(path) and not os.access(path, os.R_OK):
+        raise InputError(
+            f"{field_name}: the dataset file {name_or_path!r} is not readable (permission denied)"
+        )
+    kwargs = {"name": config} if config and not os.path.exists(path) else {}
+    try:
+        dataset = load_math_dataset(path if os.path.exists(path) else name_or_path, split=split, **kwargs)
+    except Exception as error:
+        cause = error.__cause__ or error.__context__
+        detail = f"{error}" + (f" ({cause})" if cause is not None and str(cause) not in str(error) else "")
+        raise InputError(f"{field_name}: cannot read the dataset {name_or_path!r}: {detail}") from error
+    if not isinstance(dataset, Dataset):
+        raise InputError(f"{field_name}: {name_or_path!r} did not load as one split; set dataset_train_split")
+    return dataset
+
+
+def load_reward_funcs(names: Sequence[str], registry: dict[str, Callable]) -> list[Callable]:
+    """Reward functions from registry names or dotted import paths, like TRL's `grpo.py` script."""
+    funcs = []
+    for name in names:
+        if name in registry:
+            funcs.append(registry[name])
+            continue
+        module_name, _, attribute = name.rpartition(".")
+        if not module_name:
+            raise InputError(
+                f"reward_funcs: unknown reward {name!r}; expected one of {sorted(registry)} or module.function"
+            )
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())  # rewards defined in the directory the script is run from
+        try:
+            funcs.append(getattr(importlib.import_module(module_name), attribute))
+        except (ImportError, AttributeError) as error:
+            raise InputError(f"reward_funcs: cannot import {name!r}: {error}") from error
+    return funcs
+
+
+def check_chat_template(model_name_or_path: str, model_args: ModelConfig, training_args: AMFTConfig) -> None:
+    """Raise `InputError` when the model's tokenizer has no chat template (conversational prompts need one)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+    )
+    if not getattr(tokenizer, "chat_template", None):
+        raise InputError(
+            f"conversational prompts need a chat template, and the tokenizer of {model_name_or_path!r} has none; "
+            "pass --conversational false for plain-text prompts"
+        )
+
+
+# Keyword arguments TRL passes to every reward function itself; every other argument without a default is a column.
+_TRL_REWARD_KWARGS = {
+    "prompts",
+    "completions",
+    "completion_ids",
+    "trainer_state",
+    "log_extra",
+    "log_metric",
+    "environments",
+}
+
+
+def check_reward_columns(reward_funcs: Sequence[Callable], datasets: dict[str, Dataset]) -> None:
+    """Raise `InputError` when a dataset lacks a column a reward reads (a required argument of the reward)."""
+    for func in reward_funcs:
+        try:
+            parameters = inspect.signature(func).parameters.values()
+        except (TypeError, ValueError):
+            continue
+        needed = [
+            p.name
+            for p in parameters
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and p.default is p.empty
+            and p.name not in _TRL_REWARD_KWARGS
+        ]
+        for role, dataset in datasets.items():
+            missing = [column for column in needed if column not in dataset.column_names]
+            if missing:
+                raise InputError(
+                    f"the reward {getattr(func, '__name__', func)!r} reads the column(s) {missing}, which the "
+                    f"{role} dataset does not have (its columns: {dataset.column_names})"
+                )
+
+
+# ---- the script ----
+
+
+def main(script_args: MathScriptArguments, training_args: AMFTConfig, model_args: ModelConfig) -> None:
+    # ---- checks and data, before any model is loaded ----
+    with one_line_errors():
+        if script_args.dataset_streaming:
+            raise InputError(
+                "dataset_streaming is not supported: AMFT samples demonstrations and validation prompts by index"
+            )
+        if script_args.schema is not None and script_args.schema not in SCHEMAS:
+            raise InputError(f"schema must be one of {SCHEMAS} or None, got {script_args.schema!r}")
+        validation_size = script_args.validation_size
+        if validation_size >= 1:
+            if validation_size != int(validation_size):
+                raise InputError(
+                    f"validation_size must be a whole number of rows or a fraction < 1, got {validation_size}"
+                )
+            validation_size = int(validation_size)
+        model_name_or_path = resolve_model_name_or_path(model_args.model_name_or_path)
+        reward_funcs = load_reward_funcs(script_args.reward_funcs, REWARD_FUNCS)
+        if script_args.conversational:
+            check_chat_template(model_name_or_path, model_args, training_args)
+
+        def load(name: str, field_name: str) -> Dataset:
+            dataset = load_dataset_arg(
+                name, field_name, script_args.dataset_train_split, script_args.dataset_config
+            )
+            if script_args.max_samples is not None:
+                dataset = dataset.select(range(min(script_args.max_samples, len(dataset))))
+            return dataset
+
+        prompt_options = {
+            "instruction": script_args.instruction or None,
+            "conversational": script_args.conversational,
+            "system_prompt": script_args.system_prompt,
+            "schema": script_args.schema,
+        }
+        source = load(script_args.dataset_name, "dataset_name")
+        if script_args.validation_dataset_name is None:
+            train_rows, validation_rows = split_validation(
+                source, validation_size, seed=script_args.split_seed
+            )
+        else:
+            train_rows = source
+            validation_rows = load(script_args.validation_dataset_name, "validation_dataset_name")
+        sft_rows = (
+            train_rows
+            if script_args.sft_dataset_name is None
+            else load(script_args.sft_dataset_name, "sft_dataset_name")
+        )
+        rl_dataset = math_rl_prompts(train_rows, **prompt_options)
+        sft_dataset = math_sft_pairs(sft_rows, **prompt_options)
+        val_dataset = math_rl_prompts(validation_rows, **prompt_options)
+        for role, dataset in (("RL prompt", rl_dataset), ("SFT", sft_dataset), ("validation", val_dataset)):
+            if len(dataset) == 0:
+                raise InputError(
+                    f"the {role} dataset is empty after conversion (no rows with a problem and a gold answer / solution)"
+                )
+        check_reward_columns(reward_funcs, {"RL prompt": rl_dataset, "validation": val_dataset})
+
+    training_args.model_init_kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+        **(training_args.model_init_kwargs or {}),
+    }
+
+    # ---- training ----
+    trainer = AMFTTrainer(
+        model=model_name_or_path,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=rl_dataset,
+        eval_dataset=val_dataset if training_args.eval_strategy != "no" else None,
+        sft_dataset=sft_dataset,
+        val_dataset=val_dataset,
+        quantization_config=get_quantization_config(model_args),
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.accelerator.print(
+        f"AMFT on {model_name_or_path}: {len(rl_dataset)} RL prompts, {len(trainer.sft_dataset)} SFT demonstrations, "
+        f"{len(val_dataset)} validation prompts"
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    processes = trainer.accelerator.num_processes
+    trainer.accelerator.print(
+        f"Trained {trainer.state.global_step} steps on {processes} process{'es' if processes > 1 else ''}; "
+        f"mu {training_args.mu_init:.3f} -> {trainer.mu_controller.state.mu:.3f}"
+    )
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Model saved to {training_args.output_dir}")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+
+
+if __name__ == "__main__":
+    main(*parse_args())
