@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-LINT_PATHS := $(wildcard src tests examples benchmarks)
+LINT_PATHS := $(wildcard src tests examples benchmarks notebooks)
 
 .PHONY: test lint format demo install embedded clean
 
