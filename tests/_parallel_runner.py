@@ -86,6 +86,9 @@ def main() -> None:
     parser.add_argument(
         "--float64", action="store_true", help="float64 weights and SGD: differences are rounding only"
     )
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--cuda", action="store_true", help="run on CUDA devices (one per process)")
+    parser.add_argument("--sgd", action="store_true", help="plain SGD (no Adam rounding to compare through)")
     parser.add_argument(
         "--perturb_rank", type=int, default=None, help="nudge mu on this rank (the check must fire)"
     )
@@ -101,6 +104,15 @@ def main() -> None:
             "gradient_accumulation_steps": "auto",
             "gradient_clipping": "auto",
         }
+    model = cli.model_dir
+    if cli.deepspeed_stage == 3:
+        # Loaded before the config exists: with a ZeRO-3 config alive, `from_pretrained` would partition the weights
+        # under `deepspeed.zero.Init` before a multi-process CPU group exists. The engine partitions them instead.
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            cli.model_dir, dtype=torch.float64 if cli.float64 else torch.float32
+        )
     out_dir = os.path.join(os.path.dirname(os.path.abspath(cli.output_json)), "run")
     args = AMFTConfig(
         output_dir=out_dir,
@@ -110,8 +122,9 @@ def main() -> None:
         max_completion_length=6,
         max_steps=cli.max_steps,
         learning_rate=1e-2,
+        max_grad_norm=cli.max_grad_norm,
         report_to="none",
-        use_cpu=True,
+        use_cpu=not cli.cuda,
         logging_steps=1,
         save_strategy="steps" if cli.save_steps else "no",
         save_steps=cli.save_steps or 500,
@@ -125,11 +138,11 @@ def main() -> None:
         max_sft_length=64,
         disable_tqdm=True,
         deepspeed=deepspeed,
-        optim="sgd" if cli.float64 else "adamw_torch",
+        optim="sgd" if cli.float64 or cli.sgd else "adamw_torch",
         model_init_kwargs={"dtype": torch.float64} if cli.float64 else None,
     )
     trainer = DeterministicRolloutTrainer(
-        model=cli.model_dir,
+        model=model,
         reward_funcs=digit_fraction_reward,
         args=args,
         train_dataset=addition_prompts(32, seed=1),

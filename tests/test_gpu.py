@@ -1,4 +1,4 @@
-"""GPU-only scale-out checks: bf16 meta step, vLLM rollouts (colocate and server), liger kernels.
+"""GPU-only scale-out checks: bf16 meta step, DeepSpeed ZeRO-3 on GPUs, vLLM rollouts (colocate, server), liger.
 
 Skipped where there is no CUDA device (always in CI). Run on a GPU machine with `pytest -m gpu tests/test_gpu.py`.
 The vLLM server test also needs a running server: start `trl vllm-serve --model <dir>` on the model that
@@ -119,3 +119,31 @@ def test_liger_kernels_give_the_same_meta_gradient(gpu_model_dir, tmp_path):
     liger.train()
     for a, b in zip(meta_gradients(plain), meta_gradients(liger), strict=True):
         assert math.isclose(a, b, rel_tol=5e-2), (meta_gradients(plain), meta_gradients(liger))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+@pytest.mark.parametrize("processes", [1, 2])
+def test_zero3_meta_gradient_on_gpus(tiny_model_dir, tmp_path, processes):
+    """ZeRO-3 with the meta-gradient on 1 and 2 GPUs (NCCL) against the plain single-GPU run on the same global batch."""
+    if torch.cuda.device_count() < processes:
+        pytest.skip(f"needs {processes} CUDA devices")
+    from test_parallel import _close, _run
+
+    common = ("--cuda", "--sgd", "--max_steps=4")
+    plain = _run(tiny_model_dir, tmp_path / "plain" / "r.json", *common)
+    zero = _run(
+        tiny_model_dir,
+        tmp_path / "zero" / "r.json",
+        *common,
+        "--deepspeed_stage=3",
+        deepspeed_env=True,
+        processes=processes,
+    )
+    assert zero["world_size"] == processes
+    assert sum(g is not None for g in zero["meta_gradient"]) == 2
+    assert _close(plain["meta_gradient"], zero["meta_gradient"], 2e-2), (
+        plain["meta_gradient"],
+        zero["meta_gradient"],
+    )
+    assert _close(plain["mu"], zero["mu"], 3e-4), (plain["mu"], zero["mu"])
+    assert _close(plain["sft_loss"], zero["sft_loss"], 1e-3)

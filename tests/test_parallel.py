@@ -1,8 +1,9 @@
-"""Scale-out correctness on CPU: 2-process DDP (gloo) against 1 process, and single-process DeepSpeed ZeRO-2/3.
+"""Scale-out correctness on CPU: 2-process DDP and DeepSpeed ZeRO-2/3 (gloo) against 1 process, and against no DeepSpeed.
 
 Each run is `tests/_parallel_runner.py` in a subprocess (a distributed run needs its own process group); rank 0
 writes the trajectory as JSON. The 2-process runs go through `accelerate launch --multi_gpu` with
 `ACCELERATE_USE_CPU=1`: on a machine without GPUs that is what starts N CPU ranks (`--cpu --num_processes N` starts one).
+The DeepSpeed runs pass the config as `AMFTConfig(deepspeed=...)`, on N processes started by `torchrun`.
 """
 
 from __future__ import annotations
@@ -11,14 +12,20 @@ import importlib.util
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from datasets import Dataset
+
+from amft_trl import AMFTConfig, AMFTTrainer, MuController
+from amft_trl.trainer import _launcher_deepspeed_config
 
 RUNNER = str(Path(__file__).with_name("_parallel_runner.py"))
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
 needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"
@@ -29,6 +36,12 @@ def _env() -> dict[str, str]:
     env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(RUNNER).parent), env.get("PYTHONPATH")) if p)
     return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _run(model_dir: str, out: Path, *extra: str, processes: int = 1, deepspeed_env: bool = False) -> dict:
@@ -43,6 +56,13 @@ def _run(model_dir: str, out: Path, *extra: str, processes: int = 1, deepspeed_e
                 "ACCELERATE_USE_CPU"
             ]  # turn it into plain multi-CPU (the config's use_cpu keeps it on the CPU)
             env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
+    elif (
+        deepspeed_env
+    ):  # DeepSpeed on N CPU processes: torchrun sets the ranks; DeepSpeed joins them over gloo
+        # a concrete free port: with torchrun's `--master_port=0` DeepSpeed's own rendezvous waits forever
+        cmd = [TORCHRUN, f"--nproc_per_node={processes}", f"--master_port={_free_port()}", RUNNER]
+        env = _env()
+        del env["ACCELERATE_USE_CPU"]
     else:
         cmd = [
             ACCELERATE,
@@ -53,6 +73,8 @@ def _run(model_dir: str, out: Path, *extra: str, processes: int = 1, deepspeed_e
             RUNNER,
         ]
         env = _env()
+    if "--cuda" in extra:  # ACCELERATE_USE_CPU would keep a GPU run on the CPU
+        env.pop("ACCELERATE_USE_CPU", None)
     proc = subprocess.run(
         [*cmd, model_dir, str(out), *extra], env=env, capture_output=True, text=True, timeout=600
     )
@@ -123,27 +145,152 @@ def test_deepspeed_zero_single_process_matches_plain(tiny_model_dir, tmp_path, s
 
 
 @needs_deepspeed
-def test_deepspeed_resume_matches_straight_run(tiny_model_dir, tmp_path):
-    common = ("--meta_learning_rate=0", "--max_steps=4", "--deepspeed_stage=2")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_meta_gradient_under_deepspeed_single_process_matches_plain(tiny_model_dir, tmp_path, stage):
+    """ZeRO-2/3, one process, meta-gradient on (GA 2, SGD): the same g_mu, mu, losses as without DeepSpeed.
+
+    Each backward of a meta step is taken at an accumulation boundary and moved out of ZeRO's partition; the engine
+    steps once, on the combined gradient written back. DeepSpeed computes in float32 whatever the weights' dtype, so
+    the plain run is float32 too; float32 rounding moves g_mu by up to ~1e-2 here (float32 against float64 without
+    DeepSpeed: 5e-4 on the gradient norms, amplified in the small inner product <grad U, d>). Mixing the RL and SFT
+    gradients in one buffer, or not stepping the engine after a meta step, changes g_mu or the losses by far more.
+    """
+    common = ("--sgd", "--max_steps=4")
+    plain = _run(tiny_model_dir, tmp_path / "plain" / "r.json", *common)
+    zero = _run(
+        tiny_model_dir,
+        tmp_path / f"zero{stage}" / "r.json",
+        *common,
+        f"--deepspeed_stage={stage}",
+        deepspeed_env=True,
+    )
+    assert zero["distributed_type"] == "DistributedType.DEEPSPEED"
+    meta = [g for g in plain["meta_gradient"] if g is not None]
+    assert len(meta) == 2 and all(g != 0 for g in meta)
+    assert _close(plain["meta_gradient"], zero["meta_gradient"], 2e-2), (
+        plain["meta_gradient"],
+        zero["meta_gradient"],
+    )
+    assert _close(plain["mu"], zero["mu"], 3e-4), (plain["mu"], zero["mu"])
+    assert _close(plain["sft_loss"], zero["sft_loss"], 1e-4), (plain["sft_loss"], zero["sft_loss"])
+    assert _close(plain["rl_loss"], zero["rl_loss"], 1e-4), (plain["rl_loss"], zero["rl_loss"])
+    assert _close(plain["val_reward"], zero["val_reward"], 1e-6)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_meta_gradient_under_deepspeed_two_processes_matches_one(tiny_model_dir, tmp_path, stage):
+    """ZeRO-2/3 on 2 CPU processes (gloo): each holds half of every gradient, yet g_mu is the global one.
+
+    The inner products are taken on each process's partition and summed over processes; forgetting that sum gives
+    each process the product over its own half only (a different g_mu on each, and mu diverges across processes).
+    The same global batch on 1 process is the reference.
+    """
+    common = ("--sgd", "--max_steps=4", f"--deepspeed_stage={stage}")
+    one = _run(tiny_model_dir, tmp_path / "one" / "r.json", *common, deepspeed_env=True)
+    two = _run(tiny_model_dir, tmp_path / "two" / "r.json", *common, deepspeed_env=True, processes=2)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert _close(one["meta_gradient"], two["meta_gradient"], 1e-2), (
+        one["meta_gradient"],
+        two["meta_gradient"],
+    )
+    assert _close(one["mu"], two["mu"], 2e-4), (one["mu"], two["mu"])
+    assert _close(one["sft_loss"], two["sft_loss"], 1e-4), (one["sft_loss"], two["sft_loss"])
+    assert _close(one["val_reward"], two["val_reward"], 1e-6)
+    assert math.isclose(one["param_checksum"], two["param_checksum"], rel_tol=1e-5)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_resume_matches_straight_run(tiny_model_dir, tmp_path, stage):
+    """4 steps straight against 2 + resume + 2, meta-gradient on (meta steps 1 and 3: one on each side)."""
+    common = ("--max_steps=4", f"--deepspeed_stage={stage}")
     straight = _run(tiny_model_dir, tmp_path / "straight" / "r.json", *common, deepspeed_env=True)
     _run(
         tiny_model_dir,
         tmp_path / "resumed" / "r.json",
-        "--meta_learning_rate=0",
-        "--max_steps=4",
+        *common,
         "--stop_at=2",
-        "--deepspeed_stage=2",
         "--save_steps=2",
         deepspeed_env=True,
     )
     resumed = _run(tiny_model_dir, tmp_path / "resumed" / "r.json", *common, "--resume", deepspeed_env=True)
     assert resumed["mu"][:1] == straight["mu"][:1]  # the first run's history came back with the checkpoint
+    assert sum(g is not None for g in straight["meta_gradient"]) == 2
+    assert _close(straight["meta_gradient"][-2:], resumed["meta_gradient"][-2:], 1e-6)
     assert _close(straight["mu"], resumed["mu"], 1e-9), (straight["mu"], resumed["mu"])
     assert _close(straight["sft_loss"][-2:], resumed["sft_loss"][-2:], 1e-6)
     assert math.isclose(straight["param_checksum"], resumed["param_checksum"], rel_tol=1e-6)
 
 
+# ---------------------------------------------------------------------------------------------------- bad input
+
+
+def _check(config: dict | None, meta_learning_rate: float = 0.02, world: int = 1) -> None:
+    args = AMFTConfig(
+        output_dir="unused", report_to="none", use_cpu=True, meta_learning_rate=meta_learning_rate
+    )
+    AMFTTrainer._check_parallel_setup(args, MuController.from_config(args), world, config)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_meta_gradient_under_zero_stages_1_to_3_is_accepted(stage):
+    _check({"zero_optimization": {"stage": stage, "offload_optimizer": {"device": "none"}}})
+
+
+def test_meta_gradient_under_deepspeed_without_zero_is_refused():
+    with pytest.raises(ValueError, match=r"ZeRO stage 1, 2 or 3.*zero_optimization.stage=0"):
+        _check({"zero_optimization": {"stage": 0}})
+    with pytest.raises(ValueError, match="zero_optimization.stage=0"):
+        _check({})
+    _check({}, meta_learning_rate=0.0)  # entropy-only AMFT runs under any DeepSpeed config
+
+
+@pytest.mark.parametrize("key", ["offload_optimizer", "offload_param"])
+def test_meta_gradient_with_deepspeed_offload_is_refused(key):
+    with pytest.raises(ValueError, match=rf"zero_optimization.{key}.device='cpu'.*meta_learning_rate=0"):
+        _check({"zero_optimization": {"stage": 3, key: {"device": "cpu"}}})
+    _check({"zero_optimization": {"stage": 3, key: {"device": "cpu"}}}, meta_learning_rate=0.0)
+
+
+def test_meta_val_batch_size_must_divide_over_processes():
+    with pytest.raises(
+        ValueError, match=r"`meta_val_batch_size` \(16\) must be a multiple of the number of processes \(3\)"
+    ):
+        _check(None, world=3)
+
+
+def test_launcher_deepspeed_config_is_read_before_the_model_loads(monkeypatch, tmp_path):
+    args = AMFTConfig(output_dir="unused", report_to="none", use_cpu=True)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert _launcher_deepspeed_config(args) is None
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "cpu")
+    config = _launcher_deepspeed_config(args)
+    assert config["zero_optimization"]["stage"] == 3
+    assert config["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 0}}))
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+    assert _launcher_deepspeed_config(args) == {"zero_optimization": {"stage": 0}}
+
+
 @needs_deepspeed
-def test_meta_gradient_under_deepspeed_is_refused_at_construction(tiny_model_dir, tmp_path):
-    with pytest.raises(AssertionError, match="does not run under DeepSpeed"):
-        _run(tiny_model_dir, tmp_path / "r.json", "--deepspeed_stage=2", "--max_steps=1", deepspeed_env=True)
+def test_deepspeed_config_in_args_is_checked_before_the_model_loads(monkeypatch):
+    """The trainer refuses before `GRPOTrainer.__init__` would load anything (the model path does not exist)."""
+    args = AMFTConfig(
+        output_dir="unused",
+        report_to="none",
+        use_cpu=True,
+        deepspeed={"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}},
+    )
+    with pytest.raises(ValueError, match="offload_optimizer"):
+        AMFTTrainer(
+            model="/nonexistent/model",
+            reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": ["a"]}),
+            sft_dataset=Dataset.from_dict({"prompt": ["a"], "completion": ["b"]}),
+            val_dataset=Dataset.from_dict({"prompt": ["a"]}),
+        )

@@ -97,15 +97,18 @@ def update_mu(mu: float, meta_term: float, entropy_term: float, mu_min: float, m
     return min(mu_max, max(mu_min, mu + meta_term + entropy_term))
 
 
-def grad_dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    """Inner product of two gradient lists (one tensor per parameter).
+def grad_dot(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> float:
+    """Inner product of two gradient lists (one tensor per parameter; `None`: no entries here, contributes 0).
 
     Each parameter's dot product runs in its gradient's precision (float32 for half-precision gradients) without
     temporaries; the per-parameter results are summed in float64 on the device, with one host sync at the end.
-    The estimate it feeds (Eq. 25) is a noisy Monte-Carlo quantity, far above float32 rounding.
+    The estimate it feeds (Eq. 25) is a noisy Monte-Carlo quantity, far above float32 rounding. Under ZeRO the lists
+    hold one process's partition (flattened), and the caller sums the partial results over processes.
     """
     total = None
     for x, y in zip(a, b, strict=True):
+        if x is None or y is None:
+            continue
         if x.dtype not in (torch.float32, torch.float64):
             x, y = x.float(), y.float()
         term = torch.dot(x.reshape(-1), y.reshape(-1)).double()

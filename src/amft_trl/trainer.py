@@ -36,6 +36,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.import_utils import is_vllm_available
 
+from ._grad_access import TorchGrads, ZeroGrads
 from .config import AMFTConfig
 from .controller import MuController, StepMeasurements, cosine_meta_gradient, grad_dot, meta_gradient
 from .sft_data import InfiniteStream, SFTBatch, check_sft_columns, collate_sft, tokenize_sft_dataset
@@ -64,21 +65,25 @@ class _StepPlan:
 
 
 class _GradientBuffer:
-    """Accumulates gradients moved out of `.grad` (a reference move at the first call, in-place adds after)."""
+    """Accumulates this process's gradients moved out of the framework's storage after each backward.
 
-    def __init__(self, params: list[torch.nn.Parameter]):
+    A reference move at the first call (`.grad`) or a shard copy (ZeRO), in-place adds after. One entry per
+    trainable parameter; `None` where no gradient of that parameter lives on this process (ZeRO-1/2).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], access: TorchGrads | ZeroGrads):
         self.params = params
-        self.tensors: list[torch.Tensor] | None = None
+        self.access = access
+        self.tensors: list[torch.Tensor | None] | None = None
 
     def take_grads(self) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        grads = [self.access.take(p) for p in self.params]
         if self.tensors is None:
             self.tensors = grads
         else:
             for t, g in zip(self.tensors, grads, strict=True):
-                t.add_(g)
-        for p in self.params:
-            p.grad = None
+                if t is not None:
+                    t.add_(g)
 
 
 def _average_across_processes(tensors: list[torch.Tensor], bucket_bytes: int = 2**26) -> None:
@@ -108,6 +113,46 @@ def _average_across_processes(tensors: list[torch.Tensor], bucket_bytes: int = 2
         bucket.append(t)
         size += t.numel() * t.element_size()
     flush()
+
+
+class _BoundaryBackwardWithoutStep:
+    """Stands in for Accelerate's `DeepSpeedEngineWrapper` during a meta step (see `_meta_step_backwards`)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def backward(self, loss: torch.Tensor, sync_gradients: bool = True, **kwargs: Any) -> None:
+        self.engine.set_gradient_accumulation_boundary(is_boundary=True)
+        self.engine.backward(loss, **kwargs)
+
+    def get_global_grad_norm(self):
+        return self.engine.get_global_grad_norm()
+
+
+def _launcher_deepspeed_config(args: AMFTConfig) -> dict | None:
+    """The DeepSpeed config as known before the model is loaded (None: DeepSpeed is not in use).
+
+    From `args.deepspeed` (already parsed by `TrainingArguments`), else from what `accelerate launch` put in the
+    environment (a config file, or the ZeRO stage and offload devices). The Accelerator's resolved config is checked
+    again after `GRPOTrainer.__init__`.
+    """
+    if args.deepspeed:
+        return args.hf_deepspeed_config.config
+    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        return None
+    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if config_file != "none":
+        with open(config_file) as f:
+            return json.load(f)
+    return {
+        "zero_optimization": {
+            "stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2)),
+            "offload_optimizer": {
+                "device": os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
+            },
+            "offload_param": {"device": os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none")},
+        }
+    }
 
 
 class AMFTTrainer(GRPOTrainer):
@@ -160,8 +205,7 @@ class AMFTTrainer(GRPOTrainer):
         controller = mu_controller if mu_controller is not None else MuController.from_config(args)
         self._check_datasets(args, controller, sft_dataset, val_dataset)
         # before the model is loaded: the layout as the launcher set it up (checked again on the Accelerator below)
-        deepspeed = bool(args.deepspeed) or parse_flag_from_env("ACCELERATE_USE_DEEPSPEED")
-        self._check_parallel_setup(args, controller, args.world_size, deepspeed)
+        self._check_parallel_setup(args, controller, args.world_size, _launcher_deepspeed_config(args))
         self.mu_controller = controller
         super().__init__(
             model=model,
@@ -173,11 +217,14 @@ class AMFTTrainer(GRPOTrainer):
             callbacks=[*(callbacks or []), controller],
             **kwargs,
         )
+        plugin = self.accelerator.state.deepspeed_plugin
         self._check_parallel_setup(
             args,
             controller,
             self.accelerator.num_processes,
-            self.accelerator.distributed_type == DistributedType.DEEPSPEED,
+            plugin.deepspeed_config
+            if self.accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None
+            else None,
         )
         self._trainable_params = [p for p in self.model.parameters() if p.requires_grad]
         if controller.wants_meta_gradient and not self._trainable_params:
@@ -241,19 +288,35 @@ class AMFTTrainer(GRPOTrainer):
 
     @staticmethod
     def _check_parallel_setup(
-        args: AMFTConfig, controller: MuController, world: int, deepspeed: bool
+        args: AMFTConfig, controller: MuController, world: int, deepspeed_config: dict | None
     ) -> None:
-        if controller.wants_meta_gradient and args.meta_val_batch_size % world:
+        """`deepspeed_config`: the DeepSpeed config in use (None: no DeepSpeed)."""
+        if not controller.wants_meta_gradient:
+            return
+        if args.meta_val_batch_size % world:
             raise ValueError(
                 f"`meta_val_batch_size` ({args.meta_val_batch_size}) must be a multiple of the number of processes "
                 f"({world}): each process generates for an equal share of the validation prompts."
             )
-        if controller.wants_meta_gradient and deepspeed:
+        if deepspeed_config is None:
+            return
+        zero = deepspeed_config.get("zero_optimization") or {}
+        stage = zero.get("stage", 0)
+        if stage not in (1, 2, 3):
             raise ValueError(
-                "The meta-gradient (meta_learning_rate > 0) does not run under DeepSpeed yet: ZeRO keeps gradients "
-                "in its own partitioned buffers, not in `.grad`. Use DDP (`accelerate launch --multi_gpu`), or set "
-                "meta_learning_rate=0 for entropy-only AMFT under DeepSpeed."
+                f"The meta-gradient (meta_learning_rate > 0) under DeepSpeed needs ZeRO stage 1, 2 or 3 (it reads "
+                f"each process's gradient partition); the DeepSpeed config has zero_optimization.stage={stage!r}. "
+                "Set the stage to 1-3, use DDP (`accelerate launch --multi_gpu`), or set meta_learning_rate=0."
             )
+        for key in ("offload_optimizer", "offload_param"):
+            device = (zero.get(key) or {}).get("device", "none")
+            if device not in (None, "none"):
+                raise ValueError(
+                    f"The meta-gradient (meta_learning_rate > 0) does not run with DeepSpeed's "
+                    f"zero_optimization.{key}.device={device!r}: offloaded gradient partitions are only complete "
+                    f"at DeepSpeed's own step, not after each backward of a meta step. Set {key} to 'none', or "
+                    "set meta_learning_rate=0 for entropy-only AMFT with offloading."
+                )
 
     # ------------------------------------------------------------------------------------------------------
     # the step
@@ -272,6 +335,10 @@ class AMFTTrainer(GRPOTrainer):
         if self._plan is None:
             self._plan = self._begin_step(model)
         plan = self._plan
+        with self._meta_step_backwards(plan.meta):
+            return self._training_micro_step(model, inputs, num_items_in_batch, plan)
+
+    def _training_micro_step(self, model, inputs, num_items_in_batch, plan: _StepPlan) -> torch.Tensor:
         model.train()
         display = 0.0
         if plan.rl:
@@ -313,6 +380,39 @@ class AMFTTrainer(GRPOTrainer):
         finally:
             state._set_sync_gradients(True)
 
+    @contextmanager
+    def _meta_step_backwards(self, meta: bool):
+        """Under DeepSpeed, during a meta step: every backward is taken at an accumulation boundary, none steps.
+
+        At a boundary ZeRO reduces the gradient into each process's partition, where `ZeroGrads` reads it after each
+        backward; the engine is stepped once, by `_meta_step`, on the combined gradient it writes there.
+        """
+        if not (meta and self.accelerator.distributed_type == DistributedType.DEEPSPEED):
+            yield
+            return
+        wrapped = self.accelerator.deepspeed_engine_wrapped
+        self.accelerator.deepspeed_engine_wrapped = _BoundaryBackwardWithoutStep(wrapped.engine)
+        try:
+            yield
+        finally:
+            self.accelerator.deepspeed_engine_wrapped = wrapped
+
+    def _grad_access(self) -> TorchGrads | ZeroGrads:
+        """Where this process's gradients live: `.grad`, or its ZeRO partition."""
+        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+            return TorchGrads()
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        engine = self.accelerator.deepspeed_engine_wrapped.engine
+        if not isinstance(engine.optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
+            raise RuntimeError(
+                "The meta-gradient under DeepSpeed reads the gradient partitions of a ZeRO stage 1-3 optimizer, but "
+                f"the engine's optimizer is {type(engine.optimizer).__name__}. Use ZeRO stage 1-3 or set "
+                "meta_learning_rate=0."
+            )
+        return ZeroGrads(engine.zero_optimization_stage())
+
     def _begin_step(self, model) -> _StepPlan:
         ctrl, step = self.mu_controller, self.state.global_step
         warmup = ctrl.is_warmup_step(step)
@@ -334,8 +434,9 @@ class AMFTTrainer(GRPOTrainer):
             plan.sft_batches = self._draw_sft_batches(self.current_gradient_accumulation_steps)
             plan.sft_tokens = int(self._global_sum(sum(b.num_tokens for b in plan.sft_batches)))
         if meta:
-            self._rl_buffer = _GradientBuffer(self._trainable_params)
-            self._sft_buffer = _GradientBuffer(self._trainable_params)
+            access = self._grad_access()
+            self._rl_buffer = _GradientBuffer(self._trainable_params, access)
+            self._sft_buffer = _GradientBuffer(self._trainable_params, access)
         return plan
 
     def _draw_sft_batches(self, num_micro: int) -> list[SFTBatch]:
@@ -449,30 +550,40 @@ class AMFTTrainer(GRPOTrainer):
     # Eq. 25
     # ------------------------------------------------------------------------------------------------------
     def _meta_step(self, model, plan: _StepPlan, measurements: StepMeasurements) -> None:
-        """Eq. 25 at this step's parameters, then `.grad = (1 - mu) * grad L_RL + mu * grad L_SFT` for the optimizer.
+        """Eq. 25 at this step's parameters, then the gradient `(1 - mu) * grad L_RL + mu * grad L_SFT` for the optimizer.
 
-        Alive here besides `.grad`: the RL and SFT gradient buffers. `.grad` holds the gradient of the validation
-        loss `-U` while the inner products are taken, then becomes the combined gradient (the RL buffer, in place).
+        Alive here besides the framework's own gradient storage: the RL and SFT gradient buffers (whole gradients, or
+        this process's ZeRO partition). That storage holds the gradient of the validation loss `-U` while the inner
+        products are taken, then the combined gradient (built in the RL buffer, in place).
         """
+        access = self._rl_buffer.access
         grad_sft, grad_rl = self._sft_buffer.tensors, self._rl_buffer.tensors
-        if self.accelerator.num_processes > 1:
+        if self.accelerator.num_processes > 1 and not access.sharded:
             # DDP all-reduced only the backward passes of the last micro-step; earlier micro-steps were accumulated
             # under `no_sync` and moved out of `.grad` before any reduction. Averaging the buffers makes them the
             # global gradients (averaging the already-reduced part again leaves it unchanged).
             _average_across_processes(grad_sft + grad_rl)
         measurements.val_reward = self._validation_backward(model)
-        grad_val = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._trainable_params]
-        # grad U = -grad_val; d = grad_sft - grad_rl
-        val_sft, val_rl = grad_dot(grad_val, grad_sft), grad_dot(grad_val, grad_rl)
-        sft_sq, rl_sq, sft_rl = (
+        grad_val = [access.peek(p) for p in self._trainable_params]
+        # grad U = -grad_val; d = grad_sft - grad_rl. Under ZeRO each process holds a disjoint partition of every
+        # gradient, so each inner product is the sum of the processes' partial sums.
+        dots = [
+            grad_dot(grad_val, grad_sft),
+            grad_dot(grad_val, grad_rl),
             grad_dot(grad_sft, grad_sft),
             grad_dot(grad_rl, grad_rl),
             grad_dot(grad_sft, grad_rl),
-        )
+            grad_dot(grad_val, grad_val),
+        ]
+        if access.sharded and self.accelerator.num_processes > 1:
+            dots = self.accelerator.reduce(
+                torch.tensor(dots, dtype=torch.float64, device=self.accelerator.device), reduction="sum"
+            ).tolist()
+        val_sft, val_rl, sft_sq, rl_sq, sft_rl, val_sq = dots
         utility_dot_direction = -(val_sft - val_rl)
         alpha = self.optimizer.param_groups[0]["lr"]
         measurements.grad_utility_dot_direction = utility_dot_direction
-        measurements.grad_utility_norm = math.sqrt(grad_dot(grad_val, grad_val))
+        measurements.grad_utility_norm = math.sqrt(max(val_sq, 0.0))
         measurements.direction_norm = math.sqrt(max(sft_sq + rl_sq - 2.0 * sft_rl, 0.0))
         measurements.meta_gradient = meta_gradient(utility_dot_direction, alpha)
         measurements.cosine = cosine_meta_gradient(
@@ -480,8 +591,13 @@ class AMFTTrainer(GRPOTrainer):
         )
         mu = plan.mu
         for p, r, s in zip(self._trainable_params, grad_rl, grad_sft, strict=True):
-            p.grad = r.mul_(1.0 - mu).add_(s, alpha=mu)
+            access.put(p, None if r is None else r.mul_(1.0 - mu).add_(s, alpha=mu))
         self._rl_buffer = self._sft_buffer = None
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # every backward of this step was kept from stepping the engine (`_meta_step_backwards`): step it once
+            engine = self.accelerator.deepspeed_engine_wrapped.engine
+            engine.set_gradient_accumulation_boundary(True)
+            engine.step()
 
     def _validation_backward(self, model) -> float:
         """Validation rollouts through the trainer's own generation path; backward of the PG surrogate of -U.
