@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import digit_fraction_reward, make_config
 
@@ -168,13 +170,21 @@ def test_liger_kernel_flag_is_accepted(tmp_path):
     assert make_config(tmp_path, use_liger_kernel=True).use_liger_kernel
 
 
-def test_meta_gradient_under_deepspeed_fails_before_loading_the_model(
-    tmp_path, monkeypatch, prompts, demos, val_prompts
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, "offload_optimizer.device='cpu'"),
+        ({"ACCELERATE_DEEPSPEED_ZERO_STAGE": "0"}, "zero_optimization.stage=0"),
+    ],
+)
+def test_meta_gradient_with_unsupported_deepspeed_fails_before_loading_the_model(
+    tmp_path, monkeypatch, prompts, demos, val_prompts, env, message
 ):
-    monkeypatch.setenv(
-        "ACCELERATE_USE_DEEPSPEED", "true"
-    )  # what `accelerate launch` with a DeepSpeed config sets
-    with pytest.raises(ValueError, match="does not run under DeepSpeed"):
+    """What `accelerate launch` with a DeepSpeed config puts in the environment is checked before the model loads."""
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=re.escape(message)):
         AMFTTrainer(
             model=str(tmp_path / "no-such-model"),
             reward_funcs=digit_fraction_reward,

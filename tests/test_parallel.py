@@ -91,6 +91,20 @@ def _close(a: list, b: list, rel: float) -> bool:
     )
 
 
+def _plain_and_zero(model_dir: str, tmp_path: Path, stage: int, *extra: str) -> tuple[dict, dict]:
+    """The same run without DeepSpeed and under single-process ZeRO-`stage`."""
+    plain = _run(model_dir, tmp_path / "plain" / "r.json", *extra)
+    zero = _run(
+        model_dir,
+        tmp_path / f"zero{stage}" / "r.json",
+        *extra,
+        f"--deepspeed_stage={stage}",
+        deepspeed_env=True,
+    )
+    assert zero["distributed_type"] == "DistributedType.DEEPSPEED"
+    return plain, zero
+
+
 def test_two_processes_give_the_one_process_trajectory(tiny_model_dir, tmp_path):
     """Same global batch on 1 and 2 ranks (float64, SGD, GA 2): same g_mu, mu, losses and parameters.
 
@@ -127,15 +141,7 @@ def test_deepspeed_zero_single_process_matches_plain(tiny_model_dir, tmp_path, s
     RL backward off that boundary, or the engine steps twice, once on the RL gradient alone.)
     """
     common = ("--meta_learning_rate=0", "--max_steps=3")
-    plain = _run(tiny_model_dir, tmp_path / "plain" / "r.json", *common)
-    zero = _run(
-        tiny_model_dir,
-        tmp_path / f"zero{stage}" / "r.json",
-        *common,
-        f"--deepspeed_stage={stage}",
-        deepspeed_env=True,
-    )
-    assert zero["distributed_type"] == "DistributedType.DEEPSPEED"
+    plain, zero = _plain_and_zero(tiny_model_dir, tmp_path, stage, *common)
     # Adam at lr 1e-2 in float32 (DeepSpeed keeps float32 and runs its own CPU kernels): rounding shows at 2e-4 in the
     # losses and at 2e-3 in a parameter checksum, so the losses are compared. The double step (Adam stepping on the
     # RL gradient, then again on the SFT gradient) moved the second step's SFT loss by 6 %.
@@ -156,15 +162,7 @@ def test_meta_gradient_under_deepspeed_single_process_matches_plain(tiny_model_d
     gradients in one buffer, or not stepping the engine after a meta step, changes g_mu or the losses by far more.
     """
     common = ("--sgd", "--max_steps=4")
-    plain = _run(tiny_model_dir, tmp_path / "plain" / "r.json", *common)
-    zero = _run(
-        tiny_model_dir,
-        tmp_path / f"zero{stage}" / "r.json",
-        *common,
-        f"--deepspeed_stage={stage}",
-        deepspeed_env=True,
-    )
-    assert zero["distributed_type"] == "DistributedType.DEEPSPEED"
+    plain, zero = _plain_and_zero(tiny_model_dir, tmp_path, stage, *common)
     meta = [g for g in plain["meta_gradient"] if g is not None]
     assert len(meta) == 2 and all(g != 0 for g in meta)
     assert _close(plain["meta_gradient"], zero["meta_gradient"], 2e-2), (

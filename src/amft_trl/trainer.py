@@ -10,7 +10,9 @@ What the trainer does per optimizer step, and where each piece of the paper live
 - every `meta_update_steps` mixed steps, the meta-gradient of Eq. 25 (`controller.meta_gradient`): the SFT and
   RL gradients of the step are kept apart in two buffers, the validation rollouts give a policy-gradient estimate
   of grad U in the model's own `.grad`, the inner products are taken, and `.grad` is then set to the combined
-  gradient the optimizer steps on. At most two gradient-sized buffers live besides `.grad`, and only then;
+  gradient the optimizer steps on. At most two gradient-sized buffers live besides `.grad`, and only then. Under
+  DeepSpeed ZeRO the same happens on each process's gradient partition (`_grad_access.ZeroGrads`): buffers of 1/N
+  of the model, inner products summed over processes;
 - the measurements go to `MuController`, which applies Eq. 6 in `on_step_end`.
 
 Simplification, documented: mu computed from the measurements of step t is used from step t + 1 on (Algorithm 2
