@@ -151,9 +151,9 @@ def test_deepspeed_zero_single_process_matches_plain(tiny_model_dir, tmp_path, s
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
 def test_meta_gradient_under_deepspeed_single_process_matches_plain(tiny_model_dir, tmp_path, stage):
-    """ZeRO-2/3, one process, meta-gradient on (GA 2, SGD): the same g_mu, mu, losses as without DeepSpeed.
+    """ZeRO-1/2/3, one process, meta-gradient on (GA 2, SGD): the same g_mu, mu, losses as without DeepSpeed.
 
     Each backward of a meta step is taken at an accumulation boundary and moved out of ZeRO's partition; the engine
     steps once, on the combined gradient written back. DeepSpeed computes in float32 whatever the weights' dtype, so
