@@ -127,9 +127,6 @@ class _BoundaryBackwardWithoutStep:
         self.engine.set_gradient_accumulation_boundary(is_boundary=True)
         self.engine.backward(loss, **kwargs)
 
-    def get_global_grad_norm(self):
-        return self.engine.get_global_grad_norm()
-
 
 def _launcher_deepspeed_config(args: AMFTConfig) -> dict | None:
     """The DeepSpeed config as known before the model is loaded (None: DeepSpeed is not in use).
