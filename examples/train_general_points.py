@@ -10,8 +10,9 @@ under the ID rule and under the out-of-distribution rule (J, Q, K = 11, 12, 13).
     # one GPU, Qwen2.5-0.5B-Instruct
     accelerate launch examples/train_general_points.py --config examples/configs/general_points_1gpu.yaml
 
-Bad input (a missing model path, an unknown recipe key, a reward that reads columns the prompts lack, task options
-that cannot be dealt) stops the script with one `error: ...` line before any model is loaded.
+Bad input (a missing model path, an unknown recipe key, an invalid value, a reward that reads columns the prompts
+lack, task options that cannot be dealt, a DeepSpeed config without DeepSpeed) stops the script with one `error: ...`
+line before any model is loaded; the trainer's own construction-time checks are reported the same way.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from amft_trl import AMFTConfig, AMFTTrainer
+from amft_trl._reward_columns import check_reward_columns
 from amft_trl.models import resolve_model_name_or_path
 from amft_trl.tasks.general_points import build_general_points_datasets, general_points_reward
 
@@ -32,7 +34,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_math import (  # noqa: E402
     InputError,
     check_chat_template,
-    check_reward_columns,
     load_reward_funcs,
     one_line_errors,
     parse_args,
@@ -108,10 +109,13 @@ def main(script_args: GeneralPointsArguments, training_args: AMFTConfig, model_a
         check_reward_columns(
             reward_funcs,
             {
-                "RL prompt": data.rl,
-                "validation": data.validation,
-                **({"evaluation": data.eval_id} if evaluating else {}),
+                "train_dataset": data.rl,
+                "val_dataset": data.validation,
+                "eval_dataset": {"id": data.eval_id, "ood": data.eval_ood} if evaluating else None,
             },
+            columns_dropped_from=("train_dataset", "eval_dataset")
+            if training_args.remove_unused_columns
+            else (),
         )
 
     training_args.model_init_kwargs = {
@@ -123,17 +127,18 @@ def main(script_args: GeneralPointsArguments, training_args: AMFTConfig, model_a
     }
 
     # ---- training ----
-    trainer = AMFTTrainer(
-        model=model_name_or_path,
-        reward_funcs=reward_funcs,
-        args=training_args,
-        train_dataset=data.rl,
-        eval_dataset=eval_dataset,
-        sft_dataset=data.sft,
-        val_dataset=data.validation,
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
-    )
+    with one_line_errors(ValueError, ImportError):  # the trainer's own checks (some need the tokenizer)
+        trainer = AMFTTrainer(
+            model=model_name_or_path,
+            reward_funcs=reward_funcs,
+            args=training_args,
+            train_dataset=data.rl,
+            eval_dataset=eval_dataset,
+            sft_dataset=data.sft,
+            val_dataset=data.validation,
+            quantization_config=get_quantization_config(model_args),
+            peft_config=get_peft_config(model_args),
+        )
     trainer.accelerator.print(
         f"AMFT on {model_name_or_path}: General Points with {script_args.num_cards} cards to {script_args.target}; "
         f"{len(data.rl)} RL prompts, {len(trainer.sft_dataset)} SFT demonstrations, {len(data.validation)} "

@@ -15,15 +15,17 @@ or with `problem`/`solution` columns, see `amft_trl.data`) the script builds the
 in `solution`), the SFT demonstrations (the worked solutions) and held-out validation prompts for the
 meta-gradient, then trains `AMFTTrainer` with `math_accuracy_reward`.
 
-Bad input (a missing model or dataset path, an unreadable dataset file, an unknown recipe key, a dataset without
-the columns a reward reads) stops the script with one `error: ...` line before any model is loaded.
+Bad input stops the script with one `error: ...` line, without a traceback: before any model is loaded for a missing
+model or dataset path, an unreadable dataset file, an unknown recipe key, an invalid value (blamed on the recipe or
+on the command line, wherever it came from), a dataset without the columns a reward reads, or a DeepSpeed config
+without DeepSpeed installed; from the trainer's own construction-time checks for the rest (e.g. a `max_sft_length`
+that leaves no demonstration to train on, which needs the tokenizer).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import inspect
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +36,8 @@ from datasets import Dataset
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from amft_trl import AMFTConfig, AMFTTrainer
+from amft_trl._deepspeed_check import DEEPSPEED_INSTALL_HINT, installed_deepspeed_version
+from amft_trl._reward_columns import check_reward_columns
 from amft_trl.data import (
     DEFAULT_INSTRUCTION,
     OPENR1_MATH_46K,
@@ -128,13 +132,62 @@ def fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+_INPUT_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, ImportError, RuntimeError)
+
+
 @contextlib.contextmanager
-def one_line_errors() -> Iterator[None]:
-    """Report the errors of the checks done before the model is loaded as one `error: ...` line."""
+def one_line_errors(*errors: type[BaseException]) -> Iterator[None]:
+    """Report the errors raised inside as one `error: ...` line (by default ValueError, OSError, ImportError and
+    RuntimeError).
+
+    Used for the checks done before the model is loaded and, limited to ValueError and ImportError, for the
+    trainer's own construction-time checks (e.g. a `max_sft_length` that leaves no demonstration to train on).
+    """
+    caught = errors or _INPUT_ERRORS
     try:
         yield
-    except (ValueError, OSError, ImportError, RuntimeError) as error:
+    except caught as error:
         fail(" ".join(str(error).split()) or type(error).__name__)
+
+
+def _deepspeed_problem(error: BaseException) -> str | None:
+    """The one-line report for an error caused by a missing or unusable DeepSpeed, or None for any other error."""
+    if not isinstance(error, ImportError) or "deepspeed" not in str(error).lower():
+        return None
+    version = installed_deepspeed_version()
+    if version is None:
+        return (
+            "DeepSpeed is not installed, and this run uses it (the `deepspeed` option, or `accelerate launch` with a "
+            f"DeepSpeed config): install it with `{DEEPSPEED_INSTALL_HINT}`"
+        )
+    detail = " ".join(str(error).split())
+    return (
+        f"the installed DeepSpeed {version} cannot be used ({detail}): install a supported one with "
+        f"`{DEEPSPEED_INSTALL_HINT}`"
+    )
+
+
+def _parse_error_message(error: BaseException, parser: TrlParser, argv: list[str], recipe: str | None) -> str:
+    """Say where an invalid value came from: the recipe file, or the values given on the command line."""
+    deepspeed = _deepspeed_problem(error)
+    if deepspeed is not None:
+        return deepspeed
+    text = " ".join(str(error).split())
+    if recipe is None:
+        return text
+    position = argv.index("--config")
+    overrides = argv[:position] + argv[position + 2 :]
+    if overrides:
+        try:  # the recipe alone: does the error come from it?
+            parser.parse_args_and_config(
+                ["--config", recipe], return_remaining_strings=True, separate_remaining_strings=True
+            )
+            recipe_text = None
+        except Exception as recipe_error:
+            recipe_text = " ".join(str(recipe_error).split())
+        if recipe_text != text:
+            return f"invalid value(s) on the command line ({' '.join(overrides)}): {text}"
+    return f"recipe {recipe!r}: {text}"
 
 
 def parse_args(
@@ -142,7 +195,9 @@ def parse_args(
 ) -> tuple[Any, AMFTConfig, ModelConfig]:
     """Parse `--config RECIPE.yaml` and command-line overrides into `(script_class, AMFTConfig, ModelConfig)`.
 
-    Unknown recipe keys, unknown arguments and invalid values end the script with one `error: ...` line.
+    Unknown recipe keys, unknown arguments and invalid values end the script with one `error: ...` line, which
+    says whether the value came from the recipe or from the command line (and how to install DeepSpeed when a
+    DeepSpeed config is given without it).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = TrlParser(
@@ -157,8 +212,8 @@ def parse_args(
         )
     except FileNotFoundError:
         fail(f"recipe file {recipe!r} does not exist")
-    except Exception as error:  # yaml errors, a config's __post_init__ validation
-        fail(f"{'recipe ' + repr(recipe) + ': ' if recipe else ''}{' '.join(str(error).split())}")
+    except Exception as error:  # yaml errors, a config's __post_init__ validation, DeepSpeed missing
+        fail(_parse_error_message(error, parser, argv, recipe))
     if recipe_unknown:
         keys = ", ".join(repr(key.removeprefix("--")) for key in recipe_unknown[0::2])
         fail(
@@ -229,41 +284,6 @@ def check_chat_template(model_name_or_path: str, model_args: ModelConfig, traini
         )
 
 
-# Keyword arguments TRL passes to every reward function itself; every other argument without a default is a column.
-_TRL_REWARD_KWARGS = {
-    "prompts",
-    "completions",
-    "completion_ids",
-    "trainer_state",
-    "log_extra",
-    "log_metric",
-    "environments",
-}
-
-
-def check_reward_columns(reward_funcs: Sequence[Callable], datasets: dict[str, Dataset]) -> None:
-    """Raise `InputError` when a dataset lacks a column a reward reads (a required argument of the reward)."""
-    for func in reward_funcs:
-        try:
-            parameters = inspect.signature(func).parameters.values()
-        except (TypeError, ValueError):
-            continue
-        needed = [
-            p.name
-            for p in parameters
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-            and p.default is p.empty
-            and p.name not in _TRL_REWARD_KWARGS
-        ]
-        for role, dataset in datasets.items():
-            missing = [column for column in needed if column not in dataset.column_names]
-            if missing:
-                raise InputError(
-                    f"the reward {getattr(func, '__name__', func)!r} reads the column(s) {missing}, which the "
-                    f"{role} dataset does not have (its columns: {dataset.column_names})"
-                )
-
-
 # ---- the script ----
 
 
@@ -323,7 +343,18 @@ def main(script_args: MathScriptArguments, training_args: AMFTConfig, model_args
                 raise InputError(
                     f"the {role} dataset is empty after conversion (no rows with a problem and a gold answer / solution)"
                 )
-        check_reward_columns(reward_funcs, {"RL prompt": rl_dataset, "validation": val_dataset})
+        evaluating = training_args.eval_strategy != "no"
+        check_reward_columns(
+            reward_funcs,
+            {
+                "train_dataset": rl_dataset,
+                "val_dataset": val_dataset,
+                "eval_dataset": val_dataset if evaluating else None,
+            },
+            columns_dropped_from=("train_dataset", "eval_dataset")
+            if training_args.remove_unused_columns
+            else (),
+        )
 
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
@@ -334,17 +365,18 @@ def main(script_args: MathScriptArguments, training_args: AMFTConfig, model_args
     }
 
     # ---- training ----
-    trainer = AMFTTrainer(
-        model=model_name_or_path,
-        reward_funcs=reward_funcs,
-        args=training_args,
-        train_dataset=rl_dataset,
-        eval_dataset=val_dataset if training_args.eval_strategy != "no" else None,
-        sft_dataset=sft_dataset,
-        val_dataset=val_dataset,
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
-    )
+    with one_line_errors(ValueError, ImportError):  # the trainer's own checks (some need the tokenizer)
+        trainer = AMFTTrainer(
+            model=model_name_or_path,
+            reward_funcs=reward_funcs,
+            args=training_args,
+            train_dataset=rl_dataset,
+            eval_dataset=val_dataset if evaluating else None,
+            sft_dataset=sft_dataset,
+            val_dataset=val_dataset,
+            quantization_config=get_quantization_config(model_args),
+            peft_config=get_peft_config(model_args),
+        )
     trainer.accelerator.print(
         f"AMFT on {model_name_or_path}: {len(rl_dataset)} RL prompts, {len(trainer.sft_dataset)} SFT demonstrations, "
         f"{len(val_dataset)} validation prompts"

@@ -292,6 +292,62 @@ def test_unknown_command_line_argument_and_bad_value(no_trainer, capsys):
         train_math, ["--config", str(CONFIGS / "math_cpu.yaml"), "--mu_min", "0.9", "--mu_max", "0.2"], capsys
     )
     assert "`mu_min` (0.9) must not exceed `mu_max` (0.2)" in line
+    # the recipe is valid: the command line is blamed, not the recipe file
+    assert line.startswith("error: invalid value(s) on the command line (--mu_min 0.9 --mu_max 0.2)")
+    assert "math_cpu.yaml" not in line
+
+
+def test_an_invalid_value_in_the_recipe_is_blamed_on_the_recipe(no_trainer, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((CONFIGS / "math_cpu.yaml").read_text() + "\nmu_min: 0.9\nmu_max: 0.2\n")
+    for extra in ([], ["--learning_rate", "0.1"]):  # a valid override does not move the blame
+        line = _error_line(train_math, ["--config", str(recipe), *extra], capsys)
+        assert (
+            line.startswith(f"error: recipe {str(recipe)!r}: ") and "must not exceed `mu_max` (0.2)" in line
+        )
+
+
+def test_a_deepspeed_config_without_deepspeed_names_the_extra(
+    no_trainer, monkeypatch, tmp_path, capsys, request
+):
+    import importlib.metadata
+
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    # transformers registers its DeepSpeed config globally before finding DeepSpeed missing: unregister it, or
+    # later tests would load models as if under ZeRO.
+    request.addfinalizer(unset_hf_deepspeed_config)
+    real_version = importlib.metadata.version
+
+    def version(name):
+        if name.lower() == "deepspeed":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real_version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    config = tmp_path / "ds.json"
+    config.write_text(
+        json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"})
+    )
+    recipe = ["--config", str(CONFIGS / "math_cpu.yaml"), "--output_dir", str(tmp_path / "out")]
+    line = _error_line(train_math, [*recipe, "--deepspeed", str(config)], capsys)
+    assert (
+        line.startswith("error: DeepSpeed is not installed") and "pip install 'amft-trl[deepspeed]'" in line
+    )
+    monkeypatch.setenv(
+        "ACCELERATE_USE_DEEPSPEED", "true"
+    )  # what `accelerate launch` with a DeepSpeed config sets
+    line = _error_line(train_general_points, ["--config", str(CONFIGS / "general_points_cpu.yaml")], capsys)
+    assert (
+        line.startswith("error: DeepSpeed is not installed") and "pip install 'amft-trl[deepspeed]'" in line
+    )
+
+
+def test_a_max_sft_length_that_drops_every_demonstration_is_one_line(tiny_model_dir, tmp_path, capsys):
+    """Only the trainer (with the tokenizer) can tell: the error comes from its construction, still as one line."""
+    line = _error_line(train_math, _math_argv(tiny_model_dir, tmp_path, "--max_sft_length", "2"), capsys)
+    assert line.startswith("error: `sft_dataset`: all 6 demonstrations lose their whole completion")
+    assert "max_sft_length=2" in line
 
 
 def test_missing_recipe_file(no_trainer, tmp_path, capsys):
@@ -316,7 +372,11 @@ def test_dataset_without_the_columns_a_reward_reads(no_trainer, tiny_model_dir, 
         _math_argv(tiny_model_dir, tmp_path, "--reward_funcs", "amft_trl.rewards.multiple_choice_reward"),
         capsys,
     )
-    assert "'multiple_choice_reward' reads the column(s) ['answer']" in line and "RL prompt dataset" in line
+    assert (
+        "`train_dataset` has no column(s) ['answer'], which the reward function 'multiple_choice_reward'"
+        in line
+    )
+    assert "`val_dataset` has no column(s) ['answer']" in line
     line = _error_line(
         train_general_points,
         ["--config", str(CONFIGS / "general_points_cpu.yaml"), "--model_name_or_path", tiny_model_dir]
@@ -330,7 +390,11 @@ def test_dataset_without_the_columns_a_reward_reads(no_trainer, tiny_model_dir, 
         + ["--reward_funcs", "amft_trl.rewards.math_accuracy_reward"],
         capsys,
     )
-    assert "'math_accuracy_reward' reads the column(s) ['solution']" in line
+    assert (
+        "`train_dataset` has no column(s) ['solution'], which the reward function 'math_accuracy_reward'"
+        in line
+    )
+    assert "`eval_dataset['ood']` has no column(s) ['solution']" in line  # the held-out hands (eval_at_end)
 
 
 def test_general_points_task_options_that_cannot_be_dealt(no_trainer, tiny_model_dir, capsys):

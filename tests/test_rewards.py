@@ -66,6 +66,100 @@ def test_math_accuracy_reward_table(completion, gold, expected):
     assert math_accuracy_reward([completion], [gold]) == [expected]
 
 
+# Shorthand LaTeX that TeX renders correctly (a macro argument may be a single token instead of a braced group;
+# spacing commands change spacing only). Each pair is the same number, so grading must give 1.0 both ways: the
+# completion's boxed answer against the gold, and the gold's form as the answer against the shorthand as gold.
+SHORTHAND = [
+    ("frac12", r"\frac12", r"\frac{1}{2}"),
+    ("neg-frac12", r"-\frac12", r"-\frac{1}{2}"),
+    ("frac-spaced", r"\frac 1 2", r"\frac{1}{2}"),
+    ("frac-macro-arg", r"\frac1\pi", r"\frac{1}{\pi}"),
+    ("frac-group-then-token", r"\frac{\sqrt3}2", r"\frac{\sqrt{3}}{2}"),
+    ("sqrt2", r"\sqrt2", r"\sqrt{2}"),
+    ("coef-sqrt3", r"2\sqrt3", r"2\sqrt{3}"),
+    ("cube-root", r"\sqrt[3]2", r"\sqrt[3]{2}"),
+    ("dfrac", r"\dfrac{1}{2}", r"\frac{1}{2}"),
+    ("dfrac12", r"\dfrac12", r"\frac{1}{2}"),
+    ("tfrac34", r"\tfrac34", r"\frac{3}{4}"),
+    ("degrees", r"90^\circ", "90"),
+    ("degrees-braced", r"90^{\circ}", "90"),
+    ("percent", r"50\%", "50"),
+    ("negative-thin-space", r"1\!000", "1000"),
+    ("thin-space", r"1\,000", "1000"),
+    ("medium-space", r"1\:000", "1000"),
+    ("thin-space-unit", r"3\,\text{cm}", "3"),
+    ("left-right-tuple", r"\left(1,2\right)", "(1,2)"),
+    ("left-right-interval", r"\left[0,1\right)", "[0,1)"),
+    ("frac-then-digit", r"\frac123", r"\frac{3}{2}"),  # TeX: \frac takes one token each: (1/2) * 3
+    ("sqrt-then-digit", r"\sqrt23", r"3\sqrt{2}"),  # sqrt(2) * 3
+]
+# Different numbers (or order) in either direction: 0.0 both ways.
+SHORTHAND_WRONG = [
+    ("frac123-is-not-1/23", r"\frac123", r"\frac{1}{23}"),
+    ("sqrt23-is-not-sqrt(23)", r"\sqrt23", r"\sqrt{23}"),
+    ("frac12-is-not-2", r"\frac12", r"\frac{2}{1}"),
+    ("tuple-reversed", r"\left(1,2\right)", "(2,1)"),
+    ("interval-reversed", r"\left[0,1\right)", "(0,1]"),
+]
+
+
+@pytest.mark.parametrize(
+    ("shorthand", "canonical"), [c[1:] for c in SHORTHAND], ids=[c[0] for c in SHORTHAND]
+)
+def test_math_accuracy_reward_reads_shorthand_latex_both_ways(shorthand, canonical):
+    assert math_accuracy_reward([r"\boxed{" + shorthand + "}"], [canonical]) == [1.0]
+    assert math_accuracy_reward([r"\boxed{" + canonical + "}"], [shorthand]) == [1.0]
+
+
+@pytest.mark.parametrize(
+    ("shorthand", "other"), [c[1:] for c in SHORTHAND_WRONG], ids=[c[0] for c in SHORTHAND_WRONG]
+)
+def test_math_accuracy_reward_shorthand_keeps_wrong_answers_wrong(shorthand, other):
+    assert math_accuracy_reward([r"\boxed{" + shorthand + "}"], [other]) == [0.0]
+    assert math_accuracy_reward([r"\boxed{" + other + "}"], [shorthand]) == [0.0]
+
+
+def test_math_accuracy_reward_shorthand_in_an_unboxed_final_answer():
+    assert math_accuracy_reward([r"The final answer is $\frac12$."], [r"\frac{1}{2}"]) == [1.0]
+
+
+@pytest.mark.parametrize(
+    ("text", "expanded"),
+    [
+        (r"\frac12", r"\frac{1}{2}"),
+        (r"\frac123", r"\frac{1}{2}3"),
+        (r"\frac 1 2", r"\frac{1}{2}"),
+        (r"\frac1\pi", r"\frac{1}{\pi}"),
+        (r"\frac{\sqrt3}2", r"\frac{\sqrt{3}}{2}"),
+        (r"\sqrt[3]2", r"\sqrt[3]{2}"),
+        (r"\dfrac{1}2", r"\dfrac{1}{2}"),
+        (r"1\,000\!", "1000"),
+        (r"\left(1,\;2\right)", r"\left(1,2\right)"),
+        (r"\fraction12", r"\fraction12"),  # another control word: untouched
+        (r"\\,x", r"\\,x"),  # a line break followed by a comma, not a thin space
+        (r"\{1,2\}", r"\{1,2\}"),
+        (r"\frac{1", r"\frac{1"),  # unclosed: copied
+        ("", ""),
+    ],
+)
+def test_tex_shorthand_is_expanded_as_tex_reads_it(text, expanded):
+    assert rewards._expand_tex_shorthand(text) == expanded
+
+
+def test_tex_shorthand_expansion_is_linear_on_hostile_input():
+    """It runs in this process, on golds of any length too: no quadratic blow-up, no recursion error."""
+    hostile = [
+        "{" * 50_000 + "}" * 50_000,
+        "\\frac{" * 20_000 + "}" * 20_000,
+        "\\sqrt" * 20_000,
+        "}{\\" * 20_000,
+    ]
+    start = time.monotonic()
+    for text in hostile:
+        rewards._expand_tex_shorthand(text)
+    assert time.monotonic() - start < 5.0  # about 0.2 s on this project's 2-core CPU
+
+
 def test_math_accuracy_reward_batch_standard_and_conversational_agree():
     texts = [c[1] for c in MATH_CASES]
     golds = [c[2] for c in MATH_CASES]

@@ -20,6 +20,13 @@ completion scores 0.0. This works the same from any thread. Input is also capped
 `MATH_MAX_ANSWER_CHARS`, or nested deeper than `MATH_MAX_ANSWER_DEPTH`, scores 0.0 without being
 parsed. If the worker cannot be started at all, grading falls back to TRL's `accuracy_reward`
 in-process (with a warning): then only the input caps apply.
+
+Shorthand LaTeX: TRL's `accuracy_reward` parses the answer without math-verify's "malformed operator"
+fixes, while math-verify parses the gold with them, so `\boxed{\frac12}` scored 0.0 against `\frac{1}{2}` but
+1.0 the other way round. Both the answer and the gold are now written out the way TeX reads them before grading
+(`_expand_tex_shorthand`, linear time): a single-token argument of `\frac`, `\dfrac`, `\tfrac`, `\cfrac`,
+`\binom` and `\sqrt` is braced (`\frac123` is `\frac{1}{2}3`, as TeX renders it, not `\frac{1}{23}`), and
+spacing commands (`\,`, `\!`, `\;`, `\quad`, `~`, ...) are dropped.
 """
 
 from __future__ import annotations
@@ -233,6 +240,133 @@ def _gold_ok_in_process(gold: str) -> bool:
         return False
 
 
+# Macros whose arguments TeX lets be a single token (`\frac12` is `\frac{1}{2}`, `\sqrt2` is `\sqrt{2}`), with their
+# number of arguments. math-verify's answer parsing (TRL's `accuracy_reward`) reads only braced arguments, while its
+# default parsing of the gold rewrites some shorthand by regex, not always as TeX does (`\frac123` becomes
+# `\frac{1}{23}`; TeX renders (1/2)3). Both sides are therefore expanded here, the way TeX reads them.
+_SINGLE_TOKEN_ARGUMENT_MACROS = {
+    "frac": 2, "dfrac": 2, "tfrac": 2, "cfrac": 2, "binom": 2, "dbinom": 2, "tbinom": 2, "sqrt": 1,
+}  # fmt: skip
+# Spacing commands: in math mode they only change spacing (`1\,000` is 1000, `x\,y` is xy).
+_SPACING_MACROS = {",", ":", ";", "!", ">", " ", "quad", "qquad", "thinspace", "medspace", "thickspace"}
+_SPACING_CHARACTERS = {"~"}
+# Brace groups deeper than this are copied as they are (hostile input; answers deeper than MATH_MAX_ANSWER_DEPTH
+# are refused anyway).
+_EXPAND_MAX_DEPTH = 64
+
+
+def _closing_braces(text: str) -> list[int]:
+    r"""For each index of `text`, the index just past the `}` that closes a `{` there (len(text) if unclosed).
+
+    One pass with a stack; escaped braces (`\{`, `\}`) and other control symbols are skipped.
+    """
+    closing = [0] * len(text)
+    stack: list[int] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "{":
+            stack.append(i)
+        elif ch == "}" and stack:
+            closing[stack.pop()] = i + 1
+        i += 1
+    for opened in stack:
+        closing[opened] = len(text)
+    return closing
+
+
+def _tex_token(text: str, i: int, closing: list[int]) -> int:
+    """End of the TeX token starting at `text[i]`: a control word, a control symbol, a brace group or a character."""
+    if text[i] == "\\":
+        j = i + 1
+        if j < len(text) and text[j].isalpha():
+            while j < len(text) and text[j].isalpha():
+                j += 1
+            return j
+        return min(j + 1, len(text))
+    return closing[i] if text[i] == "{" else i + 1
+
+
+def _expand_tex_shorthand(text: str) -> str:
+    r"""`text` with the shorthand TeX accepts written out: single-token macro arguments braced, spacing removed.
+
+    `\frac12` -> `\frac{1}{2}`, `\frac123` -> `\frac{1}{2}3` (as TeX reads it), `\sqrt2` -> `\sqrt{2}`,
+    `\sqrt[3]2` -> `\sqrt[3]{2}`, `\frac1\pi` -> `\frac{1}{\pi}`, `\dfrac12` -> `\dfrac{1}{2}`; `\,`, `\:`, `\;`,
+    `\!`, `\ `, `\quad`, `~` and the like are removed. Linear in the length of `text` (brace groups nested deeper
+    than `_EXPAND_MAX_DEPTH` are copied unchanged); never raises.
+    """
+    closing = _closing_braces(text)
+    out: list[str] = []
+    _expand_into(text, 0, len(text), 0, closing, out)
+    return "".join(out)
+
+
+def _group(text: str, start: int, end: int, depth: int, closing: list[int], out: list[str]) -> None:
+    """Copy the brace group `text[start:end]` (from `{` to its `}`, or to the end when unclosed), expanded."""
+    closed = end - start >= 2 and text[end - 1] == "}"
+    inner_end = end - 1 if closed else end
+    out.append("{")
+    if depth < _EXPAND_MAX_DEPTH:
+        _expand_into(text, start + 1, inner_end, depth + 1, closing, out)
+    else:
+        out.append(text[start + 1 : inner_end])
+    if closed:
+        out.append("}")
+
+
+def _expand_into(text: str, start: int, stop: int, depth: int, closing: list[int], out: list[str]) -> None:
+    i = start
+    while i < stop:
+        ch = text[i]
+        if ch in _SPACING_CHARACTERS:
+            i += 1
+            continue
+        if ch == "{":
+            end = min(_tex_token(text, i, closing), stop)
+            _group(text, i, end, depth, closing, out)
+            i = end
+            continue
+        if ch != "\\":
+            out.append(ch)
+            i += 1
+            continue
+        end = min(_tex_token(text, i, closing), stop)
+        name = text[i + 1 : end]
+        i = end
+        if name in _SPACING_MACROS:
+            continue
+        out.append("\\" + name)
+        arguments = _SINGLE_TOKEN_ARGUMENT_MACROS.get(name)
+        if arguments is None:
+            continue
+        if name == "sqrt":  # optional index: \sqrt[3]{x}
+            j = _skip_spaces(text, i, stop)
+            if j < stop and text[j] == "[":
+                close = text.find("]", j, stop)
+                if close != -1:
+                    out.append(text[j : close + 1])
+                    i = close + 1
+        for _ in range(arguments):
+            j = _skip_spaces(text, i, stop)
+            if j >= stop or text[j] in "}]":
+                break
+            end = min(_tex_token(text, j, closing), stop)
+            if text[j] == "{":
+                _group(text, j, end, depth, closing, out)
+            else:
+                out.append("{" + text[j:end] + "}")
+            i = end
+
+
+def _skip_spaces(text: str, i: int, stop: int) -> int:
+    while i < stop and text[i].isspace():
+        i += 1
+    return i
+
+
 _GOLD_ANCHOR_RE = re.compile(r"\\boxed|(?<!\\)\$|\\\(|\\\[")
 
 
@@ -243,7 +377,7 @@ def _normalize_gold(gold: Any) -> str:
     extraction misreads or drops; wrapped in `\boxed{}` they parse. A gold that already carries its own
     anchor (`\boxed`, `$...$`, `\(...\)`, `\[...\]`), e.g. a full worked solution, is kept as is.
     """
-    text = "" if gold is None else str(gold).strip()
+    text = "" if gold is None else _expand_tex_shorthand(str(gold)).strip()
     if not text or _GOLD_ANCHOR_RE.search(text):
         return text
     return "\\boxed{" + text + "}"
@@ -258,9 +392,9 @@ def _grading_text(completion: Any) -> str | None:
         boxed = last_boxed_content(segment, max_chars=MATH_MAX_ANSWER_CHARS)
         if boxed is None or not boxed.strip():
             return None  # the last box is unclosed, empty or too long: malformed final answer
-        text = "\\boxed{" + boxed + "}"
+        text = "\\boxed{" + _expand_tex_shorthand(boxed) + "}"
     else:
-        text = segment[-MATH_MAX_ANSWER_CHARS:]
+        text = _expand_tex_shorthand(segment[-MATH_MAX_ANSWER_CHARS:])
     return None if _nesting_depth(text) > MATH_MAX_ANSWER_DEPTH else text
 
 
@@ -284,7 +418,8 @@ def math_accuracy_reward(
     only the text after the last `</think>` is considered when that tag is present (an unclosed `<think>`
     or nothing after `</think>` scores 0.0). Grading is TRL's `accuracy_reward` (math-verify), run in a
     worker process with a deadline of `MATH_REWARD_TIMEOUT_SECONDS` per completion, so it is safe to call
-    from any thread and a pathological answer cannot stall training.
+    from any thread and a pathological answer cannot stall training. Shorthand LaTeX that TeX renders
+    (`\frac12`, `\sqrt2`, `\dfrac34`, `1\,000`) is read as TeX reads it, in the answer and in the gold alike.
 
     Args:
         completions: standard (`str`) or conversational (list of messages) completions.

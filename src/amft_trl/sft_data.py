@@ -9,6 +9,7 @@ tokens only (Eq. 2).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -20,58 +21,296 @@ from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 logger = logging.getLogger(__name__)
 
 
-def check_sft_columns(dataset: Dataset, name: str = "sft_dataset") -> None:
-    """Raise a ValueError naming the columns found when `dataset` is not prompt/completion or messages."""
-    columns = list(dataset.column_names or [])
-    if {"prompt", "completion"} <= set(columns) or "messages" in columns:
-        return
-    raise ValueError(
-        f"`{name}` must have `prompt` and `completion` columns (TRL prompt-completion format) or a conversational "
-        f"`messages` column; it has {columns}."
+#: What `check_sft_columns` accepts, as said in its errors.
+ACCEPTED_SFT_FORMATS = (
+    "`prompt` and `completion` columns that are both standard (strings) or both conversational (lists of "
+    '{"role": ..., "content": ...} messages), or one conversational `messages` column whose last message is the '
+    "assistant's (the completion)"
+)
+
+_STANDARD, _CONVERSATIONAL, _PER_ROW = "standard", "conversational", "per-row"
+
+
+def _format_error(name: str, where: str, problem: str) -> ValueError:
+    return ValueError(f"`{name}` {where}: {problem}. Accepted formats: {ACCEPTED_SFT_FORMATS}.")
+
+
+def _feature_kind(feature: Any) -> str | None:
+    """The format a column's Arrow type fixes for every row, `_PER_ROW` when rows may differ, None if unusable."""
+    from datasets import Json, LargeList, List, Sequence, Value
+
+    if isinstance(feature, Value):
+        return _STANDARD if feature.dtype in ("string", "large_string") else None
+    if isinstance(feature, Json):
+        return _PER_ROW
+    if isinstance(feature, (List, LargeList, Sequence)):
+        inner = feature.feature
+        if isinstance(inner, Json):
+            return _PER_ROW
+        if isinstance(inner, dict) and "role" in inner and "content" in inner:
+            return _CONVERSATIONAL
+    return None
+
+
+def _value_kind(value: Any) -> str:
+    """The format of one row's value: `_STANDARD`, `_CONVERSATIONAL`, or a description of what is wrong with it."""
+    if isinstance(value, str):
+        return _STANDARD
+    if value is None:
+        return "missing (null)"
+    if isinstance(value, list):
+        if not value:
+            return "an empty list"
+        if all(isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in value):
+            return _CONVERSATIONAL
+        return 'a list that is not a list of {"role": ..., "content": ...} messages'
+    if isinstance(value, dict):
+        return "a single dict, not a list of messages"
+    return f"of type {type(value).__name__}"
+
+
+def _first_true(mask: Any) -> int | None:
+    """Index of the first true entry of a pyarrow boolean array (nulls count as false), or None."""
+    import pyarrow.compute as pc
+
+    filled = pc.fill_null(mask, False)
+    if not pc.any(filled).as_py():
+        return None
+    return int(pc.index(filled, True).as_py())
+
+
+def _arrow_row_problem(array: Any, kind: str, column: str, last_role: bool) -> tuple[int, str] | None:
+    """First row of a typed column that the format check refuses: (row, problem), or None. Vectorised."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(array, pa.ChunkedArray):  # list offsets and parent indices are per chunk
+        array = array.combine_chunks()
+    row = _first_true(pc.is_null(array))
+    if row is not None:
+        return row, f"`{column}` is missing (null)"
+    if kind == _STANDARD:
+        return None
+    lengths = pc.list_value_length(array)
+    row = _first_true(pc.equal(lengths, 0))
+    if row is not None:
+        return row, f"`{column}` is an empty list"
+    messages = pc.list_flatten(array)
+    parents = pc.list_parent_indices(array).to_numpy(zero_copy_only=False)
+    roles = pc.struct_field(messages, "role")
+    bad = np.flatnonzero(pc.is_null(roles).to_numpy(zero_copy_only=False))
+    if bad.size:
+        return int(parents[bad[0]]), f"`{column}` has a message without a `role`"
+    if last_role:
+        row = _first_true(pc.less(lengths, 2))
+        if row is not None:
+            return row, f"`{column}` holds only one message: there is no prompt message before the completion"
+        ends = np.cumsum(lengths.to_numpy(zero_copy_only=False)) - 1
+        last = pc.take(roles, ends)
+        wrong = _first_true(pc.not_equal(last, "assistant"))
+        if wrong is not None:
+            return wrong, (
+                f"the last message of `{column}` has role {last[wrong].as_py()!r}; it must be the assistant's "
+                "(the completion)"
+            )
+    return None
+
+
+def _pair_problem(prompt_kind: str, completion_kind: str) -> str | None:
+    if prompt_kind == completion_kind and prompt_kind in (_STANDARD, _CONVERSATIONAL):
+        return None
+    for column, kind in (("prompt", prompt_kind), ("completion", completion_kind)):
+        if kind not in (_STANDARD, _CONVERSATIONAL):
+            return f"`{column}` is {kind}"
+    return (
+        f"`prompt` is {prompt_kind} ({'a string' if prompt_kind == _STANDARD else 'a list of messages'}) but "
+        f"`completion` is {completion_kind} ({'a string' if completion_kind == _STANDARD else 'a list of messages'}); "
+        "both must have the same format"
     )
 
 
+def _messages_problem(messages: Any) -> str | None:
+    kind = _value_kind(messages)
+    if kind != _CONVERSATIONAL:
+        return f"`messages` is {kind}"
+    if messages[-1]["role"] != "assistant":
+        return (
+            f"the last message of `messages` has role {messages[-1]['role']!r}; it must be the assistant's "
+            "(the completion)"
+        )
+    if len(messages) < 2:
+        return "`messages` holds only the completion: there is no prompt message before it"
+    return None
+
+
+def _undecoded_json(dataset: Dataset, columns: list[str]) -> Dataset:
+    """`dataset` with its `Json` columns read as the JSON text stored for each row (no data is rewritten)."""
+    from datasets import Json
+
+    for column in columns:
+        dataset = dataset.cast_column(column, Json(decode=False))
+    return dataset
+
+
+def _json_cell(text: str | None) -> Any:
+    """One row of a `Json` column, from its stored text.
+
+    datasets stores a string of a `Json` column as its bare text and decodes it as JSON when it can: the string
+    "2" comes back as the number 2, "true" as True. Only lists and objects are decoded here; anything else is the
+    row's string, as written in the file.
+    """
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, (list, dict)) else text
+
+
+def _decode_row(example: dict[str, Any], json_columns: list[str]) -> dict[str, Any]:
+    return {key: _json_cell(value) if key in json_columns else value for key, value in example.items()}
+
+
+def check_sft_columns(dataset: Dataset, name: str = "sft_dataset") -> None:
+    """Raise a ValueError unless every row of `dataset` is a demonstration in an accepted format.
+
+    Accepted (`ACCEPTED_SFT_FORMATS`): `prompt` and `completion` both standard (strings) or both conversational
+    (lists of `{"role", "content"}` messages), or a conversational `messages` column ending with the assistant's
+    message. When both layouts are present, `prompt`/`completion` are used (as in tokenisation).
+
+    Every row is checked, cheaply: a column's Arrow type fixes the format of all its rows, so a typed column is
+    checked once, plus one vectorised pass for missing values, empty conversations and (for `messages`) the role of
+    the last message. Columns of datasets' `Json` type (a JSON Lines file whose rows disagree loads that way) are
+    checked row by row. The error names `name`, the column(s), the first offending row and the accepted formats.
+    An empty dataset is refused by name.
+    """
+    columns = list(dataset.column_names or [])
+    if {"prompt", "completion"} <= set(columns):
+        used = ["prompt", "completion"]
+    elif "messages" in columns:
+        used = ["messages"]
+    else:
+        raise ValueError(
+            f"`{name}` must have `prompt` and `completion` columns (TRL prompt-completion format) or a conversational "
+            f"`messages` column; it has {columns}. Accepted formats: {ACCEPTED_SFT_FORMATS}."
+        )
+    if len(dataset) == 0:
+        raise ValueError(
+            f"`{name}` is empty (0 rows): the SFT term needs at least one demonstration. Pass demonstrations, or pin "
+            "mu to 0 (mu_init=mu_min=mu_max=0) to train without an SFT term."
+        )
+    kinds = {}
+    for column in used:
+        feature = dataset.features[column]
+        kind = _feature_kind(feature)
+        if kind is None:
+            raise _format_error(
+                name, f"column `{column}`", f"has the type {feature}, which is not a format AMFT reads"
+            )
+        kinds[column] = kind
+
+    per_row = [column for column in used if kinds[column] == _PER_ROW]
+    if per_row:  # `Json` columns: rows may differ; each row is checked on the value as written in the file
+        raw = _undecoded_json(dataset.select_columns(used), per_row)
+        for start in range(0, len(raw), 1000):
+            batch = raw[start : start + 1000]
+            for offset in range(len(batch[used[0]])):
+                row = _decode_row({column: batch[column][offset] for column in used}, per_row)
+                if used == ["messages"]:
+                    problem = _messages_problem(row["messages"])
+                else:
+                    problem = _pair_problem(_value_kind(row["prompt"]), _value_kind(row["completion"]))
+                if problem is not None:
+                    raise _format_error(name, f"row {start + offset}", problem)
+        return
+
+    if used == ["prompt", "completion"]:
+        problem = _pair_problem(kinds["prompt"], kinds["completion"])
+        if problem is not None:  # the column types differ: every row is mixed
+            raise _format_error(
+                name, "row 0 (and every other row: the two columns have different types)", problem
+            )
+    elif kinds["messages"] != _CONVERSATIONAL:
+        raise _format_error(name, "column `messages`", "is a string column, not lists of messages")
+    arrow = dataset.with_format("arrow")
+    found = [
+        hit
+        for column in used
+        if (hit := _arrow_row_problem(arrow[column], kinds[column], column, column == "messages")) is not None
+    ]
+    if found:
+        row, problem = min(found)
+        raise _format_error(name, f"row {row}", problem)
+
+
 def _as_prompt_completion(example: dict[str, Any]) -> tuple[Any, Any]:
+    """(prompt, completion) of one demonstration: its `prompt`/`completion`, or `messages` split before the last."""
     if "prompt" in example and "completion" in example:
         return example["prompt"], example["completion"]
     messages = example["messages"]
-    if not messages or messages[-1].get("role") != "assistant":
-        raise ValueError("A `messages` example must end with an assistant message (the completion).")
+    problem = _messages_problem(messages)
+    if problem is not None:
+        raise ValueError(problem)
     return messages[:-1], messages[-1:]
 
 
 def tokenize_sft_dataset(
-    dataset: Dataset, processing_class: Any, max_length: int | None, chat_template: str | None = None
+    dataset: Dataset,
+    processing_class: Any,
+    max_length: int | None,
+    chat_template: str | None = None,
+    name: str = "sft_dataset",
 ) -> tuple[Dataset, int]:
     """Tokenise demonstrations into `prompt_ids` / `completion_ids`, dropping those with no completion left.
 
-    Returns the tokenised dataset and the number of examples dropped because truncation to `max_length` removed
-    their whole completion (reported with a warning; they are never trained on as empty).
+    `dataset` is checked first (`check_sft_columns`); `name` is how errors call it. Returns the tokenised dataset
+    and the number of examples dropped because truncation to `max_length` removed their whole completion, or
+    because their prompt has no token (reported with a warning; they are never trained on as empty). Raises a
+    ValueError naming `max_sft_length` when that drops every example.
     """
-    check_sft_columns(dataset)
+    check_sft_columns(dataset, name)
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     eos = tokenizer.eos_token
+    json_columns = [c for c in dataset.column_names if _feature_kind(dataset.features[c]) == _PER_ROW]
+    dataset = _undecoded_json(dataset, json_columns)
 
-    def tokenize(example: dict[str, Any]) -> dict[str, Any]:
-        prompt, completion = _as_prompt_completion(example)
-        kwargs = {"chat_template": chat_template} if chat_template is not None else {}
-        if is_conversational({"prompt": prompt}):
-            prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **kwargs)[
-                "input_ids"
-            ]
-            full_ids = _tokenize(processing_class, prompt + completion, **kwargs)["input_ids"]
-        else:
-            if eos is not None and not completion.endswith(eos):
-                completion = completion + eos
-            prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
-            full_ids = _tokenize(processing_class, prompt + completion)["input_ids"]
+    def tokenize(example: dict[str, Any], index: int) -> dict[str, Any]:
+        try:
+            prompt, completion = _as_prompt_completion(_decode_row(example, json_columns))
+            kwargs = {"chat_template": chat_template} if chat_template is not None else {}
+            if is_conversational({"prompt": prompt}):
+                prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **kwargs)[
+                    "input_ids"
+                ]
+                full_ids = _tokenize(processing_class, prompt + completion, **kwargs)["input_ids"]
+            else:
+                if eos is not None and not completion.endswith(eos):
+                    completion = completion + eos
+                prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
+                full_ids = _tokenize(processing_class, prompt + completion)["input_ids"]
+        except Exception as error:  # a row check_sft_columns let through: say which one
+            raise ValueError(
+                f"`{name}` row {index}: cannot tokenise the demonstration ({type(error).__name__}: {error}). "
+                f"Accepted formats: {ACCEPTED_SFT_FORMATS}."
+            ) from error
         prompt_len = common_prefix_length(prompt_ids, full_ids)
+        untruncated_prompt_len = prompt_len
         if max_length is not None:
             full_ids = full_ids[:max_length]
         prompt_len = min(prompt_len, len(full_ids))
-        return {"prompt_ids": full_ids[:prompt_len], "completion_ids": full_ids[prompt_len:]}
+        return {
+            "prompt_ids": full_ids[:prompt_len],
+            "completion_ids": full_ids[prompt_len:],
+            "_prompt_tokens": untruncated_prompt_len,
+        }
 
-    tokenized = dataset.map(tokenize, remove_columns=dataset.column_names, desc="Tokenizing SFT dataset")
+    tokenized = dataset.map(
+        tokenize, with_indices=True, remove_columns=dataset.column_names, desc="Tokenizing SFT dataset"
+    )
+    prompt_tokens = tokenized["_prompt_tokens"]
+    tokenized = tokenized.remove_columns("_prompt_tokens")
     keep = [
         i
         for i, (p, c) in enumerate(zip(tokenized["prompt_ids"], tokenized["completion_ids"], strict=True))
@@ -79,18 +318,28 @@ def tokenize_sft_dataset(
     ]
     dropped = len(tokenized) - len(keep)
     if dropped:
+        kept = set(keep)
         logger.warning(
             "AMFT: %d of %d SFT examples have no completion token left after truncation to max_sft_length=%s "
             "(or no prompt token at all); they are dropped (first indices: %s). Raise `max_sft_length` to keep them.",
             dropped,
             len(tokenized),
             max_length,
-            [i for i in range(len(tokenized)) if i not in set(keep)][:10],
+            [i for i in range(len(tokenized)) if i not in kept][:10],
         )
         if not keep:
+            empty_prompts = sum(1 for n in prompt_tokens if n == 0)
+            lengths = [n for n in prompt_tokens if n > 0]
+            detail = (
+                f"their prompts alone take {min(lengths)} to {max(lengths)} tokens"
+                if lengths
+                else "no prompt has any token"
+            )
             raise ValueError(
-                f"Every SFT example lost its whole completion to truncation at max_sft_length={max_length}; "
-                "raise `max_sft_length`."
+                f"`{name}`: all {len(tokenized)} demonstrations lose their whole completion when truncated to "
+                f"max_sft_length={max_length} tokens (prompt + completion), so none is left to train on; {detail}"
+                + (f", and {empty_prompts} have an empty prompt" if empty_prompts and lengths else "")
+                + ". Raise `max_sft_length` above the prompt lengths."
             )
         tokenized = tokenized.select(keep)
     return tokenized, dropped
