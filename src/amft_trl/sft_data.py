@@ -15,7 +15,9 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from trl.data_utils import _tokenize, common_prefix_length, is_conversational
+from trl.data_utils import common_prefix_length, is_conversational
+
+from ._trl_compat import tokenize as _tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +42,37 @@ def _as_prompt_completion(example: dict[str, Any]) -> tuple[Any, Any]:
     return messages[:-1], messages[-1:]
 
 
+def tokenize_prompt_completion(
+    processing_class: Any,
+    prompt: Any,
+    completion: Any,
+    max_length: int | None,
+    chat_template: str | None = None,
+) -> dict[str, list[int]]:
+    """One demonstration as `prompt_ids` / `completion_ids`, the way TRL's SFTTrainer tokenises it.
+
+    Conversational prompts go through the chat template (the generation prompt closes the prompt); a standard
+    completion gets EOS appended. The completion starts where the tokenised prompt and prompt + completion diverge.
+    Truncated on the right to `max_length` tokens in all; the completion may come out empty.
+    """
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    eos = tokenizer.eos_token
+    kwargs = {"chat_template": chat_template} if chat_template is not None else {}
+    if is_conversational({"prompt": prompt}):
+        prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
+        full_ids = _tokenize(processing_class, prompt + completion, **kwargs)["input_ids"]
+    else:
+        if eos is not None and not completion.endswith(eos):
+            completion = completion + eos
+        prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
+        full_ids = _tokenize(processing_class, prompt + completion)["input_ids"]
+    prompt_len = common_prefix_length(prompt_ids, full_ids)
+    if max_length is not None:
+        full_ids = full_ids[:max_length]
+    prompt_len = min(prompt_len, len(full_ids))
+    return {"prompt_ids": full_ids[:prompt_len], "completion_ids": full_ids[prompt_len:]}
+
+
 def tokenize_sft_dataset(
     dataset: Dataset, processing_class: Any, max_length: int | None, chat_template: str | None = None
 ) -> tuple[Dataset, int]:
@@ -49,27 +82,10 @@ def tokenize_sft_dataset(
     their whole completion (reported with a warning; they are never trained on as empty).
     """
     check_sft_columns(dataset)
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    eos = tokenizer.eos_token
 
     def tokenize(example: dict[str, Any]) -> dict[str, Any]:
         prompt, completion = _as_prompt_completion(example)
-        kwargs = {"chat_template": chat_template} if chat_template is not None else {}
-        if is_conversational({"prompt": prompt}):
-            prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **kwargs)[
-                "input_ids"
-            ]
-            full_ids = _tokenize(processing_class, prompt + completion, **kwargs)["input_ids"]
-        else:
-            if eos is not None and not completion.endswith(eos):
-                completion = completion + eos
-            prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
-            full_ids = _tokenize(processing_class, prompt + completion)["input_ids"]
-        prompt_len = common_prefix_length(prompt_ids, full_ids)
-        if max_length is not None:
-            full_ids = full_ids[:max_length]
-        prompt_len = min(prompt_len, len(full_ids))
-        return {"prompt_ids": full_ids[:prompt_len], "completion_ids": full_ids[prompt_len:]}
+        return tokenize_prompt_completion(processing_class, prompt, completion, max_length, chat_template)
 
     tokenized = dataset.map(tokenize, remove_columns=dataset.column_names, desc="Tokenizing SFT dataset")
     keep = [
