@@ -88,6 +88,10 @@ def main() -> None:
     )
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--cuda", action="store_true", help="run on CUDA devices (one per process)")
+    parser.add_argument("--balancing", default="amft", help="the strategy (AMFTConfig.balancing)")
+    parser.add_argument(
+        "--strategy_args", default="{}", help="JSON object of AMFTConfig fields for the strategy"
+    )
     parser.add_argument("--sgd", action="store_true", help="plain SGD (no Adam rounding to compare through)")
     parser.add_argument(
         "--perturb_rank", type=int, default=None, help="nudge mu on this rank (the check must fire)"
@@ -134,25 +138,31 @@ def main() -> None:
         meta_learning_rate=cli.meta_learning_rate,
         entropy_learning_rate=0.05,
         meta_val_batch_size=2,
-        target_entropy_num_samples=8,
         max_sft_length=64,
         disable_tqdm=True,
         deepspeed=deepspeed,
         optim="sgd" if cli.float64 or cli.sgd else "adamw_torch",
         model_init_kwargs={"dtype": torch.float64} if cli.float64 else None,
+        balancing=cli.balancing,
+        **{"target_entropy_num_samples": 8, **json.loads(cli.strategy_args)},
     )
+    train_dataset = addition_prompts(32, seed=1)
+    if cli.balancing == "hpt":  # HPT reads each prompt's demonstration from the RL dataset
+        train_dataset = train_dataset.map(
+            lambda row: {"demonstration": f" {row['answer']}. The answer is {row['answer']}."}
+        )
     trainer = DeterministicRolloutTrainer(
         model=model,
         reward_funcs=digit_fraction_reward,
         args=args,
-        train_dataset=addition_prompts(32, seed=1),
+        train_dataset=train_dataset,
         sft_dataset=addition_demos(32, seed=2),
         val_dataset=addition_prompts(16, seed=3),
     )
     if cli.stop_at is not None:
         trainer.add_callback(StopAt(cli.stop_at))
     if cli.perturb_rank is not None and trainer.accelerator.process_index == cli.perturb_rank:
-        trainer.add_callback(PerturbMu(trainer.mu_controller))
+        trainer.add_callback(PerturbMu(trainer.strategy))
     trainer.train(resume_from_checkpoint=True if cli.resume else None)
     params = list(trainer.model.parameters())
     gathered = contextlib.nullcontext()
@@ -163,17 +173,19 @@ def main() -> None:
     with gathered:
         checksum = sum(float(p.detach().double().sum()) for p in params)
     if trainer.accelerator.is_main_process:
-        history = trainer.mu_controller.state.history
+        history = trainer.strategy.state.history if cli.balancing == "amft" else []
         logs = [h for h in trainer.state.log_history if "amft/mu" in h]
         result = {
             "world_size": trainer.accelerator.num_processes,
             "distributed_type": str(trainer.accelerator.distributed_type),
-            "mu": [r["mu"] for r in history],
+            "mu": [r["mu"] for r in history] or [h["amft/mu"] for h in logs],
             "meta_term": [r["meta_term"] for r in history],
             "meta_gradient": [h.get("amft/meta_gradient") for h in logs],
             "sft_loss": [h["amft/sft_loss"] for h in logs],
             "rl_loss": [h.get("amft/rl_loss") for h in logs],
             "val_reward": [h.get("amft/val_reward") for h in logs],
+            "hpt_sft_fraction": [h.get("amft/hpt_sft_fraction") for h in logs],
+            "target_entropy": [h.get("amft/target_entropy") for h in logs],
             "param_checksum": checksum,
         }
         with open(cli.output_json, "w") as f:

@@ -357,7 +357,7 @@ def test_generate_hands_bad_arguments(kwargs, match):
 
 def test_build_general_points_datasets_roles_and_columns():
     data = build_general_points_datasets(num_train=20, num_validation=8, num_eval=8, seed=5)
-    reward_columns = ["prompt", "cards", "face_card_rule", "target"]
+    reward_columns = ["prompt", "cards", "face_card_rule", "target", "demonstration"]
     for name in ("rl", "validation", "eval_id", "eval_ood"):
         assert getattr(data, name).column_names == reward_columns
     assert data.sft.column_names == ["prompt", "completion"]
@@ -370,8 +370,9 @@ def test_build_general_points_datasets_roles_and_columns():
     )
     assert set(data.rl["face_card_rule"]) == {"id"} and set(data.eval_ood["face_card_rule"]) == {"ood"}
     assert set(data.rl["target"]) == {24}
-    # SFT demonstrations are the RL hands, answered correctly.
+    # SFT demonstrations are the RL hands, answered correctly; the RL rows carry the same answer (HPT's column).
     assert list(data.sft["prompt"]) == list(data.rl["prompt"])
+    assert list(data.rl["demonstration"]) == list(data.sft["completion"])
     assert (
         general_points_reward(
             data.sft["completion"], data.rl["cards"], data.rl["face_card_rule"], data.rl["target"]

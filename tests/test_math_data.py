@@ -64,14 +64,17 @@ def test_fixtures_load_with_the_published_schema(openr1, plain):
 def test_openr1_rl_prompts(openr1, conversational):
     rows = read_jsonl(OPENR1)
     rl = math_rl_prompts(openr1, conversational=conversational)
-    assert rl.column_names == ["prompt", "solution"]
+    assert rl.column_names == ["prompt", "solution", "demonstration"]
     assert list(rl["solution"]) == [r["reward_model"]["ground_truth"] for r in rows]
-    for prompt, row in zip(rl["prompt"], rows):
+    for prompt, demonstration, row in zip(rl["prompt"], rl["demonstration"], rows):
         problem = row["prompt"][1]["content"]
         if conversational:
             assert [m["role"] for m in prompt] == ["user"]  # the dataset's system prompt is dropped
             prompt = prompt[0]["content"]
+            assert demonstration[0]["role"] == "assistant"
+            demonstration = demonstration[0]["content"]
         assert prompt == f"{problem}\n\n{DEFAULT_INSTRUCTION}"
+        assert demonstration == row["target"][0]["content"]  # what HPT imitates
 
 
 @pytest.mark.parametrize("conversational", [False, True], ids=["standard", "conversational"])
@@ -182,7 +185,7 @@ def test_split_validation_bad_size(openr1, size):
 @pytest.mark.parametrize("conversational", [False, True], ids=["standard", "conversational"])
 def test_build_math_datasets_from_a_path(conversational):
     data = build_math_datasets(str(OPENR1), validation_size=2, seed=1, conversational=conversational)
-    assert data.rl.column_names == data.validation.column_names == ["prompt", "solution"]
+    assert data.rl.column_names == data.validation.column_names == ["prompt", "solution", "demonstration"]
     assert data.sft.column_names == ["prompt", "completion"]
     assert (len(data.rl), len(data.sft), len(data.validation)) == (6, 6, 2)
     text = (lambda p: p[-1]["content"]) if conversational else (lambda p: p)

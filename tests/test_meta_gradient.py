@@ -68,7 +68,9 @@ def recorded_meta_step(tmp_path, tiny_model_dir, tokenizer, prompts, demos, val_
     trainer._sft_micro_step = sft_step
     trainer.train()
     assert len(rollouts) == 2, "one training generation and one validation generation"
-    return trainer, theta0, rollouts, sft_batches
+    # the meta step generates its validation rollouts first (grad U is taken before the RL and SFT backward passes)
+    val_out, rl_inputs = rollouts
+    return trainer, theta0, [rl_inputs, val_out], sft_batches
 
 
 def _losses(trainer, model, rl_inputs, sft_batches, val_out):

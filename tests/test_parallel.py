@@ -21,7 +21,7 @@ import pytest
 from datasets import Dataset
 
 from amft_trl import AMFTConfig, AMFTTrainer, MuController
-from amft_trl.trainer import _launcher_deepspeed_config
+from amft_trl._distributed import launcher_deepspeed_config as _launcher_deepspeed_config
 
 RUNNER = str(Path(__file__).with_name("_parallel_runner.py"))
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
@@ -44,7 +44,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(model_dir: str, out: Path, *extra: str, processes: int = 1, deepspeed_env: bool = False) -> dict:
+def _run(
+    model_dir: str,
+    out: Path,
+    *extra: str,
+    processes: int = 1,
+    deepspeed_env: bool = False,
+    timeout: int = 600,
+) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     if processes == 1:
         cmd = [sys.executable, RUNNER]
@@ -76,7 +83,7 @@ def _run(model_dir: str, out: Path, *extra: str, processes: int = 1, deepspeed_e
     if "--cuda" in extra:  # ACCELERATE_USE_CPU would keep a GPU run on the CPU
         env.pop("ACCELERATE_USE_CPU", None)
     proc = subprocess.run(
-        [*cmd, model_dir, str(out), *extra], env=env, capture_output=True, text=True, timeout=600
+        [*cmd, model_dir, str(out), *extra], env=env, capture_output=True, text=True, timeout=timeout
     )
     if proc.returncode != 0:
         raise AssertionError(f"run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -292,3 +299,63 @@ def test_deepspeed_config_in_args_is_checked_before_the_model_loads(monkeypatch)
             sft_dataset=Dataset.from_dict({"prompt": ["a"], "completion": ["b"]}),
             val_dataset=Dataset.from_dict({"prompt": ["a"]}),
         )
+
+
+STRATEGY_FAMILIES = {
+    # a schedule with per-token weights on the demonstrations
+    "chord": {
+        "chord_mu_warmup_steps": 1,
+        "chord_mu_decay_steps": 2,
+        "chord_mu_peak": 0.6,
+        "chord_mu_valley": 0.2,
+        "chord_enable_phi_function": True,
+    },
+    # per-sequence weights from entropies, on demonstrations and on rollouts (advantages replaced)
+    "srft": {},
+    # a per-prompt gate: demonstrations from the RL batch, a different number on each process
+    "hpt": {"hpt_success_reward": 0.3},
+}
+
+
+@pytest.mark.parametrize("balancing", list(STRATEGY_FAMILIES))
+def test_strategies_give_the_one_process_trajectory_on_two(tiny_model_dir, tmp_path, balancing):
+    """Each strategy family on 1 and 2 ranks, same global batch (float64, SGD, GA 2): same weights, losses and
+    parameters. Catches a weight computed from one process's data, or ranks running different forward counts."""
+    extra = (
+        "--float64",
+        f"--balancing={balancing}",
+        f"--strategy_args={json.dumps(STRATEGY_FAMILIES[balancing])}",
+    )
+    one = _run(tiny_model_dir, tmp_path / "one" / "r.json", *extra)
+    two = _run(tiny_model_dir, tmp_path / "two" / "r.json", *extra, processes=2)
+    assert two["world_size"] == 2
+    assert len(one["mu"]) == 4 and len(set(one["mu"][1:])) > 1 or balancing == "srft", one["mu"]
+    assert _close(one["mu"], two["mu"], 1e-6), (one["mu"], two["mu"])
+    assert _close(one["sft_loss"], two["sft_loss"], 1e-6), (one["sft_loss"], two["sft_loss"])
+    assert _close(one["rl_loss"], two["rl_loss"], 1e-5), (one["rl_loss"], two["rl_loss"])
+    if balancing == "hpt":
+        fractions = one["hpt_sft_fraction"][1:]
+        assert any(0 < f < 1 for f in fractions), (
+            f"the gate must split the prompts for the check to bite: {fractions}"
+        )
+        assert _close(one["hpt_sft_fraction"], two["hpt_sft_fraction"], 1e-9)
+    assert math.isclose(one["param_checksum"], two["param_checksum"], rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("samples", [1, 2, 3])
+def test_target_entropy_with_fewer_samples_than_processes_does_not_hang(tiny_model_dir, tmp_path, samples):
+    """H* on 2 processes from 1, 2 or 3 demonstrations: every rank runs the same number of forwards (a rank without
+    a demonstration of its own runs a zero-weight one), so DDP's per-forward collectives cannot wait forever; and H*
+    is the one-process value (to float32 rounding: the batch composition differs)."""
+    extra = (
+        "--float64",
+        "--meta_learning_rate=0",
+        "--max_steps=2",
+        f"--strategy_args={json.dumps({'target_entropy_num_samples': samples})}",
+    )
+    two = _run(tiny_model_dir, tmp_path / "two" / "r.json", *extra, processes=2, timeout=300)
+    one = _run(tiny_model_dir, tmp_path / "one" / "r.json", *extra)
+    measured = [h for h in two["target_entropy"] if h is not None]
+    assert measured and math.isclose(
+        measured[0], [h for h in one["target_entropy"] if h is not None][0], rel_tol=1e-6
+    )

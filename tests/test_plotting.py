@@ -112,3 +112,21 @@ def test_output_path_required_for_a_bare_history():
 def test_missing_directory_state_fails_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="no trainer_state.json"):
         plot_training_dynamics(tmp_path)
+
+
+def test_a_strategys_own_signals_are_drawn(tmp_path):
+    """CHORD's schedule, HPT's fraction and SRFT's rollout weight (above 1) share the weights' axis; without the
+    demonstrations' entropy H_t, the rollouts' entropy TRL logs fills the lower panel."""
+    history = [
+        {
+            "step": t,
+            "amft/mu": 0.1,
+            "amft/chord_mu": 0.5,
+            "amft/hpt_sft_fraction": 0.25,
+            "amft/srft_rl_weight": 1.4,
+        }
+        | {"reward": 0.1 * t, "entropy": 1.0 / t}
+        for t in range(1, 6)
+    ]
+    path = plot_training_dynamics(history, tmp_path / "strategy.png")
+    assert path.stat().st_size > 10_000

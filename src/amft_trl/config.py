@@ -1,39 +1,85 @@
-"""`AMFTConfig`: `GRPOConfig` plus the parameters of AMFT's controller and SFT side.
+"""`AMFTConfig`: `GRPOConfig` plus the SFT side, the balancing strategy and each strategy's parameters.
 
-Every field maps to a symbol of the AMFT paper (arXiv 2508.06944); the README's config table lists
-them. Only new parameters live here: everything else (loss_type, num_generations, beta, gradient
-accumulation, vLLM, PEFT, logging) is TRL's `GRPOConfig`, unchanged.
+Only new parameters live here: everything else (loss_type, num_generations, beta, gradient accumulation, vLLM, PEFT,
+logging) is TRL's `GRPOConfig`, unchanged. Each strategy validates its own fields (`check_config` in its module of
+`amft_trl.balancing`); this class checks the shared ones and dispatches. The README's configuration tables list the
+fields with the paper symbols they stand for.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
-META_GRADIENT_FORMS = ("normalized", "raw")
+from .balancing import STRATEGIES, get_strategy_class
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class AMFTConfig(GRPOConfig):
     r"""
-    Configuration for [`AMFTTrainer`]: [`~trl.GRPOConfig`] plus AMFT's adaptive weight controller.
+    Configuration for [`AMFTTrainer`]: [`~trl.GRPOConfig`] plus a balancing strategy between SFT and GRPO.
 
-    The trainer optimises `(1 - mu) * L_RL + mu * L_SFT` (paper Eq. 3) and moves `mu` every optimizer step with
-    Eq. 6: `mu <- clip(mu + meta_learning_rate * g_mu + entropy_learning_rate * (H* - H_t), mu_min, mu_max)`.
+    Every strategy trains on `w_RL * L_RL + w_SFT * L_SFT` (AMFT paper, Eq. 3, for `w = (1 - mu, mu)`), where `L_RL`
+    is GRPO's loss on on-policy rollouts and `L_SFT` the NLL of demonstrations. `balancing` chooses how the weights
+    are set; the default `"amft"` moves mu every optimizer step with Eq. 6:
+    `mu <- clip(mu + meta_learning_rate * g_mu + entropy_learning_rate * (H* - H_t), mu_min, mu_max)`.
 
-    A learning rate of 0 switches its term off and skips its computation; this is how the paper's ablations are
-    expressed (entropy-only: `meta_learning_rate=0`; meta-only: `entropy_learning_rate=0`; fixed mu: both 0;
-    without warm-up: `sft_warmup_steps=0`). Pinning `mu_min == mu_max` fixes mu: 0 is plain GRPO (no SFT data
-    needed, no SFT forward), 1 is SFT only (no rollouts generated).
+    For `"amft"`, a learning rate of 0 switches its term off and skips its computation; this is how the paper's
+    ablations are expressed (entropy-only: `meta_learning_rate=0`; meta-only: `entropy_learning_rate=0`; without
+    warm-up: `sft_warmup_steps=0`). Pinning `mu_min == mu_max` fixes mu: 0 is plain GRPO (no SFT data needed, no SFT
+    forward), 1 is SFT only (no rollouts generated).
 
     Warm-up steps count inside `max_steps` (and inside the learning-rate schedule): with `max_steps=500` and
-    `sft_warmup_steps=50`, the run does 50 SFT-only steps then 450 mixed steps.
+    `sft_warmup_steps=50`, the run does 50 SFT-only steps then 450 steps of the strategy.
     """
 
-    # ---- the adaptive weight mu (Eq. 3, Eq. 6) ----
-    mu_init: float = field(default=0.5, metadata={"help": "Initial SFT weight mu_0 (paper: mu_init = 0.5)."})
+    # ---- the strategy ----
+    balancing: str = field(
+        default="amft",
+        metadata={
+            "help": "How the SFT and RL losses are weighed: 'amft' (Eq. 6 + Eq. 25, the default), 'fixed' (mu = "
+            "mu_init), 'sft_then_rl' (SFT for sft_warmup_steps, then GRPO only), 'chord' (CHORD's mu schedule, "
+            "optional phi), 'srft' (SRFT's entropy-aware weights), 'hpt' (HPT's per-prompt SFT/RL switch).",
+            "choices": list(STRATEGIES),
+        },
+    )
+    sft_warmup_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "W: optimizer steps of pure SFT before the strategy starts; no rollouts are generated during "
+            "them. They count inside max_steps. None: the strategy's default (amft and fixed: 50, the paper's W; "
+            "chord, srft and hpt: 0; sft_then_rl must set it: it is the length of its SFT stage)."
+        },
+    )
+    sft_warmup_learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Peak learning rate of the SFT warm-up phase, which then gets a schedule of its own "
+            "(lr_scheduler_type over sft_warmup_steps, with its own warm-up from warmup_ratio/warmup_steps), and "
+            "the later phase a fresh one over the remaining steps at learning_rate. None: one schedule over all "
+            "max_steps at learning_rate (unless reset_optimizer_after_warmup)."
+        },
+    )
+    reset_optimizer_after_warmup: bool = field(
+        default=False,
+        metadata={
+            "help": "Start the phase after the SFT warm-up with a fresh optimizer state (Adam moments and step "
+            "count) and a fresh learning-rate schedule, as a two-stage SFT-then-RL pipeline would."
+        },
+    )
+
+    # ---- balancing="amft" and "fixed": the adaptive weight mu (Eq. 3, Eq. 6) ----
+    mu_init: float = field(
+        default=0.5,
+        metadata={
+            "help": "Initial SFT weight mu_0 (paper: mu_init = 0.5); the constant mu of balancing='fixed'."
+        },
+    )
     mu_min: float = field(default=0.05, metadata={"help": "Lower clip bound of mu in Eq. 6 (paper: 0.05)."})
     mu_max: float = field(default=0.95, metadata={"help": "Upper clip bound of mu in Eq. 6 (paper: 0.95)."})
     meta_learning_rate: float = field(
@@ -49,9 +95,9 @@ class AMFTConfig(GRPOConfig):
         default="normalized",
         metadata={
             "help": "Which g_mu enters Eq. 6. 'raw': Eq. 25 exactly, -alpha * <grad U, grad L_SFT - grad L_RL> with "
-            "alpha the current policy learning rate. 'normalized': g_mu divided by the root of an exponential moving average of g_mu**2 (Adam's scaling "
-            "applied to the scalar mu), clipped to [-1, 1]: meta_learning_rate is then the largest change of mu per "
-            "meta step."
+            "alpha the current policy learning rate. 'normalized': g_mu divided by the root of an exponential moving "
+            "average of g_mu**2 (Adam's scaling applied to the scalar mu), clipped to [-1, 1]: meta_learning_rate is "
+            "then the largest change of mu per meta step."
         },
     )
     entropy_learning_rate: float = field(
@@ -64,13 +110,6 @@ class AMFTConfig(GRPOConfig):
             "help": "K: compute the meta-gradient every K mixed (post-warm-up) steps, the first one included."
         },
     )
-    sft_warmup_steps: int = field(
-        default=50,
-        metadata={
-            "help": "W: optimizer steps of pure SFT before the mixed phase; no rollouts are generated during them. "
-            "They count inside max_steps."
-        },
-    )
     target_entropy: float | None = field(
         default=None,
         metadata={
@@ -81,6 +120,92 @@ class AMFTConfig(GRPOConfig):
     target_entropy_num_samples: int = field(
         default=64,
         metadata={"help": "Number of SFT demonstrations the target entropy H* is measured on."},
+    )
+    meta_val_batch_size: int = field(
+        default=16,
+        metadata={
+            "help": "Validation prompts per meta step (over all processes); each gets num_generations rollouts, "
+            "whose group-normalised advantages give the policy-gradient estimate of grad U."
+        },
+    )
+    meta_diagnostics: bool = field(
+        default=False,
+        metadata={
+            "help": "Also compute |grad L_SFT - grad L_RL| and the cosine between grad U and the RL-minus-SFT "
+            "direction at each meta step (logged as amft/meta_cosine). Needs two more gradient-sized buffers "
+            "during meta steps; off, a meta step keeps one (grad U)."
+        },
+    )
+
+    # ---- balancing="chord" (arXiv 2508.11408; ms-swift's field names) ----
+    # Defaults: the CHORD-mu setting of the paper (0 / 200 / 0.9 / 0.05, as Trinity-RFT's example records it).
+    # ms-swift has no defaults (all four must be set there); CHORD-phi uses 0 / 0 / 0.1 / 0.1 with the phi function.
+    chord_mu_warmup_steps: int = field(
+        default=0,
+        metadata={
+            "help": "CHORD: steps over which mu rises linearly from 0 to chord_mu_peak (0: start at the peak)."
+        },
+    )
+    chord_mu_decay_steps: int = field(
+        default=200,
+        metadata={
+            "help": "CHORD: steps over which mu decays from chord_mu_peak to chord_mu_valley (cosine); 0: none."
+        },
+    )
+    chord_mu_peak: float = field(default=0.9, metadata={"help": "CHORD: the largest mu of the schedule."})
+    chord_mu_valley: float = field(
+        default=0.05, metadata={"help": "CHORD: mu after the decay, until the end of training."}
+    )
+    chord_enable_phi_function: bool = field(
+        default=False,
+        metadata={
+            "help": "CHORD-phi: weight each demonstration token's NLL by p * (1 - p), p its probability (detached)."
+        },
+    )
+
+    # ---- balancing="srft" (arXiv 2506.19767) ----
+    srft_sft_coef: float = field(
+        default=0.5,
+        metadata={
+            "help": "SRFT: the demonstrations' weight is srft_sft_coef * exp(-H), H their detached entropy."
+        },
+    )
+    srft_rl_coef: float = field(
+        default=0.1,
+        metadata={
+            "help": "SRFT: positive-reward rollouts get weight srft_rl_coef * exp(H), H their detached entropy."
+        },
+    )
+
+    # ---- balancing="hpt" (arXiv 2509.04419) ----
+    hpt_demonstration_column: str = field(
+        default="demonstration",
+        metadata={
+            "help": "HPT: the column of train_dataset that holds each prompt's demonstration (the completion to "
+            "imitate: a string for standard prompts, assistant messages for conversational ones). The builders of "
+            "amft_trl.data and amft_trl.tasks write it as 'demonstration'; OpenR1-Math's is 'target'."
+        },
+    )
+    hpt_accuracy_threshold: float = field(
+        default=0.0,
+        metadata={
+            "help": "HPT's gate gamma: a prompt whose rollouts' accuracy (the fraction of them that are correct) is "
+            "at or below it is trained on its demonstration (SFT) instead of its rollouts (RL). The paper: 0 for "
+            "Qwen models, 0.25 (2 of 8) for Llama-3.1-8B."
+        },
+    )
+    hpt_success_reward: float = field(
+        default=1.0,
+        metadata={
+            "help": "HPT: a rollout counts as correct when its reward (the weighted sum of the reward functions) is at "
+            "least this."
+        },
+    )
+    hpt_sft_coef: float = field(
+        default=1.0,
+        metadata={
+            "help": "HPT's beta: the weight of the demonstrations' NLL (reference scripts: 1.0 for 7B, 0.3 for 1.5B)."
+        },
     )
 
     # ---- the SFT side (Eq. 2) ----
@@ -99,56 +224,46 @@ class AMFTConfig(GRPOConfig):
         },
     )
 
-    # ---- the meta-objective U (Eq. 4, Eq. 25) ----
-    meta_val_batch_size: int = field(
-        default=16,
-        metadata={
-            "help": "Validation prompts per meta step (over all processes); each gets num_generations rollouts, "
-            "whose group-normalised advantages give the policy-gradient estimate of grad U."
-        },
-    )
-
     def __post_init__(self):
-        self._validate_amft_fields()
+        strategy = get_strategy_class(self.balancing)
+        if self.sft_warmup_steps is None:
+            self.sft_warmup_steps = strategy.default_sft_warmup_steps()
+        self._validate_shared_fields()
+        strategy.check_config(self)
+        self._warn_about_other_strategies_fields()
+        if self.bf16 is None and not self.fp16 and not _bf16_accelerator_available():
+            # TRL defaults bf16 to True, which transformers refuses on a machine without a bf16 accelerator: train
+            # in float32 there instead, so that the same script runs on a laptop.
+            logger.info("AMFTConfig: no bf16-capable accelerator found; training in float32 (bf16=False).")
+            self.bf16 = False
         super().__post_init__()
 
-    def _validate_amft_fields(self) -> None:
-        for name in ("mu_init", "mu_min", "mu_max"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
-                raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}.")
-        if self.mu_min > self.mu_max:
-            raise ValueError(f"`mu_min` ({self.mu_min}) must not exceed `mu_max` ({self.mu_max}).")
-        if not self.mu_min <= self.mu_init <= self.mu_max:
-            raise ValueError(
-                f"`mu_init` ({self.mu_init}) must lie inside [mu_min, mu_max] = [{self.mu_min}, {self.mu_max}]."
-            )
-        for name in ("meta_learning_rate", "entropy_learning_rate"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise ValueError(
-                    f"`{name}` must be a finite number >= 0 (0 switches its term off), got {value!r}."
-                )
-        if self.meta_gradient_form not in META_GRADIENT_FORMS:
-            raise ValueError(
-                f"`meta_gradient_form` must be one of {META_GRADIENT_FORMS}, got {self.meta_gradient_form!r}."
-            )
-        if not isinstance(self.meta_update_steps, int) or self.meta_update_steps < 1:
-            raise ValueError(f"`meta_update_steps` must be an integer >= 1, got {self.meta_update_steps!r}.")
+    def _validate_shared_fields(self) -> None:
+        check_fraction(self, "mu_init")
         if not isinstance(self.sft_warmup_steps, int) or self.sft_warmup_steps < 0:
             raise ValueError(f"`sft_warmup_steps` must be an integer >= 0, got {self.sft_warmup_steps!r}.")
-        if self.target_entropy is not None and not (
-            isinstance(self.target_entropy, int | float)
-            and math.isfinite(self.target_entropy)
-            and self.target_entropy >= 0
+        if self.sft_warmup_learning_rate is not None and not (
+            isinstance(self.sft_warmup_learning_rate, int | float)
+            and math.isfinite(self.sft_warmup_learning_rate)
+            and self.sft_warmup_learning_rate >= 0
         ):
             raise ValueError(
-                f"`target_entropy` must be None (measure after warm-up) or a finite number >= 0, got {self.target_entropy!r}."
+                f"`sft_warmup_learning_rate` must be None or a finite number >= 0, got {self.sft_warmup_learning_rate!r}."
             )
-        for name in ("target_entropy_num_samples", "meta_val_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        if (self.sft_warmup_learning_rate is not None or self.reset_optimizer_after_warmup) and not (
+            self.sft_warmup_steps > 0
+        ):
+            raise ValueError(
+                "`sft_warmup_learning_rate` and `reset_optimizer_after_warmup` act on the SFT warm-up phase, but "
+                "`sft_warmup_steps` is 0: set sft_warmup_steps > 0 or leave them at their defaults."
+            )
+        if (self.sft_warmup_learning_rate is not None or self.reset_optimizer_after_warmup) and not (
+            isinstance(self.learning_rate, int | float) and self.learning_rate > 0
+        ):
+            raise ValueError(
+                "`sft_warmup_learning_rate` / `reset_optimizer_after_warmup` build a two-phase schedule relative to "
+                f"`learning_rate`, which must then be > 0; got {self.learning_rate!r}."
+            )
         if self.sft_per_device_train_batch_size is not None and (
             not isinstance(self.sft_per_device_train_batch_size, int)
             or self.sft_per_device_train_batch_size < 1
@@ -167,7 +282,51 @@ class AMFTConfig(GRPOConfig):
         # linear cross-entropy is refused by GRPOTrainer), and every loss, L_SFT and the meta step included, goes
         # through the same fused log-prob head as without it.
 
+    def _warn_about_other_strategies_fields(self) -> None:
+        """A field that only another strategy reads, set away from its default, is ignored: say so once."""
+        active = get_strategy_class(self.balancing)
+        own = set(active.config_fields)
+        defaults = {f.name: f.default for f in fields(self)}
+        ignored = []
+        for name, cls in STRATEGIES.items():
+            if cls is active:
+                continue
+            for f in cls.config_fields:
+                if f not in own and getattr(self, f) != defaults[f] and f not in ignored:
+                    ignored.append(f"{f}={getattr(self, f)!r} ({name})")
+        if ignored:
+            logger.warning(
+                "AMFTConfig: balancing=%r does not read %s; those fields are ignored.",
+                self.balancing,
+                ", ".join(ignored),
+            )
+
     @property
     def mu_is_fixed(self) -> bool:
-        """True when `mu_min == mu_max`: mu cannot move, so neither controller term is computed."""
+        """True when `mu_min == mu_max` (balancing='amft'): mu cannot move, so neither controller term is computed."""
         return self.mu_min == self.mu_max
+
+    @property
+    def two_phase_schedule(self) -> bool:
+        """Whether the warm-up gets a learning-rate schedule of its own (and the later phase a fresh one)."""
+        return self.sft_warmup_learning_rate is not None or self.reset_optimizer_after_warmup
+
+
+def check_fraction(args, name: str) -> None:
+    """Raise a `ValueError` naming `name` unless `args.<name>` is a number in [0, 1]."""
+    value = getattr(args, name)
+    if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
+        raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}.")
+
+
+def _bf16_accelerator_available() -> bool:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    for backend in ("xpu", "npu", "mlu", "musa", "hpu"):
+        module = getattr(torch, backend, None)
+        if module is not None and getattr(module, "is_available", lambda: False)():
+            return True
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())

@@ -171,7 +171,9 @@ def math_rl_prompts(
     system_prompt: str | None = None,
     schema: str | None = None,
 ) -> Dataset:
-    """RL (or validation) prompts: columns `prompt` and `solution` (the gold final answer).
+    """RL (or validation) prompts: columns `prompt`, `solution` (the gold final answer) and, when the source has
+    worked solutions, `demonstration` (the completion HPT imitates: a string, or an assistant message when
+    `conversational`; `AMFTConfig.hpt_demonstration_column`'s default).
 
     Rows without a gold answer are dropped.
 
@@ -186,10 +188,15 @@ def math_rl_prompts(
         ValueError: when a needed column is missing (the message names it and lists the dataset's columns).
     """
     schema = _resolve_schema(dataset, schema, "rl")
+    has_demonstrations = all(c in (dataset.column_names or []) for c in _REQUIRED[(schema, "sft")])
 
     def convert(row: Mapping[str, Any], index: int) -> dict[str, Any]:
         prompt = _prompt(_problem(row, schema, index), instruction, system_prompt, conversational)
-        return {"prompt": prompt, "solution": _gold(row, schema)}
+        out = {"prompt": prompt, "solution": _gold(row, schema)}
+        if has_demonstrations:
+            text = _demonstration(row, schema, index)
+            out["demonstration"] = [{"role": "assistant", "content": text}] if conversational else text
+        return out
 
     converted = dataset.map(convert, with_indices=True, remove_columns=dataset.column_names)
     return converted.filter(lambda row: bool(row["solution"]))

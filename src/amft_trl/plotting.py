@@ -9,9 +9,12 @@ plot_training_dynamics(trainer.state.log_history, "dynamics.png", extra={"held-o
 ```
 
 Two panels over optimizer steps: (1) train reward, validation reward (`amft/val_reward`) and any logged
-`eval_*accuracy*` or user-supplied series, with mu (`amft/mu`, the SFT weight) on a second y-axis; (2) the token
-entropy H_t (`amft/entropy`) with the target H* (`amft/target_entropy`) dashed. The SFT warm-up (logged steps
-with mu but neither reward nor entropy, before the first that has one) is shaded.
+`eval_*accuracy*` or user-supplied series, with the weights on a second y-axis: mu (`amft/mu`, the SFT weight each
+step used, for every strategy) and the strategy's own signals (CHORD's scheduled mu, HPT's fraction of prompts sent
+to SFT, SRFT's positive-rollout weight); (2) the token entropy H_t on demonstrations (`amft/entropy`) with the
+target H* (`amft/target_entropy`) dashed, or, for strategies that do not measure it, the rollouts' entropy that TRL
+logs. The SFT warm-up (logged steps with mu but neither reward nor entropy, before the first that has one) is
+shaded.
 
 Needs matplotlib (`pip install amft-trl[plot]`). The figure is drawn with matplotlib's object API on an Agg
 canvas, so it needs no display and leaves pyplot's global state and backend alone.
@@ -35,6 +38,12 @@ _REWARD_SERIES = (
     ("eval_reward", "eval reward"),
 )
 _EVAL_ACCURACY = re.compile(r"^eval_.*accuracy.*$")
+# The weights' axis: `amft/mu` for every strategy, then each strategy's own signals (drawn when logged).
+_WEIGHT_SERIES = (
+    ("amft/chord_mu", "CHORD: scheduled mu", "tab:brown"),
+    ("amft/hpt_sft_fraction", "HPT: prompts sent to SFT", "tab:olive"),
+    ("amft/srft_rl_weight", "SRFT: positive-rollout weight", "tab:cyan"),
+)
 
 
 def plot_training_dynamics(
@@ -117,9 +126,15 @@ def plot_training_dynamics(
         )
 
     mu_axis = top.twinx()
-    _draw(mu_axis, _series(history, "amft/mu"), label="mu (SFT weight)", color="black", linestyle="--")
-    mu_axis.set_ylim(-0.03, 1.03)
-    mu_axis.set_ylabel("mu (SFT weight)")
+    mu = _series(history, "amft/mu")
+    _draw(mu_axis, mu, label="mu (SFT weight)", color="black", linestyle="--")
+    highest = max([1.0] + [v for _, v in mu])
+    for key, label, color in _WEIGHT_SERIES:
+        points = _series(history, key)
+        if _draw(mu_axis, points, label=label, color=color, linestyle="-.", marker_if_sparse=True):
+            highest = max([highest] + [v for _, v in points])
+    mu_axis.set_ylim(-0.03, highest + 0.03)
+    mu_axis.set_ylabel("mu (SFT weight) / strategy weights")
     handles, labels = [], []
     for axis in (top, mu_axis):
         h, lab = axis.get_legend_handles_labels()
@@ -137,9 +152,12 @@ def plot_training_dynamics(
         frameon=False,
     )
 
-    # Panel 2: entropy H_t and its target H*.
+    # Panel 2: entropy H_t and its target H* (or, when H_t is not measured, the rollouts' entropy TRL logs).
     entropy = _series(history, "amft/entropy")
     _draw(bottom, entropy, label="entropy H_t", color="tab:purple")
+    if not entropy:
+        entropy = _series(history, "entropy")
+        _draw(bottom, entropy, label="rollout entropy (TRL)", color="tab:gray")
     target = _series(history, "amft/target_entropy")
     if target:
         values = {value for _, value in target}
@@ -162,7 +180,10 @@ def plot_training_dynamics(
         )
     bottom.set_ylabel("nats / token")
     bottom.set_xlabel("optimizer step")
-    bottom.set_title("token entropy on demonstrations", fontsize="medium")
+    bottom.set_title(
+        "token entropy on demonstrations" if _series(history, "amft/entropy") else "token entropy",
+        fontsize="medium",
+    )
     if title:
         fig.suptitle(title)
 

@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from trl.data_utils import _tokenize, common_prefix_length, is_conversational
+from trl.data_utils import common_prefix_length, is_conversational
+
+from ._trl_compat import tokenize as _tokenize
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +258,37 @@ def _as_prompt_completion(example: dict[str, Any]) -> tuple[Any, Any]:
     return messages[:-1], messages[-1:]
 
 
+def tokenize_prompt_completion(
+    processing_class: Any,
+    prompt: Any,
+    completion: Any,
+    max_length: int | None,
+    chat_template: str | None = None,
+) -> dict[str, list[int]]:
+    """One demonstration as `prompt_ids` / `completion_ids`, the way TRL's SFTTrainer tokenises it.
+
+    Conversational prompts go through the chat template (the generation prompt closes the prompt); a standard
+    completion gets EOS appended. The completion starts where the tokenised prompt and prompt + completion diverge.
+    Truncated on the right to `max_length` tokens in all; the completion may come out empty.
+    """
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    eos = tokenizer.eos_token
+    kwargs = {"chat_template": chat_template} if chat_template is not None else {}
+    if is_conversational({"prompt": prompt}):
+        prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
+        full_ids = _tokenize(processing_class, prompt + completion, **kwargs)["input_ids"]
+    else:
+        if eos is not None and not completion.endswith(eos):
+            completion = completion + eos
+        prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
+        full_ids = _tokenize(processing_class, prompt + completion)["input_ids"]
+    prompt_len = common_prefix_length(prompt_ids, full_ids)
+    if max_length is not None:
+        full_ids = full_ids[:max_length]
+    prompt_len = min(prompt_len, len(full_ids))
+    return {"prompt_ids": full_ids[:prompt_len], "completion_ids": full_ids[prompt_len:]}
+
+
 def tokenize_sft_dataset(
     dataset: Dataset,
     processing_class: Any,
@@ -271,40 +304,24 @@ def tokenize_sft_dataset(
     ValueError naming `max_sft_length` when that drops every example.
     """
     check_sft_columns(dataset, name)
-    tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    eos = tokenizer.eos_token
     json_columns = [c for c in dataset.column_names if _feature_kind(dataset.features[c]) == _PER_ROW]
     dataset = _undecoded_json(dataset, json_columns)
 
     def tokenize(example: dict[str, Any], index: int) -> dict[str, Any]:
         try:
             prompt, completion = _as_prompt_completion(_decode_row(example, json_columns))
-            kwargs = {"chat_template": chat_template} if chat_template is not None else {}
-            if is_conversational({"prompt": prompt}):
-                prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **kwargs)[
-                    "input_ids"
-                ]
-                full_ids = _tokenize(processing_class, prompt + completion, **kwargs)["input_ids"]
-            else:
-                if eos is not None and not completion.endswith(eos):
-                    completion = completion + eos
-                prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
-                full_ids = _tokenize(processing_class, prompt + completion)["input_ids"]
+            whole = tokenize_prompt_completion(processing_class, prompt, completion, None, chat_template)
         except Exception as error:  # a row check_sft_columns let through: say which one
             raise ValueError(
                 f"`{name}` row {index}: cannot tokenise the demonstration ({type(error).__name__}: {error}). "
                 f"Accepted formats: {ACCEPTED_SFT_FORMATS}."
             ) from error
-        prompt_len = common_prefix_length(prompt_ids, full_ids)
-        untruncated_prompt_len = prompt_len
+        prompt_len = len(whole["prompt_ids"])
+        full_ids = whole["prompt_ids"] + whole["completion_ids"]
         if max_length is not None:
             full_ids = full_ids[:max_length]
-        prompt_len = min(prompt_len, len(full_ids))
-        return {
-            "prompt_ids": full_ids[:prompt_len],
-            "completion_ids": full_ids[prompt_len:],
-            "_prompt_tokens": untruncated_prompt_len,
-        }
+        cut = min(prompt_len, len(full_ids))
+        return {"prompt_ids": full_ids[:cut], "completion_ids": full_ids[cut:], "_prompt_tokens": prompt_len}
 
     tokenized = dataset.map(
         tokenize, with_indices=True, remove_columns=dataset.column_names, desc="Tokenizing SFT dataset"

@@ -1,170 +1,118 @@
-"""`AMFTTrainer`: TRL's `GRPOTrainer` plus an SFT term, an SFT warm-up, and the mu controller.
+"""`AMFTTrainer`: TRL's `GRPOTrainer` plus an SFT term, weighed against GRPO's by a balancing strategy.
 
-What the trainer does per optimizer step, and where each piece of the paper lives:
+Each optimizer step trains on `w_RL * L_RL + w_SFT * L_SFT` (AMFT paper, Eq. 3 for `w = (1 - mu, mu)`):
 
-- warm-up steps (`global_step < sft_warmup_steps`, Algorithm 2 lines 6-10): SFT only, no rollouts generated;
-- mixed steps: the loss of Eq. 3, `(1 - mu) * L_RL + mu * L_SFT`. `L_RL` is exactly GRPOTrainer's loss for the
-  configured `loss_type` (its `training_step` is reused, only `compute_loss` is scaled); `L_SFT` is the
-  token-mean NLL of Eq. 2 at temperature 1, normalised by the completion tokens of the whole step's SFT batch so
-  that it is invariant to gradient accumulation, like TRL's `dapo` loss;
-- every `meta_update_steps` mixed steps, the meta-gradient of Eq. 25 (`controller.meta_gradient`): the SFT and
-  RL gradients of the step are kept apart in two buffers, the validation rollouts give a policy-gradient estimate
-  of grad U in the model's own `.grad`, the inner products are taken, and `.grad` is then set to the combined
-  gradient the optimizer steps on. At most two gradient-sized buffers live besides `.grad`, and only then. Under
-  DeepSpeed ZeRO the same happens on each process's gradient partition (`_grad_access.ZeroGrads`): buffers of 1/N
-  of the model, inner products summed over processes;
-- the measurements go to `MuController`, which applies Eq. 6 in `on_step_end`.
+- `L_RL` is exactly GRPOTrainer's loss for the configured `loss_type`: its `training_step` (generation, scoring, loss,
+  backward) is reused, and only `compute_loss` is touched, to scale it by `w_RL` and, for strategies with per-rollout
+  weights, to hand it other advantages (`BalancingStrategy.rl_advantages`);
+- `L_SFT` is the token-mean NLL of a batch of demonstrations (Eq. 2) at temperature 1, normalised by the completion
+  tokens of the whole step's SFT batch so that it does not change with the gradient-accumulation layout, like TRL's
+  `dapo` loss; strategies may weight its tokens (`BalancingStrategy.sft_token_weights`).
 
-Simplification, documented: mu computed from the measurements of step t is used from step t + 1 on (Algorithm 2
-applies it to step t's own loss, which would need the entropy before the backward, i.e. a second forward).
+The strategy (`amft_trl.balancing`, chosen by `AMFTConfig.balancing`) decides what each step does (`StepPlan`): its
+weights, whether rollouts are generated, whether an SFT batch is drawn, the measurements it wants (the entropy H_t,
+the target H*, the meta-gradient of Eq. 25). This module only wires TRL's flow to it:
+
+- `_begin_step` asks for the plan at a step's first micro-step, measures H* if asked, draws the SFT batch, and for a
+  meta step runs the validation rollouts and their backward (`amft_trl._meta_step`);
+- `_micro_step` runs GRPO's micro-step and the SFT micro-step, each backward wrapped by the meta step when there is
+  one;
+- `_end_step` reduces the step's measurements over processes, hands them to the strategy and logs them; the strategy
+  updates itself in `on_step_end`, after the optimizer step.
+
+Where gradients live under DDP and DeepSpeed is `amft_trl._distributed`; every private TRL member touched is in
+`amft_trl._trl_compat`.
+
+Simplification, documented: the strategy's state after step t (AMFT's mu) is used from step t + 1 on (Algorithm 2
+applies mu to step t's own loss, which would need the entropy before the backward, i.e. a second forward).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-from collections import defaultdict, deque
-from contextlib import contextmanager
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType, parse_flag_from_env
+from accelerate.utils import DistributedType
 from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.import_utils import is_vllm_available
 
-from ._grad_access import TorchGrads, ZeroGrads
+from . import _trl_compat
+from ._distributed import (
+    BoundaryBackwardWithoutStep,
+    check_parallel_setup,
+    global_sum,
+    grad_access,
+    launcher_deepspeed_config,
+)
+from ._meta_step import MetaStep, validation_backward
+from ._reward_columns import check_reward_columns
+from .balancing import BalancingStrategy, RolloutBatch, StepMeasurements, StepPlan, build_strategy
+from .balancing.amft import MuController
 from .config import AMFTConfig
-from .controller import MuController, StepMeasurements, cosine_meta_gradient, grad_dot, meta_gradient
-from .sft_data import InfiniteStream, SFTBatch, check_sft_columns, collate_sft, tokenize_sft_dataset
+from .sft_data import (
+    InfiniteStream,
+    SFTBatch,
+    check_sft_columns,
+    collate_sft,
+    tokenize_prompt_completion,
+    tokenize_sft_dataset,
+)
 
 logger = logging.getLogger(__name__)
 
 AMFT_STATE_NAME = "amft_state.json"
+AMFT_STATE_VERSION = 2
 
 
 @dataclass
-class _StepPlan:
-    """What one optimizer step does, fixed at its first micro-step."""
+class _StepState:
+    """One optimizer step in progress: its plan, its SFT batch, and what it measured so far (this process)."""
 
-    mu: float  # SFT weight of Eq. 3 for this step (1.0 during warm-up)
-    warmup: bool
-    rl: bool  # compute L_RL (False during warm-up and when mu is pinned to 1)
-    sft: bool  # run the SFT forward at all
-    meta: bool  # meta-gradient step (Eq. 25)
-    entropy: bool  # measure H_t
+    plan: StepPlan
     sft_batches: list[SFTBatch] = field(default_factory=list)
     sft_tokens: int = 0  # completion tokens of the step's SFT batch, over all processes
     micro: int = 0
-    sft_nll_sum: float = 0.0
+    meta: MetaStep | None = None
+    seconds: float = 0.0
+    rl_loss: float = 0.0  # GRPO's loss summed over micro-steps (already scaled for accumulation), unweighted
+    last_rl_loss: float = 0.0
+    rl_backward_weight: float = 1.0  # the weight the current RL backward is taken with
+    sft_follows: bool = False  # an SFT backward follows the RL one in the current micro-step
+    restore_sync: bool = False
+    gated: tuple[SFTBatch, torch.Tensor, float] | None = (
+        None  # this micro-step's demonstrations (train_column)
+    )
+    sft_nll_sum: float = 0.0  # unweighted NLL summed over the step's demonstration tokens
+    sft_token_count: float = 0.0  # demonstration tokens the NLL was summed over
+    sft_weight_sum: float = 0.0  # effective SFT weight summed over those tokens
     entropy_sum: float = 0.0
-    rl_loss: float = 0.0
-
-
-class _GradientBuffer:
-    """Accumulates this process's gradients moved out of the framework's storage after each backward.
-
-    A reference move at the first call (`.grad`) or a shard copy (ZeRO), in-place adds after. One entry per
-    trainable parameter; `None` where no gradient of that parameter lives on this process (ZeRO-1/2).
-    """
-
-    def __init__(self, params: list[torch.nn.Parameter], access: TorchGrads | ZeroGrads):
-        self.params = params
-        self.access = access
-        self.tensors: list[torch.Tensor | None] | None = None
-
-    def take_grads(self) -> None:
-        grads = [self.access.take(p) for p in self.params]
-        if self.tensors is None:
-            self.tensors = grads
-        else:
-            for t, g in zip(self.tensors, grads, strict=True):
-                if t is not None:
-                    t.add_(g)
-
-
-def _average_across_processes(tensors: list[torch.Tensor], bucket_bytes: int = 2**26) -> None:
-    """In-place mean over processes, in flat buckets of at most `bucket_bytes` (few collectives, bounded memory)."""
-    import torch.distributed as dist
-
-    world = dist.get_world_size()
-    bucket: list[torch.Tensor] = []
-    size = 0
-
-    def flush() -> None:
-        if not bucket:
-            return
-        flat = torch.cat([t.reshape(-1) for t in bucket])
-        dist.all_reduce(flat)  # SUM: gloo has no AVG
-        flat.div_(world)
-        offset = 0
-        for t in bucket:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
-        bucket.clear()
-
-    for t in tensors:
-        if bucket and (size + t.numel() * t.element_size() > bucket_bytes or t.dtype != bucket[0].dtype):
-            flush()
-            size = 0
-        bucket.append(t)
-        size += t.numel() * t.element_size()
-    flush()
-
-
-class _BoundaryBackwardWithoutStep:
-    """Stands in for Accelerate's `DeepSpeedEngineWrapper` during a meta step (see `_meta_step_backwards`)."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def backward(self, loss: torch.Tensor, sync_gradients: bool = True, **kwargs: Any) -> None:
-        self.engine.set_gradient_accumulation_boundary(is_boundary=True)
-        self.engine.backward(loss, **kwargs)
-
-
-def _launcher_deepspeed_config(args: AMFTConfig) -> dict | None:
-    """The DeepSpeed config as known before the model is loaded (None: DeepSpeed is not in use).
-
-    From `args.deepspeed` (already parsed by `TrainingArguments`), else from what `accelerate launch` put in the
-    environment (a config file, or the ZeRO stage and offload devices). The Accelerator's resolved config is checked
-    again after `GRPOTrainer.__init__`.
-    """
-    if args.deepspeed:
-        return args.hf_deepspeed_config.config
-    if not parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
-        return None
-    config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
-    if config_file != "none":
-        with open(config_file) as f:
-            return json.load(f)
-    return {
-        "zero_optimization": {
-            "stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 2)),
-            "offload_optimizer": {
-                "device": os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none")
-            },
-            "offload_param": {"device": os.environ.get("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "none")},
-        }
-    }
+    prompts: float = 0.0  # RL prompts of the step (train_column strategies)
+    prompts_to_sft: float = 0.0
+    unscorable: bool = False  # every reward of the step's rollouts was None or NaN
 
 
 class AMFTTrainer(GRPOTrainer):
-    """Adaptive Meta Fine-Tuning on top of [`~trl.GRPOTrainer`].
+    """Single-stage SFT + GRPO on top of [`~trl.GRPOTrainer`], balanced by a strategy (AMFT by default).
 
     Args:
         model, reward_funcs, args, train_dataset, eval_dataset, processing_class, ...: as for `GRPOTrainer`
             (`args` must be an [`AMFTConfig`]). `train_dataset` holds the RL prompts and reward columns.
         sft_dataset: demonstrations in TRL's prompt-completion format (standard or conversational), or a
-            conversational `messages` column. Required unless mu is pinned to 0 (`mu_max == 0`).
-        val_dataset: prompts plus reward columns for the meta-objective U (Eq. 4). Required when the
-            meta-gradient is on (`meta_learning_rate > 0` and mu not pinned).
-        mu_controller: a `MuController` (or subclass) to use instead of one built from `args`.
+            conversational `messages` column. Required when the strategy trains on demonstrations from it (every
+            strategy but `hpt` without warm-up, and AMFT with mu pinned to 0).
+        val_dataset: prompts plus reward columns for AMFT's meta-objective U (Eq. 4). Required when the
+            meta-gradient is on (`balancing="amft"`, `meta_learning_rate > 0` and mu not pinned).
+        strategy: a `BalancingStrategy` to use instead of the one `args.balancing` names (e.g. a subclass).
+        mu_controller: the same, under its earlier name (a `MuController`).
         **kwargs: passed to `GRPOTrainer` (`reward_processing_classes`, `callbacks`, `optimizers`, `peft_config`, ...).
     """
 
@@ -182,6 +130,7 @@ class AMFTTrainer(GRPOTrainer):
         *,
         sft_dataset: Dataset | None = None,
         val_dataset: Dataset | None = None,
+        strategy: BalancingStrategy | None = None,
         mu_controller: MuController | None = None,
         callbacks: list[TrainerCallback] | None = None,
         **kwargs: Any,
@@ -196,16 +145,32 @@ class AMFTTrainer(GRPOTrainer):
             )
         if (
             args.use_vllm and not is_vllm_available()
-        ):  # before the model is loaded, unlike GRPOTrainer's own check
+        ):  # before the model is loaded, unlike GRPOTrainer's check
             raise ImportError(
                 "`use_vllm=True` but vLLM is not installed: install it with `pip install 'amft-trl[vllm]'` (training "
                 "and validation rollouts both go through it), or set `use_vllm=False` to generate with transformers."
             )
-        controller = mu_controller if mu_controller is not None else MuController.from_config(args)
-        self._check_datasets(args, controller, sft_dataset, val_dataset)
+        if strategy is not None and mu_controller is not None:
+            raise ValueError("Pass `strategy` or `mu_controller` (its earlier name), not both.")
+        strategy = strategy or mu_controller or build_strategy(args)
+        if not isinstance(strategy, BalancingStrategy):
+            raise TypeError(f"`strategy` must be a BalancingStrategy, got {type(strategy).__name__}.")
+        self._check_datasets(strategy, train_dataset, sft_dataset, val_dataset)
+        check_reward_columns(  # the columns each reward reads by signature, in every dataset it scores
+            reward_funcs,
+            {
+                "train_dataset": train_dataset if strategy.uses_rollouts else None,
+                "val_dataset": val_dataset if strategy.needs_val_dataset else None,
+                "eval_dataset": eval_dataset,
+            },
+            environments=kwargs.get("environment_factory") is not None,
+            columns_dropped_from=("train_dataset", "eval_dataset") if args.remove_unused_columns else (),
+        )
         # before the model is loaded: the layout as the launcher set it up (checked again on the Accelerator below)
-        self._check_parallel_setup(args, controller, args.world_size, _launcher_deepspeed_config(args))
-        self.mu_controller = controller
+        check_parallel_setup(
+            args, strategy.needs_val_dataset, args.world_size, launcher_deepspeed_config(args)
+        )
+        self.strategy = strategy
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -213,20 +178,19 @@ class AMFTTrainer(GRPOTrainer):
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
-            callbacks=[*(callbacks or []), controller],
+            callbacks=[*(callbacks or []), strategy],
             **kwargs,
         )
         plugin = self.accelerator.state.deepspeed_plugin
-        self._check_parallel_setup(
+        deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        check_parallel_setup(
             args,
-            controller,
+            strategy.needs_val_dataset,
             self.accelerator.num_processes,
-            plugin.deepspeed_config
-            if self.accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None
-            else None,
+            plugin.deepspeed_config if deepspeed and plugin is not None else None,
         )
         self._trainable_params = [p for p in self.model.parameters() if p.requires_grad]
-        if controller.wants_meta_gradient and not self._trainable_params:
+        if strategy.needs_val_dataset and not self._trainable_params:
             raise ValueError(
                 "The meta-gradient needs trainable parameters, but every parameter of the model is frozen."
             )
@@ -241,236 +205,290 @@ class AMFTTrainer(GRPOTrainer):
         if val_dataset is not None:
             self._val_stream = InfiniteStream(len(val_dataset), seed=args.seed + 1)
         self._sft_batch_size = args.sft_per_device_train_batch_size or args.per_device_train_batch_size
-        self._rl_weight = 1.0
-        self._plan: _StepPlan | None = None  # set for the duration of one optimizer step
-        self._rl_buffer: _GradientBuffer | None = None  # the two meta-step buffers: None outside meta steps
-        self._sft_buffer: _GradientBuffer | None = None
-        self._controller_history_logged = 0
+        self._step_state: _StepState | None = None  # set for the duration of one optimizer step
+        self._captured_rewards: torch.Tensor | None = None
+        self._last_generation_unscorable = False
+        self._generating_validation = False
+        self._rl_entropy_hook = None
+        self._num_skipped_rl_steps = 0
+
+    @property
+    def mu_controller(self) -> BalancingStrategy:
+        """The balancing strategy (its earlier name, from when AMFT's controller was the only one)."""
+        return self.strategy
 
     # ------------------------------------------------------------------------------------------------------
     # construction-time checks
     # ------------------------------------------------------------------------------------------------------
     @staticmethod
-    def _check_datasets(args: AMFTConfig, controller: MuController, sft_dataset, val_dataset) -> None:
-        if sft_dataset is None and controller.mu_max > 0:
+    def _check_datasets(strategy: BalancingStrategy, train_dataset, sft_dataset, val_dataset) -> None:
+        name = f"balancing={strategy.name!r}" if strategy.name else type(strategy).__name__
+        if sft_dataset is None and strategy.needs_sft_dataset:
             raise ValueError(
-                f"`sft_dataset` is required: mu can reach mu_max={controller.mu_max} > 0, so the SFT term of Eq. 3 "
-                "is on. Pass demonstrations, or pin mu to 0 (mu_init=mu_min=mu_max=0) for plain GRPO."
+                f"`sft_dataset` is required: {name} trains on demonstrations (the SFT term of Eq. 3, or an SFT "
+                "warm-up). Pass demonstrations, or for plain GRPO pin mu to 0 (mu_init=mu_min=mu_max=0, "
+                "sft_warmup_steps=0)."
             )
-        if sft_dataset is None and controller.wants_entropy:
+        if val_dataset is None and strategy.needs_val_dataset:
             raise ValueError(
-                "`sft_dataset` is required: the entropy term measures entropy on demonstrations."
+                f"`val_dataset` is required: the meta-gradient is on ({name}) and needs validation prompts for U. "
+                "Pass a `val_dataset` or set meta_learning_rate=0."
             )
-        for name, dataset in (("sft_dataset", sft_dataset), ("val_dataset", val_dataset)):
+        for label, dataset in (("sft_dataset", sft_dataset), ("val_dataset", val_dataset)):
             if dataset is not None and not isinstance(dataset, Dataset):
                 raise TypeError(
-                    f"`{name}` must be a map-style `datasets.Dataset` (it is sampled by index with its own seeded "
+                    f"`{label}` must be a map-style `datasets.Dataset` (it is sampled by index with its own seeded "
                     f"sampler), got {type(dataset).__name__}. Convert an IterableDataset with "
                     "`Dataset.from_generator(lambda: (yield from iterable))`."
                 )
+        for label, dataset in (
+            ("train_dataset", train_dataset),
+            ("sft_dataset", sft_dataset),
+            ("val_dataset", val_dataset),
+        ):
+            if isinstance(dataset, Dataset) and len(dataset) == 0:
+                raise ValueError(f"`{label}` is empty.")
         if sft_dataset is not None:
             check_sft_columns(sft_dataset)
-        if controller.wants_meta_gradient:
-            if val_dataset is None:
-                raise ValueError(
-                    "`val_dataset` is required: the meta-gradient is on (meta_learning_rate="
-                    f"{controller.meta_learning_rate}) and needs validation prompts for U. Pass a `val_dataset` or "
-                    "set meta_learning_rate=0."
-                )
-        if val_dataset is not None:
-            if "prompt" not in (val_dataset.column_names or []):
-                raise ValueError(
-                    f"`val_dataset` must have a `prompt` column; it has {val_dataset.column_names}."
-                )
-            if len(val_dataset) == 0:
-                raise ValueError("`val_dataset` is empty.")
+        if val_dataset is not None and "prompt" not in (val_dataset.column_names or []):
+            raise ValueError(f"`val_dataset` must have a `prompt` column; it has {val_dataset.column_names}.")
+        strategy.check_datasets(train_dataset=train_dataset, sft_dataset=sft_dataset, val_dataset=val_dataset)
 
     @staticmethod
     def _check_parallel_setup(
-        args: AMFTConfig, controller: MuController, world: int, deepspeed_config: dict | None
+        args: AMFTConfig, strategy: BalancingStrategy, world: int, deepspeed_config
     ) -> None:
-        """`deepspeed_config`: the DeepSpeed config in use (None: no DeepSpeed)."""
-        if not controller.wants_meta_gradient:
-            return
-        if args.meta_val_batch_size % world:
-            raise ValueError(
-                f"`meta_val_batch_size` ({args.meta_val_batch_size}) must be a multiple of the number of processes "
-                f"({world}): each process generates for an equal share of the validation prompts."
+        """`amft_trl._distributed.check_parallel_setup` for `strategy` (`deepspeed_config`: None without DeepSpeed)."""
+        check_parallel_setup(args, strategy.needs_val_dataset, world, deepspeed_config)
+
+    # ------------------------------------------------------------------------------------------------------
+    # the learning-rate schedule (sft_warmup_learning_rate, reset_optimizer_after_warmup)
+    # ------------------------------------------------------------------------------------------------------
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """One schedule over all steps, or, with a warm-up of its own, two: the warm-up phase over
+        `sft_warmup_steps` at `sft_warmup_learning_rate`, and a fresh one over the remaining steps at `learning_rate`.
+        Each phase is `lr_scheduler_type` with its own warm-up (`warmup_ratio` / `warmup_steps` of its length)."""
+        if not self.args.two_phase_schedule or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        from torch.optim.lr_scheduler import LambdaLR
+        from transformers import get_scheduler
+
+        optimizer = self.optimizer if optimizer is None else optimizer
+        warmup = self.args.sft_warmup_steps
+        rest = max(num_training_steps - warmup, 1)
+        peak = self.args.sft_warmup_learning_rate
+        factor = 1.0 if peak is None else peak / self.args.learning_rate
+
+        def phase(length: int):
+            dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+            scheduler = get_scheduler(
+                self.args.lr_scheduler_type,
+                optimizer=dummy,
+                num_warmup_steps=self.args.get_warmup_steps(length),
+                num_training_steps=length,
+                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
             )
-        if deepspeed_config is None:
-            return
-        zero = deepspeed_config.get("zero_optimization") or {}
-        stage = zero.get("stage", 0)
-        if stage not in (1, 2, 3):
-            raise ValueError(
-                f"The meta-gradient (meta_learning_rate > 0) under DeepSpeed needs ZeRO stage 1, 2 or 3 (it reads "
-                f"each process's gradient partition); the DeepSpeed config has zero_optimization.stage={stage!r}. "
-                "Set the stage to 1-3, use DDP (`accelerate launch --multi_gpu`), or set meta_learning_rate=0."
-            )
-        for key in ("offload_optimizer", "offload_param"):
-            device = (zero.get(key) or {}).get("device", "none")
-            if device not in (None, "none"):
+            if not isinstance(scheduler, LambdaLR):
                 raise ValueError(
-                    f"The meta-gradient (meta_learning_rate > 0) does not run with DeepSpeed's "
-                    f"zero_optimization.{key}.device={device!r}: offloaded gradient partitions are only complete "
-                    f"at DeepSpeed's own step, not after each backward of a meta step. Set {key} to 'none', or "
-                    "set meta_learning_rate=0 for entropy-only AMFT with offloading."
+                    f"`lr_scheduler_type={self.args.lr_scheduler_type!r}` cannot be split into a warm-up phase and a "
+                    "later phase (sft_warmup_learning_rate / reset_optimizer_after_warmup need a LambdaLR schedule "
+                    "such as linear, cosine or constant)."
                 )
+            return scheduler.lr_lambdas[0]
+
+        first, second = phase(warmup), phase(rest)
+        self.lr_scheduler = LambdaLR(
+            optimizer, lambda step: factor * first(step) if step < warmup else second(step - warmup)
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    def _reset_optimizer_state(self) -> None:
+        """A fresh optimizer state (moments, step counts) for the phase after the warm-up, as a new trainer would have."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+        optimizer.state.clear()
+        logger.info("AMFT: optimizer state reset after the SFT warm-up (step %d).", self.state.global_step)
 
     # ------------------------------------------------------------------------------------------------------
     # the step
     # ------------------------------------------------------------------------------------------------------
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """GRPO's loss (already scaled for gradient accumulation), times the RL weight of this step."""
-        loss = super().compute_loss(
-            model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-        )
-        if self._plan is None:  # evaluation (prediction_step): GRPO's loss, unweighted
-            return loss
-        self._plan.rl_loss += float(loss.detach())
-        return loss if self._rl_weight == 1.0 else loss * self._rl_weight
-
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self._plan is None:
-            self._plan = self._begin_step(model)
-        plan = self._plan
-        with self._meta_step_backwards(plan.meta):
-            return self._training_micro_step(model, inputs, num_items_in_batch, plan)
-
-    def _training_micro_step(self, model, inputs, num_items_in_batch, plan: _StepPlan) -> torch.Tensor:
-        model.train()
-        display = 0.0
-        if plan.rl:
-            self._rl_weight = 1.0 if plan.meta else 1.0 - plan.mu
-            with self._defer_deepspeed_step(plan.sft):
-                weighted = super().training_step(model, inputs, num_items_in_batch)
-            display += float(weighted) * ((1.0 - plan.mu) if plan.meta else 1.0)
-            if plan.meta:
-                self._rl_buffer.take_grads()
-        if plan.sft:
-            sft_weight = 1.0 if (plan.meta or plan.warmup) else plan.mu
-            nll_scaled = self._sft_micro_step(model, plan.sft_batches[plan.micro], sft_weight, plan)
-            display += plan.mu * nll_scaled
-            if plan.meta:
-                self._sft_buffer.take_grads()
-        plan.micro += 1
-        if plan.micro == self.current_gradient_accumulation_steps:
-            self._end_step(model, plan)
-            self._plan = None
+        start = time.perf_counter()
+        model.train()  # before anything generates: TRL's generation reads the mode (after an evaluation or a resume)
+        if self._step_state is None:
+            self._step_state = self._begin_step(model)
+        step = self._step_state
+        with self._meta_backwards(step):
+            if step.micro == 0 and step.meta is not None:
+                self._validation_for_meta_step(model, step)
+            display = self._micro_step(model, inputs, num_items_in_batch, step)
+            step.micro += 1
+            if step.micro == self.current_gradient_accumulation_steps:
+                self._end_step(step)
+                self._step_state = None
+        step.seconds += time.perf_counter() - start
+        if self._step_state is None:  # the step's time: RL, SFT and meta, not only GRPO's `training_step`
+            _trl_compat.replace_last_step_time(self, step.seconds, appended_by_trl=step.plan.rl)
         return torch.tensor(display, device=self.args.device)
 
-    @contextmanager
-    def _defer_deepspeed_step(self, defer: bool):
-        """Under DeepSpeed, keep the RL backward of the last micro-step off the accumulation boundary.
-
-        Accelerate's DeepSpeed wrapper calls `engine.step()` after every backward taken while `sync_gradients` is
-        on, i.e. after each backward of the last micro-step. The SFT backward follows the RL one, so without this the
-        engine would step on the RL gradient alone, then step again on the SFT gradient.
-        """
-        state = self.accelerator.gradient_state
-        if not (
-            defer and self.accelerator.distributed_type == DistributedType.DEEPSPEED and state.sync_gradients
-        ):
-            yield
-            return
-        state._set_sync_gradients(False)
-        try:
-            yield
-        finally:
-            state._set_sync_gradients(True)
-
-    @contextmanager
-    def _meta_step_backwards(self, meta: bool):
-        """Under DeepSpeed, during a meta step: every backward is taken at an accumulation boundary, none steps.
-
-        At a boundary ZeRO reduces the gradient into each process's partition, where `ZeroGrads` reads it after each
-        backward; the engine is stepped once, by `_meta_step`, on the combined gradient it writes there.
-        """
-        if not (meta and self.accelerator.distributed_type == DistributedType.DEEPSPEED):
-            yield
-            return
-        wrapped = self.accelerator.deepspeed_engine_wrapped
-        self.accelerator.deepspeed_engine_wrapped = _BoundaryBackwardWithoutStep(wrapped.engine)
-        try:
-            yield
-        finally:
-            self.accelerator.deepspeed_engine_wrapped = wrapped
-
-    def _grad_access(self) -> TorchGrads | ZeroGrads:
-        """Where this process's gradients live: `.grad`, or its ZeRO partition."""
-        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
-            return TorchGrads()
-        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-        engine = self.accelerator.deepspeed_engine_wrapped.engine
-        if not isinstance(engine.optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
-            raise RuntimeError(
-                "The meta-gradient under DeepSpeed reads the gradient partitions of a ZeRO stage 1-3 optimizer, but "
-                f"the engine's optimizer is {type(engine.optimizer).__name__}. Use ZeRO stage 1-3 or set "
-                "meta_learning_rate=0."
-            )
-        return ZeroGrads(engine.zero_optimization_stage())
-
-    def _begin_step(self, model) -> _StepPlan:
-        ctrl, step = self.mu_controller, self.state.global_step
-        warmup = ctrl.is_warmup_step(step)
-        mu = 1.0 if warmup else ctrl.mu
+    def _begin_step(self, model) -> _StepState:
+        global_step = self.state.global_step
+        plan = self.strategy.plan(global_step)
         if self.accelerator.num_processes > 1:
-            self._check_same_on_all_processes(mu, "mu")
-        pinned_sft_only = ctrl.mu_is_fixed and mu == 1.0
-        meta = not warmup and ctrl.is_meta_step(step)
-        entropy = not warmup and ctrl.wants_entropy
-        sft = warmup or pinned_sft_only or mu > 0 or entropy or meta
-        plan = _StepPlan(
-            mu=mu, warmup=warmup, rl=not (warmup or pinned_sft_only), sft=sft, meta=meta, entropy=entropy
-        )
-        if entropy and ctrl.target_entropy is None:
+            self._check_same_on_all_processes(
+                {
+                    "mu": plan.sft_weight,
+                    "w_RL": plan.rl_weight,
+                    "plan.rl": plan.rl,
+                    "plan.sft": plan.sft,
+                    "plan.meta": plan.meta,
+                    "plan.measure_entropy": plan.measure_entropy,
+                }
+            )
+        if self.args.reset_optimizer_after_warmup and global_step == self.args.sft_warmup_steps:
+            self._reset_optimizer_state()
+        if plan.measure_target_entropy:
             target = self._measure_target_entropy(model)
-            ctrl.set_target_entropy(target)
-            logger.info("AMFT: target entropy H* = %.4f nats/token (measured at step %d).", target, step)
-        if sft:
-            plan.sft_batches = self._draw_sft_batches(self.current_gradient_accumulation_steps)
-            plan.sft_tokens = int(self._global_sum(sum(b.num_tokens for b in plan.sft_batches)))
-        if meta:
-            access = self._grad_access()
-            self._rl_buffer = _GradientBuffer(self._trainable_params, access)
-            self._sft_buffer = _GradientBuffer(self._trainable_params, access)
-        return plan
+            self.strategy.set_target_entropy(target)
+            logger.info(
+                "AMFT: target entropy H* = %.4f nats/token (measured at step %d).", target, global_step
+            )
+        step = _StepState(plan)
+        if plan.sft:
+            step.sft_batches = self._draw_sft_batches(self.current_gradient_accumulation_steps)
+            step.sft_tokens = int(
+                global_sum(self.accelerator, float(sum(b.num_tokens for b in step.sft_batches)))
+            )
+        if plan.meta:
+            step.meta = MetaStep(
+                self._trainable_params,
+                grad_access(self.accelerator),
+                self.accelerator,
+                self.args.meta_diagnostics,
+            )
+        return step
 
-    def _draw_sft_batches(self, num_micro: int) -> list[SFTBatch]:
-        """This step's SFT examples: the next `batch x micro-steps x processes` of the stream, this rank's slice."""
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        per_micro = self._sft_batch_size
-        indices = self._sft_stream.take(per_micro * num_micro * world)
-        local = indices[rank * per_micro * num_micro : (rank + 1) * per_micro * num_micro]
-        return [self._collate_sft(local[m * per_micro : (m + 1) * per_micro]) for m in range(num_micro)]
+    def _micro_step(self, model, inputs, num_items_in_batch, step: _StepState) -> float:
+        plan = step.plan
+        display = 0.0
+        if plan.rl:
+            step.sft_follows = plan.sft
+            with self._around_backward(step, "rl", plan.rl_weight) as weight:
+                step.rl_backward_weight = weight
+                step.gated = None
+                super().training_step(model, inputs, num_items_in_batch)
+                if step.restore_sync:
+                    _trl_compat.set_sync_gradients(self.accelerator, True)
+                    step.restore_sync = False
+            display += plan.rl_weight * step.last_rl_loss
+        if plan.sft:
+            weight = 1.0 if plan.warmup else plan.sft_weight
+            display += self._sft_micro_step(model, step.sft_batches[step.micro], weight, step)
+        elif step.gated is not None:
+            batch, row_weights, normalizer = step.gated
+            display += self._sft_micro_step(model, batch, plan.sft_weight, step, row_weights, normalizer)
+        return display
 
-    def _collate_sft(self, indices: list[int]) -> SFTBatch:
-        """The tokenised demonstrations at `indices`, padded into one batch."""
-        return collate_sft([self.sft_dataset[i] for i in indices], self._tokenizer.pad_token_id)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """GRPO's loss (already scaled for gradient accumulation) times the step's RL weight, with the strategy's
+        advantages when it has per-rollout weights."""
+        step = self._step_state
+        if step is None:  # evaluation (prediction_step): GRPO's loss, unweighted
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(
+            inputs
+        )  # TRL's buffered batch stays as generated (it is reused when num_iterations > 1)
+        rollouts = self._rollout_batch(inputs)
+        step.unscorable |= self._last_generation_unscorable
+        if self.strategy.sft_source == "train_column":
+            step.gated = self._gated_demonstrations(inputs, step)
+            step.sft_follows = step.gated is not None
+        if self.strategy.rl_weights_need_entropy:
 
-    def _sft_micro_step(self, model, batch: SFTBatch, weight: float, plan: _StepPlan) -> float:
+            def hook(
+                entropies: torch.Tensor,
+            ) -> None:  # called from the loss's own forward (one per micro-step)
+                rollouts.entropies = entropies
+                inputs["advantages"] = self.strategy.rl_advantages(rollouts)
+
+            self._rl_entropy_hook = hook
+            try:
+                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            finally:
+                self._rl_entropy_hook = None
+        else:
+            advantages = self.strategy.rl_advantages(rollouts)
+            if advantages is not None:
+                inputs["advantages"] = advantages
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        step.last_rl_loss = float(loss.detach())
+        step.rl_loss += step.last_rl_loss
+        if (
+            step.sft_follows
+            and self.accelerator.distributed_type == DistributedType.DEEPSPEED
+            and self.accelerator.sync_gradients
+        ):
+            # Accelerate's DeepSpeed wrapper steps the engine after every backward taken at the accumulation
+            # boundary: keep this RL backward off it, so that the engine steps once, after the SFT backward.
+            _trl_compat.set_sync_gradients(self.accelerator, False)
+            step.restore_sync = True
+        weight = step.rl_backward_weight
+        return loss if weight == 1.0 else loss * weight
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        hook, self._rl_entropy_hook = self._rl_entropy_hook, None
+        if hook is not None:  # armed by `compute_loss` for the RL loss's forward only
+            hook(out[1])
+        return out
+
+    def _sft_micro_step(
+        self,
+        model,
+        batch: SFTBatch,
+        weight: float,
+        step: _StepState,
+        row_weights: torch.Tensor | None = None,
+        normalizer: float | None = None,
+    ) -> float:
         """Forward (and, when `weight > 0` or at a meta step, backward) one SFT micro-batch; Eq. 2.
 
-        The loss is `sum of NLL over completion tokens / completion tokens of the whole step (all processes)`,
-        times the process count (DDP averages gradients), so summing micro-steps gives the token mean.
-        Returns this micro-batch's share of the step's token-mean NLL.
+        The loss is `sum of weighted NLL over completion tokens / completion tokens of the whole step (all
+        processes)`, times the process count (DDP averages gradients), so summing micro-steps gives the token mean.
+        `row_weights` / `normalizer`: per-demonstration weights, and the loss's divisor on this process instead (HPT:
+        `dapo`'s normaliser for its demonstration tokens). Returns this micro-batch's share of the step's weighted loss.
         """
+        plan = step.plan
         batch = batch.to(self.accelerator.device)
-        needs_grad = weight > 0 or plan.meta
-        context = torch.enable_grad() if needs_grad else torch.no_grad()
-        with context, self.compute_loss_context_manager():
-            logps, entropies = self._sft_token_stats(model, batch, compute_entropy=plan.entropy)
-        mask = batch.completion_mask.to(logps.dtype)
-        nll_sum = -(logps * mask).sum()
-        scale = self.accelerator.num_processes / max(plan.sft_tokens, 1)
-        if needs_grad:
-            self._backward(nll_sum * scale * weight)
-        plan.sft_nll_sum += float(nll_sum.detach())
-        if entropies is not None:
-            plan.entropy_sum += float((entropies.detach() * mask).sum())
-        return float(nll_sum.detach()) * scale / self.accelerator.num_processes
+        needs_grad = weight > 0 or step.meta is not None
+        strategy_weights = not plan.warmup
+        compute_entropy = plan.measure_entropy or (
+            strategy_weights and self.strategy.sft_token_weights_need_entropy
+        )
+        if normalizer is None:
+            scale = self.accelerator.num_processes / max(step.sft_tokens, 1)
+        else:
+            scale = 1.0 / max(normalizer, 1e-12)
+        probe = self._around_backward(step, "sft", weight) if needs_grad else nullcontext(0.0)
+        with probe as backward_weight:
+            with torch.enable_grad() if needs_grad else torch.no_grad(), self.compute_loss_context_manager():
+                logps, entropies = self._sft_token_stats(model, batch, compute_entropy=compute_entropy)
+            mask = batch.completion_mask.to(logps.dtype)
+            if row_weights is not None:
+                mask = mask * row_weights.to(mask.device, mask.dtype).unsqueeze(1)
+            token_weights = (
+                self.strategy.sft_token_weights(logps, entropies, mask) if strategy_weights else None
+            )
+            weights = mask if token_weights is None else mask * token_weights.detach()
+            weighted_nll = -(logps * weights).sum()
+            if needs_grad:
+                self._amft_backward(weighted_nll * scale * backward_weight)
+        step.sft_nll_sum += float(-(logps.detach() * mask).sum())
+        step.sft_token_count += float(mask.sum())
+        step.sft_weight_sum += weight * float(weights.detach().sum())
+        if plan.measure_entropy and entropies is not None:
+            step.entropy_sum += float((entropies.detach() * mask).sum())
+        return weight * float(weighted_nll.detach()) * scale / self.accelerator.num_processes
 
     def _sft_token_stats(
         self, model, batch: SFTBatch, compute_entropy: bool
@@ -484,10 +502,9 @@ class AMFTTrainer(GRPOTrainer):
         attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
         c = batch.completion_ids.size(1)
         if self.temperature == 1.0:
-            logps, entropies, _ = self._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, c, compute_entropy=compute_entropy
+            return _trl_compat.per_token_logps_and_entropies(
+                self, model, input_ids, attention_mask, c, compute_entropy=compute_entropy
             )
-            return logps, entropies
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=c + 1).logits[
             :, :-1
         ]
@@ -496,201 +513,324 @@ class AMFTTrainer(GRPOTrainer):
         entropies = -(logprobs.exp() * logprobs).sum(-1) if compute_entropy else None
         return logps, entropies
 
-    def _backward(self, loss: torch.Tensor) -> None:
+    def _amft_backward(self, loss: torch.Tensor) -> None:
         kwargs = (
             {"scale_wrt_gas": False} if self.accelerator.distributed_type == DistributedType.DEEPSPEED else {}
         )
         self.accelerator.backward(loss, **kwargs)
 
-    def _end_step(self, model, plan: _StepPlan) -> None:
-        """Last micro-step: the meta-gradient (if due), then hand the measurements to the controller and log."""
-        metrics = self._metrics["train"]
-        metrics["amft/mu"].append(plan.mu)
-        if plan.sft:
-            metrics["amft/sft_loss"].append(self._global_mean(plan.sft_nll_sum, plan.sft_tokens))
-        if plan.rl:
-            metrics["amft/rl_loss"].append(self._global_sum(plan.rl_loss) / self.accelerator.num_processes)
-        if plan.warmup:
+    @contextmanager
+    def _around_backward(self, step: _StepState, term: str, weight: float):
+        """Yields the weight the `term` backward is taken with: its weight in the step's loss, except in a meta step,
+        whose inner products wrap the backward (`MetaStep.around_backward`). GRPO's backward is scaled by it in
+        `compute_loss` (`rl_backward_weight`)."""
+        if step.meta is None:
+            yield weight
             return
-        measurements = StepMeasurements()
-        if plan.entropy:
-            measurements.entropy = self._global_mean(plan.entropy_sum, plan.sft_tokens)
-            metrics["amft/entropy"].append(measurements.entropy)
-        if plan.meta:
-            self._meta_step(model, plan, measurements)
-            metrics["amft/meta_gradient"].append(measurements.meta_gradient)
-            metrics["amft/meta_cosine"].append(measurements.cosine)
-            metrics["amft/val_reward"].append(measurements.val_reward)
-        if self.mu_controller.target_entropy is not None:
-            metrics["amft/target_entropy"].append(self.mu_controller.target_entropy)
-        self.mu_controller.record(measurements)
+        with step.meta.around_backward(term, weight) as taken_with:
+            yield taken_with
 
-    def _check_same_on_all_processes(self, value: float, name: str) -> None:
-        """One scalar all-gather per step: the controller is replicated, so a divergence is a bug, not noise."""
-        values = self.accelerator.gather(
-            torch.tensor([value], device=self.accelerator.device, dtype=torch.float64)
+    @contextmanager
+    def _meta_backwards(self, step: _StepState):
+        """Under DeepSpeed, during a meta step: every backward is taken at an accumulation boundary, none steps.
+
+        At a boundary ZeRO reduces the gradient into each process's partition, where the meta step reads it after
+        each backward; the engine is stepped once, in `_end_step`, on the combined gradient written there.
+        """
+        if step.meta is None or self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+            yield
+            return
+        with _trl_compat.swapped_deepspeed_backward(self.accelerator, BoundaryBackwardWithoutStep):
+            yield
+
+    def _end_step(self, step: _StepState) -> None:
+        """Last micro-step: finish the meta step (if any), reduce the step's measurements, hand them over, log."""
+        plan = step.plan
+        measurements = StepMeasurements()
+        if step.meta is not None:
+            measurements = step.meta.finish(
+                plan.rl_weight, plan.sft_weight, alpha=self.optimizer.param_groups[0]["lr"]
+            )
+            step.meta = None
+            if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+                # every backward of this step was kept from stepping the engine (`_meta_backwards`): step it once
+                engine = self.accelerator.deepspeed_engine_wrapped.engine
+                engine.set_gradient_accumulation_boundary(True)
+                engine.step()
+        nll, tokens, weight_sum, entropy, rl_loss, prompts, to_sft = global_sum(
+            self.accelerator,
+            [
+                step.sft_nll_sum,
+                step.sft_token_count,
+                step.sft_weight_sum,
+                step.entropy_sum,
+                step.rl_loss,
+                step.prompts,
+                step.prompts_to_sft,
+            ],
         )
-        if not bool((values == values[0]).all()):
+        metrics = _trl_compat.train_metrics(self)
+        if tokens > 0:
+            metrics["amft/sft_loss"].append(nll / tokens)
+            measurements.sft_weight_mean = weight_sum / tokens
+        if plan.rl:
+            metrics["amft/rl_loss"].append(rl_loss / self.accelerator.num_processes)
+        if plan.measure_entropy:
+            measurements.entropy = entropy / max(tokens, 1.0)
+            metrics["amft/entropy"].append(measurements.entropy)
+        if prompts > 0:
+            measurements.sft_prompt_fraction = to_sft / prompts
+        if plan.meta:
+            metrics["amft/meta_gradient"].append(measurements.meta_gradient)
+            metrics["amft/val_reward"].append(measurements.val_reward)
+            if measurements.cosine is not None:
+                metrics["amft/meta_cosine"].append(measurements.cosine)
+        if plan.rl and step.unscorable:
+            self._num_skipped_rl_steps += 1
+            if self._num_skipped_rl_steps == 1:
+                logger.warning(
+                    "AMFT: every reward of step %d's rollouts was None or NaN: the step's GRPO term has no signal "
+                    "(zero advantages), so it trained on its SFT term alone. Counted in amft/skipped_rl_steps; "
+                    "check the reward functions and the dataset columns they read.",
+                    self.state.global_step,
+                )
+        if self._num_skipped_rl_steps:
+            metrics["amft/skipped_rl_steps"].append(float(self._num_skipped_rl_steps))
+        metrics["amft/mu"].append(self.strategy.logged_mu(plan, measurements))
+        measurements.plan = plan
+        if not plan.warmup:
+            self.strategy.record(measurements)
+
+    def _check_same_on_all_processes(self, values: dict[str, float]) -> None:
+        """One small all-gather per step: the strategy is replicated, so a divergence is a bug, not noise."""
+        local = torch.tensor(
+            [float(v) for v in values.values()], device=self.accelerator.device, dtype=torch.float64
+        )
+        gathered = self.accelerator.gather(local.unsqueeze(0))
+        differs = (gathered != gathered[0]).any(dim=0).tolist()
+        if any(differs):
+            name = list(values)[differs.index(True)]
             raise RuntimeError(
-                f"AMFT: {name} differs across processes at step {self.state.global_step}: {values.tolist()}. Every "
-                "measurement feeding the controller is reduced over all processes, so this means a process saw "
-                "different data or a different config."
+                f"AMFT: {name} differs across processes at step {self.state.global_step}: "
+                f"{gathered[:, differs.index(True)].tolist()}. Every measurement feeding the strategy is reduced over "
+                "all processes, so this means a process saw different data or a different config."
             )
 
-    def _global_sum(self, local_value: float) -> float:
-        """Sum of a per-process scalar over all processes (float64)."""
-        local = torch.tensor(local_value, device=self.accelerator.device, dtype=torch.float64)
-        return float(self.accelerator.gather(local).sum())
-
-    def _global_mean(self, local_sum: float, global_count: int) -> float:
-        return self._global_sum(local_sum) / max(global_count, 1)
-
     # ------------------------------------------------------------------------------------------------------
-    # Eq. 25
+    # rollouts: what a strategy may read (rewards, groups, demonstrations)
     # ------------------------------------------------------------------------------------------------------
-    def _meta_step(self, model, plan: _StepPlan, measurements: StepMeasurements) -> None:
-        """Eq. 25 at this step's parameters, then the gradient `(1 - mu) * grad L_RL + mu * grad L_SFT` for the optimizer.
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._captured_rewards = rewards_per_func  # every process's rewards, (N_global, num_funcs)
+        return rewards_per_func
 
-        Alive here besides the framework's own gradient storage: the RL and SFT gradient buffers (whole gradients, or
-        this process's ZeRO partition). That storage holds the gradient of the validation loss `-U` while the inner
-        products are taken, then the combined gradient (built in the RL buffer, in place).
-        """
-        access = self._rl_buffer.access
-        grad_sft, grad_rl = self._sft_buffer.tensors, self._rl_buffer.tensors
-        if self.accelerator.num_processes > 1 and not access.sharded:
-            # DDP all-reduced only the backward passes of the last micro-step; earlier micro-steps were accumulated
-            # under `no_sync` and moved out of `.grad` before any reduction. Averaging the buffers makes them the
-            # global gradients (averaging the already-reduced part again leaves it unchanged).
-            _average_across_processes(grad_sft + grad_rl)
-        measurements.val_reward = self._validation_backward(model)
-        grad_val = [access.peek(p) for p in self._trainable_params]
-        # grad U = -grad_val; d = grad_sft - grad_rl. Under ZeRO each process holds a disjoint partition of every
-        # gradient, so each inner product is the sum of the processes' partial sums.
-        dots = [
-            grad_dot(grad_val, grad_sft),
-            grad_dot(grad_val, grad_rl),
-            grad_dot(grad_sft, grad_sft),
-            grad_dot(grad_rl, grad_rl),
-            grad_dot(grad_sft, grad_rl),
-            grad_dot(grad_val, grad_val),
-        ]
-        if access.sharded and self.accelerator.num_processes > 1:
-            dots = self.accelerator.reduce(
-                torch.tensor(dots, dtype=torch.float64, device=self.accelerator.device), reduction="sum"
-            ).tolist()
-        val_sft, val_rl, sft_sq, rl_sq, sft_rl, val_sq = dots
-        utility_dot_direction = -(val_sft - val_rl)
-        alpha = self.optimizer.param_groups[0]["lr"]
-        measurements.grad_utility_dot_direction = utility_dot_direction
-        measurements.grad_utility_norm = math.sqrt(max(val_sq, 0.0))
-        measurements.direction_norm = math.sqrt(max(sft_sq + rl_sq - 2.0 * sft_rl, 0.0))
-        measurements.meta_gradient = meta_gradient(utility_dot_direction, alpha)
-        measurements.cosine = cosine_meta_gradient(
-            utility_dot_direction, measurements.grad_utility_norm, measurements.direction_norm
+    def _generate_and_score_completions(self, inputs):
+        self._captured_rewards = None
+        out = super()._generate_and_score_completions(inputs)
+        rewards, self._captured_rewards = self._captured_rewards, None
+        if self._generating_validation or not self.model.training or rewards is None:
+            return out
+        total = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
+        unscorable = torch.isnan(rewards).all(dim=1)
+        total[unscorable] = float("nan")
+        self._last_generation_unscorable = bool(unscorable.all())
+        g = self.num_generations
+        local = slice(
+            self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs)
         )
-        mu = plan.mu
-        for p, r, s in zip(self._trainable_params, grad_rl, grad_sft, strict=True):
-            access.put(p, None if r is None else r.mul_(1.0 - mu).add_(s, alpha=mu))
-        self._rl_buffer = self._sft_buffer = None
-        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            # every backward of this step was kept from stepping the engine (`_meta_step_backwards`): step it once
-            engine = self.accelerator.deepspeed_engine_wrapped.engine
-            engine.set_gradient_accumulation_boundary(True)
-            engine.step()
+        groups = total.view(-1, g).repeat_interleave(g, dim=0)
+        out["amft_reward"] = total[local]
+        out["amft_group_rewards"] = groups[local]
+        out["amft_group_first"] = (torch.arange(len(total), device=total.device) % g == 0)[local]
+        if self.strategy.sft_source == "train_column":
+            out.update(self._demonstrations_of_generation(inputs, out))
+        return out
+
+    def _demonstrations_of_generation(
+        self, inputs: list[dict[str, Any]], out: dict[str, Any]
+    ) -> dict[str, Any]:
+        """The demonstrations a `train_column` strategy (HPT) trains on, decided once per generation batch.
+
+        Each prompt counts once: its demonstration rides on its group's first rollout (`amft_sft_ids`, tokenised
+        here), whichever micro-step and process that rollout lands on after TRL's shuffle. `amft_sft_tokens` is their
+        completion tokens over all processes: the SFT term is normalised by it the way TRL's `dapo` loss is by
+        `num_items_in_batch`, so that it does not depend on how the batch is split into micro-steps or processes.
+        """
+        column = self.strategy.demonstration_column
+        prompts = [row["prompt"] for row in inputs]
+        demonstrations = [row[column] for row in inputs]
+        rollouts = RolloutBatch(
+            advantages=out["advantages"],
+            rewards=out["amft_reward"],
+            group_rewards=out["amft_group_rewards"],
+            completion_mask=out["completion_mask"],
+            prompts=prompts,
+            demonstrations=demonstrations,
+        )
+        carries = (self.strategy.sft_gate(rollouts).cpu() & out["amft_group_first"].cpu()).tolist()
+        ids: list[dict[str, list[int]] | None] = []
+        for prompt, demonstration, chosen in zip(prompts, demonstrations, carries, strict=True):
+            example = None
+            if chosen and demonstration:
+                example = tokenize_prompt_completion(
+                    self.processing_class,
+                    prompt,
+                    demonstration,
+                    self.args.max_sft_length,
+                    chat_template=self.chat_template,
+                )
+                example = example if example["completion_ids"] else None  # truncated away: nothing to imitate
+            ids.append(example)
+        tokens = global_sum(
+            self.accelerator, float(sum(len(e["completion_ids"]) for e in ids if e is not None))
+        )
+        return {
+            "amft_prompt": prompts,
+            "amft_demonstration": demonstrations,
+            "amft_sft_ids": ids,
+            "amft_sft_tokens": torch.tensor(tokens, device=out["advantages"].device),
+        }
+
+    def _rollout_batch(self, inputs: dict[str, Any]) -> RolloutBatch:
+        return RolloutBatch(
+            advantages=inputs["advantages"],
+            rewards=inputs["amft_reward"],
+            group_rewards=inputs["amft_group_rewards"],
+            completion_mask=inputs["completion_mask"],
+            prompts=inputs.get("amft_prompt"),
+            demonstrations=inputs.get("amft_demonstration"),
+        )
+
+    def _gated_demonstrations(
+        self, inputs: dict[str, Any], step: _StepState
+    ) -> tuple[SFTBatch, torch.Tensor, float] | None:
+        """This micro-step's demonstrations (HPT: those of the prompts sent to SFT), as an SFT micro-batch.
+
+        Returns the batch, its per-row weights and the normaliser of its loss (TRL's `dapo` normaliser for the
+        generation batch's demonstration tokens); None when no process has a demonstration in this micro-step. Every
+        process then runs the same number of SFT forwards (DDP and ZeRO-3 need it): a process without one runs a
+        zero-weight row.
+        """
+        first = inputs["amft_group_first"].cpu()
+        examples = [e for e in inputs["amft_sft_ids"] if e is not None]
+        step.prompts += float(first.sum())
+        step.prompts_to_sft += float(
+            sum(1 for e, f in zip(inputs["amft_sft_ids"], first, strict=True) if f and e is not None)
+        )
+        if global_sum(self.accelerator, float(len(examples))) == 0:
+            return None
+        row_weights = torch.ones(len(examples))
+        if not examples:  # this process has none: a zero-weight row keeps the forward counts equal
+            examples = [next(e for e in self._any_demonstration(inputs))]
+            row_weights = torch.zeros(1)
+        world = self.accelerator.num_processes
+        normalizer = (
+            float(inputs["amft_sft_tokens"])
+            / world
+            * self.current_gradient_accumulation_steps
+            / self.args.steps_per_generation
+        )
+        pad = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
+        return collate_sft(examples, pad), row_weights, normalizer
+
+    def _any_demonstration(self, inputs: dict[str, Any]):
+        """Tokenised demonstrations of this micro-batch's rows (for a zero-weight placeholder row)."""
+        for prompt, demonstration in zip(inputs["amft_prompt"], inputs["amft_demonstration"], strict=True):
+            example = tokenize_prompt_completion(
+                self.processing_class,
+                prompt,
+                demonstration,
+                self.args.max_sft_length,
+                chat_template=self.chat_template,
+            )
+            if example["completion_ids"]:
+                yield example
+        yield {
+            "prompt_ids": [self.processing_class.eos_token_id],
+            "completion_ids": [self.processing_class.eos_token_id],
+        }
+
+    # ------------------------------------------------------------------------------------------------------
+    # SFT data
+    # ------------------------------------------------------------------------------------------------------
+    def _draw_sft_batches(self, num_micro: int) -> list[SFTBatch]:
+        """This step's SFT examples: the next `batch x micro-steps x processes` of the stream, this rank's slice."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        per_micro = self._sft_batch_size
+        indices = self._sft_stream.take(per_micro * num_micro * world)
+        local = indices[rank * per_micro * num_micro : (rank + 1) * per_micro * num_micro]
+        return [self._collate_sft(local[m * per_micro : (m + 1) * per_micro]) for m in range(num_micro)]
+
+    def _collate_sft(self, indices: list[int]) -> SFTBatch:
+        """The tokenised demonstrations at `indices`, padded into one batch."""
+        pad = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
+        return collate_sft([self.sft_dataset[i] for i in indices], pad)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Eq. 25: the validation rollouts of a meta step
+    # ------------------------------------------------------------------------------------------------------
+    def _validation_for_meta_step(self, model, step: _StepState) -> None:
+        val_reward = self._validation_backward(model)
+        step.meta.take_validation_gradient(val_reward)
 
     def _validation_backward(self, model) -> float:
-        """Validation rollouts through the trainer's own generation path; backward of the PG surrogate of -U.
-
-        The surrogate is `-sum_i A_i * sum_t log pi(y_it) / (validation completion tokens)`, with `A_i` GRPO's
-        group-normalised advantages: its gradient is the policy-gradient estimate of -grad U (Eq. 4) at the sampling
-        temperature. Training metrics and completion logs are left untouched. Returns the mean validation reward.
-        """
+        """Draw this step's validation prompts (this process's share) and backpropagate the surrogate of -U."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         indices = self._val_stream.take(self.args.meta_val_batch_size)
         rows = [self.val_dataset[i] for i in indices[rank::world] for _ in range(self.num_generations)]
-        with self._isolated_generation_logs() as val_metrics:
-            out = self._generate_and_score_completions(rows)
-        val_reward = val_metrics["reward"][0] if val_metrics.get("reward") else float("nan")
-        prompt_ids, completion_ids = out["prompt_ids"], out["completion_ids"]
-        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
-        attention_mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
-        mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
-        with self.compute_loss_context_manager():
-            logps, _, _ = self._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, completion_ids.size(1)
-            )
-        advantages = out["advantages"]
-        if advantages.dim() == 1:
-            advantages = advantages.unsqueeze(1)
-        tokens = self.accelerator.gather(mask.sum()).sum().clamp(min=1)
-        loss = -(advantages * logps * mask).sum() / tokens * world
-        self._backward(loss)
-        return val_reward
-
-    @contextmanager
-    def _isolated_generation_logs(self):
-        """Run generation without touching the training metrics, completion tables and token count.
-
-        Yields the metrics the validation generation logged (its `reward`, ...).
-        """
-        saved = (self._metrics, self._logs, self._pending_extra_logs, self._pending_metrics)
-        tokens_seen = self.state.num_input_tokens_seen
-
-        def empty_like(container):
-            if isinstance(container, deque):
-                return deque(maxlen=container.maxlen)
-            if isinstance(container, defaultdict):
-                return defaultdict(container.default_factory)
-            return {k: empty_like(v) for k, v in container.items()}
-
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._logs = empty_like(self._logs)
-        self._pending_extra_logs, self._pending_metrics = defaultdict(list), defaultdict(list)
+        self._generating_validation = True
         try:
-            yield self._metrics["train"]
+            return validation_backward(self, model, rows)
         finally:
-            self._metrics, self._logs, self._pending_extra_logs, self._pending_metrics = saved
-            self.state.num_input_tokens_seen = tokens_seen
+            self._generating_validation = False
 
     # ------------------------------------------------------------------------------------------------------
     # H* (Algorithm 2, line 11)
     # ------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _measure_target_entropy(self, model) -> float:
-        """Mean token entropy (temperature 1) of the policy on a fixed, seeded subset of the demonstrations."""
+        """Mean token entropy (temperature 1) of the policy on a fixed, seeded subset of the demonstrations.
+
+        Every process runs the same number of forward passes, whatever the subset's size (DDP broadcasts buffers at
+        each forward, ZeRO-3 gathers parameters): a process whose share is smaller pads with zero-weight rows.
+        """
         n = min(self.args.target_entropy_num_samples, len(self.sft_dataset))
         indices = InfiniteStream(len(self.sft_dataset), seed=self.args.seed + 2).take(n)
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         local = indices[rank::world]
-        entropy_sum, tokens = 0.0, 0
-        for start in range(0, len(local), self._sft_batch_size):
+        per_process = -(-n // world)  # ceil: the largest share
+        weights = [1.0] * len(local) + [0.0] * (per_process - len(local))
+        local = local + [indices[0]] * (per_process - len(local))
+        entropy_sum, tokens = 0.0, 0.0
+        for start in range(0, per_process, self._sft_batch_size):
             batch = self._collate_sft(local[start : start + self._sft_batch_size]).to(self.accelerator.device)
+            row = torch.tensor(weights[start : start + self._sft_batch_size], device=self.accelerator.device)
+            mask = batch.completion_mask * row.unsqueeze(1)
             with self.compute_loss_context_manager():
                 _, entropies = self._sft_token_stats(model, batch, compute_entropy=True)
-            entropy_sum += float((entropies * batch.completion_mask).sum())
-            tokens += batch.num_tokens
-        return self._global_mean(entropy_sum, int(self._global_sum(tokens)))
+            entropy_sum += float((entropies * mask).sum())
+            tokens += float(mask.sum())
+        entropy_sum, tokens = global_sum(self.accelerator, [entropy_sum, tokens])
+        return entropy_sum / max(tokens, 1.0)
 
     # ------------------------------------------------------------------------------------------------------
     # logging and checkpoints
     # ------------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training:
-            history = self.mu_controller.state.history
-            metrics = self._metrics["train"]
-            for record in history[self._controller_history_logged :]:
-                metrics["amft/entropy_term"].append(record["entropy_term"])
-                metrics["amft/meta_term"].append(record["meta_term"])
-            self._controller_history_logged = len(history)
-            if self.mu_controller.state.num_skipped_nonfinite:
-                metrics["amft/skipped_nonfinite"].append(
-                    float(self.mu_controller.state.num_skipped_nonfinite)
-                )
+            metrics = _trl_compat.train_metrics(self)
+            for key, values in self.strategy.log_values().items():
+                metrics[f"amft/{key}"].extend(values)
         super().log(logs, start_time)
 
     def amft_state_dict(self) -> dict[str, Any]:
-        """Controller state plus the SFT / validation stream positions: what exact resume needs."""
-        state: dict[str, Any] = {"controller": self.mu_controller.state_dict()}
+        """The strategy's state plus the SFT / validation stream positions: what exact resume needs."""
+        state: dict[str, Any] = {
+            "version": AMFT_STATE_VERSION,
+            "balancing": self.strategy.name,
+            "strategy": self.strategy.state_dict(),
+            "skipped_rl_steps": self._num_skipped_rl_steps,
+        }
         if self.sft_dataset is not None:
             state["sft_stream"] = self._sft_stream.state_dict()
         if self.val_dataset is not None:
@@ -698,8 +838,10 @@ class AMFTTrainer(GRPOTrainer):
         return state
 
     def load_amft_state_dict(self, state: dict[str, Any]) -> None:
-        self.mu_controller.load_state_dict(state["controller"])
-        self._controller_history_logged = len(self.mu_controller.state.history)
+        if "controller" in state and "strategy" not in state:  # written before strategies existed (AMFT's)
+            state = {**state, "balancing": "amft", "strategy": state["controller"]}
+        self.strategy.load_state_dict(state["strategy"])
+        self._num_skipped_rl_steps = int(state.get("skipped_rl_steps", 0))
         if "sft_stream" in state and self.sft_dataset is not None:
             self._sft_stream.load_state_dict(state["sft_stream"])
         if "val_stream" in state and self.val_dataset is not None:
@@ -718,11 +860,53 @@ class AMFTTrainer(GRPOTrainer):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        path = os.path.join(checkpoint, AMFT_STATE_NAME)
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"{path} is missing: this checkpoint was not written by AMFTTrainer, so mu, the target entropy and "
-                "the SFT/validation stream positions cannot be restored."
-            )
+        self.load_amft_state_dict(read_amft_state(os.path.join(checkpoint, AMFT_STATE_NAME), self.strategy))
+
+
+def read_amft_state(path: str, strategy: BalancingStrategy) -> dict[str, Any]:
+    """Read and check a checkpoint's `amft_state.json`; every problem is named with the file's path."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{path} is missing: this checkpoint was not written by AMFTTrainer, so the strategy's state (AMFT's mu, "
+            "the target entropy) and the SFT/validation stream positions cannot be restored."
+        )
+    try:
         with open(path) as f:
-            self.load_amft_state_dict(json.load(f))
+            state = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path} is not readable JSON ({error}); the checkpoint is corrupt.") from error
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"{path} must hold a JSON object, found {type(state).__name__}; the checkpoint is corrupt."
+        )
+    if "strategy" not in state and "controller" not in state:
+        raise ValueError(
+            f"{path} has no 'strategy' entry (found keys {sorted(state)}): the checkpoint is corrupt or was not "
+            "written by AMFTTrainer."
+        )
+    written_by = state.get("balancing", "amft" if "controller" in state else None)
+    if written_by != strategy.name:
+        raise ValueError(
+            f"{path} was written with balancing={written_by!r}, but this run uses balancing={strategy.name!r}: "
+            "resume with the same strategy, or start a new run from the checkpoint's weights."
+        )
+    body = state.get("strategy", state.get("controller"))
+    if not isinstance(body, dict):
+        raise ValueError(f"{path}: its 'strategy' entry must be an object, found {type(body).__name__}.")
+    for key in ("sft_stream", "val_stream"):
+        stream = state.get(key)
+        if stream is not None and not (
+            isinstance(stream, dict) and all(isinstance(stream.get(k), int) for k in ("epoch", "offset"))
+        ):
+            raise ValueError(
+                f"{path}: {key!r} must be an object with integer 'epoch' and 'offset', found {stream!r}."
+            )
+    try:  # the strategy's own fields: check on a throwaway copy, so a bad file leaves the run untouched
+        probe = type(strategy).__new__(type(strategy))
+        probe.__dict__.update(strategy.__dict__)
+        probe.load_state_dict(body)
+    except (TypeError, KeyError, ValueError) as error:
+        raise ValueError(
+            f"{path}: the {strategy.name!r} state does not load ({error}); the checkpoint is corrupt."
+        ) from error
+    return state

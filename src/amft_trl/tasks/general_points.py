@@ -502,21 +502,30 @@ def rl_prompt_dataset(
     target: int = DEFAULT_TARGET,
     conversational: bool = False,
 ) -> Dataset:
-    """Prompts for RL, validation or evaluation: columns `prompt`, `cards`, `face_card_rule`, `target`.
+    """Prompts for RL, validation or evaluation: columns `prompt`, `cards`, `face_card_rule`, `target`,
+    `demonstration`.
 
-    The extra columns are exactly what `general_points_reward` takes, so TRL passes them to it.
+    `cards`, `face_card_rule` and `target` are exactly what `general_points_reward` takes, so TRL passes them to it.
+    `demonstration` is a correct answer from the exact solver (None for a hand that cannot reach the target), as a
+    string or, when `conversational`, an assistant message: what HPT imitates (`hpt_demonstration_column`).
     """
     _check_rule(face_card_rule)
-    rows = [
-        {
-            "prompt": _as_prompt(make_prompt(hand, face_card_rule, target), conversational),
-            "cards": list(hand),
-            "face_card_rule": face_card_rule,
-            "target": int(target),
-        }
-        for hand in hands
-    ]
-    return _from_rows(rows, ["prompt", "cards", "face_card_rule", "target"])
+    rows = []
+    for hand in hands:
+        values = hand_values(hand, face_card_rule)
+        answer = demonstration(hand, face_card_rule, target) if is_solvable(values, target) else None
+        if answer is not None and conversational:
+            answer = [{"role": "assistant", "content": answer}]
+        rows.append(
+            {
+                "prompt": _as_prompt(make_prompt(hand, face_card_rule, target), conversational),
+                "cards": list(hand),
+                "face_card_rule": face_card_rule,
+                "target": int(target),
+                "demonstration": answer,
+            }
+        )
+    return _from_rows(rows, ["prompt", "cards", "face_card_rule", "target", "demonstration"])
 
 
 def sft_dataset(

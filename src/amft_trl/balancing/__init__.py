@@ -1,0 +1,68 @@
+"""Balancing strategies: how `AMFTTrainer` weighs the SFT loss against the GRPO loss at each optimizer step.
+
+Choose one with `AMFTConfig(balancing=...)`:
+
+| name          | module           | weights                                                                 |
+|---------------|------------------|-------------------------------------------------------------------------|
+| `amft`        | `amft.py`        | mu by Eq. 6 (entropy term) + Eq. 25 (meta-gradient), after an SFT warm-up |
+| `fixed`       | `fixed.py`       | constant mu = `mu_init` after the warm-up                               |
+| `sft_then_rl` | `sft_then_rl.py` | SFT for `sft_warmup_steps`, then GRPO only                              |
+| `chord`       | `chord.py`       | CHORD's scheduled mu, optional per-token phi = p(1 - p)                 |
+| `srft`        | `srft.py`        | SRFT's entropy-aware weights on demonstrations and positive rollouts    |
+| `hpt`         | `hpt.py`         | HPT's per-prompt switch: SFT when the prompt's rollouts mostly fail     |
+
+The interface is `base.BalancingStrategy`. A new strategy is one module here, one line in `STRATEGIES`, its fields in
+`AMFTConfig`, and its tests (the README's "Adding a strategy" shows one end to end).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .amft import MuController
+from .base import BalancingStrategy, MuStrategy, RolloutBatch, StepMeasurements, StepPlan
+from .chord import ChordStrategy
+from .fixed import FixedMu
+from .hpt import HPTStrategy
+from .sft_then_rl import SFTThenRL
+from .srft import SRFTStrategy
+
+STRATEGIES: dict[str, type[BalancingStrategy]] = {
+    "amft": MuController,
+    "fixed": FixedMu,
+    "sft_then_rl": SFTThenRL,
+    "chord": ChordStrategy,
+    "srft": SRFTStrategy,
+    "hpt": HPTStrategy,
+}
+
+
+def get_strategy_class(name: str) -> type[BalancingStrategy]:
+    """The strategy class registered under `name`; a `ValueError` naming the known ones otherwise."""
+    try:
+        return STRATEGIES[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"`balancing` must be one of {sorted(STRATEGIES)}, got {name!r}.") from None
+
+
+def build_strategy(args: Any) -> BalancingStrategy:
+    """The strategy `args.balancing` names, built from an `AMFTConfig`."""
+    return get_strategy_class(args.balancing).from_config(args)
+
+
+__all__ = [
+    "STRATEGIES",
+    "BalancingStrategy",
+    "ChordStrategy",
+    "FixedMu",
+    "HPTStrategy",
+    "MuController",
+    "MuStrategy",
+    "RolloutBatch",
+    "SFTThenRL",
+    "SRFTStrategy",
+    "StepMeasurements",
+    "StepPlan",
+    "build_strategy",
+    "get_strategy_class",
+]

@@ -1,0 +1,259 @@
+"""What a balancing strategy is: the interface between `AMFTTrainer` and the rule that weighs SFT against RL.
+
+Every strategy optimises, at optimizer step t,
+
+    L_t = w_RL(t) * L_RL + w_SFT(t) * L_SFT
+
+where `L_RL` is TRL's GRPO loss on this step's on-policy rollouts (whatever `loss_type`) and `L_SFT` the token-mean
+NLL of a batch of demonstrations (AMFT paper, Eq. 2). The strategy decides, once per step and before it runs,
+what the step does (`plan` -> `StepPlan`): the two scalar weights, whether rollouts are generated at all, whether an
+SFT batch is drawn, and which measurements it wants. It may refine the scalars per token of the demonstrations
+(`sft_token_weights`, e.g. CHORD's phi) and per rollout (`rl_advantages`, e.g. SRFT's entropy weights, HPT's gate):
+per-rollout weights act through GRPO's advantages, so TRL's loss is reused as it is. After
+the step the trainer hands the strategy what it measured (`record`), and the strategy updates itself in
+`on_step_end`, after the optimizer step (it is a `TrainerCallback`).
+
+A strategy owns its state: `state_dict` / `load_state_dict` are saved in every checkpoint (`amft_state.json`), so a
+resumed run continues exactly. What it wants logged goes through `log_values` (per step, under `amft/*`).
+
+To add a strategy: subclass `BalancingStrategy` (or `MuStrategy` for the `(1 - mu, mu)` family) in one module of
+this package, add it to the registry in `balancing/__init__.py`, add its fields to `AMFTConfig`, and test it. The
+trainer does not change.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from transformers import TrainerCallback
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What one optimizer step does, fixed before its first micro-step.
+
+    Attributes:
+        rl_weight: w_RL, the factor on GRPO's loss.
+        sft_weight: w_SFT, the factor on the SFT loss.
+        rl: generate rollouts and take GRPO's loss. False: no rollouts are generated this step.
+        sft: run the SFT term on demonstrations this step (a forward, and a backward when `sft_weight > 0`).
+        warmup: an SFT warm-up step (Algorithm 2 of the AMFT paper, lines 6-10); logged as `amft/mu = 1`.
+        measure_entropy: measure H_t, the token entropy (temperature 1) on the step's SFT batch.
+        measure_target_entropy: measure H* on a fixed subset of the demonstrations before the step (once).
+        meta: take the meta-gradient of Eq. 25 (validation rollouts, grad U) this step.
+    """
+
+    rl_weight: float
+    sft_weight: float
+    rl: bool = True
+    sft: bool = True
+    warmup: bool = False
+    measure_entropy: bool = False
+    measure_target_entropy: bool = False
+    meta: bool = False
+
+    @staticmethod
+    def warmup_step() -> StepPlan:
+        """A pure-SFT warm-up step: no rollouts, SFT at weight 1."""
+        return StepPlan(rl_weight=0.0, sft_weight=1.0, rl=False, sft=True, warmup=True)
+
+
+@dataclass
+class StepMeasurements:
+    """What the trainer measured during one optimizer step (scalars, global over processes; None: not measured)."""
+
+    entropy: float | None = None  # H_t: token-mean entropy (temperature 1) on this step's SFT batch
+    meta_gradient: float | None = None  # raw g_mu of Eq. 25 (None: not a meta step, or skipped)
+    grad_utility_dot_direction: float | None = None  # <grad U, grad L_SFT - grad L_RL>
+    grad_utility_norm: float | None = None  # |grad U|
+    direction_norm: float | None = None  # |grad L_SFT - grad L_RL| (only with `meta_diagnostics`)
+    cosine: float | None = None  # cos(grad U, -(grad L_SFT - grad L_RL)) (only with `meta_diagnostics`)
+    val_reward: float | None = None  # mean reward of the validation rollouts (NaN: every reward was None/NaN)
+    sft_weight_mean: float | None = None  # mean effective SFT weight (per token, or per prompt for HPT)
+    sft_prompt_fraction: float | None = (
+        None  # fraction of the step's RL prompts trained on their demonstration
+    )
+
+
+@dataclass
+class RolloutBatch:
+    """What a strategy may read about one micro-batch of this process's rollouts, to weight them.
+
+    Attributes:
+        advantages: (B,) GRPO's advantages (group-normalised rewards, as TRL computed them).
+        rewards: (B,) total reward of each rollout (the reward functions' weighted sum), NaN when unscorable.
+        group_rewards: (B, G) the total rewards of each rollout's whole group (its prompt's `num_generations`
+            rollouts, on every process).
+        completion_mask: (B, C) the completion tokens of each rollout.
+        entropies: (B, C) per-token entropies of the rollouts under the current policy (at the sampling
+            temperature), only when the strategy sets `rl_weights_need_entropy`; None otherwise.
+        demonstrations: one demonstration per rollout, from the RL dataset's column (strategies whose
+            `sft_source` is `"train_column"`), else None.
+    """
+
+    advantages: torch.Tensor
+    rewards: torch.Tensor
+    group_rewards: torch.Tensor
+    completion_mask: torch.Tensor
+    entropies: torch.Tensor | None = None
+    prompts: list[Any] | None = None
+    demonstrations: list[Any] | None = None
+
+
+class BalancingStrategy(TrainerCallback):
+    """Base class of the balancing strategies (see the module docstring).
+
+    Class attributes a strategy sets:
+        name: its registry name (`AMFTConfig.balancing`).
+        config_fields: the `AMFTConfig` fields it reads besides the shared ones; the config warns when a field of
+            another strategy is set away from its default (it would be ignored).
+        sft_source: where demonstrations come from. `"dataset"`: `AMFTTrainer(sft_dataset=...)`, drawn in a seeded
+            stream. `"train_column"`: one demonstration per RL prompt, from a column of `train_dataset` (HPT).
+        sft_token_weights_need_entropy / rl_weights_need_entropy: whether `sft_token_weights` / `rl_advantages`
+            read entropies (the trainer then computes them in the same forward pass).
+    """
+
+    name: ClassVar[str] = ""
+    config_fields: ClassVar[tuple[str, ...]] = ()
+    sft_source: ClassVar[str] = "dataset"
+    sft_token_weights_need_entropy: ClassVar[bool] = False
+    rl_weights_need_entropy: ClassVar[bool] = False
+
+    def __init__(self, sft_warmup_steps: int = 0):
+        if not isinstance(sft_warmup_steps, int) or sft_warmup_steps < 0:
+            raise ValueError(f"`sft_warmup_steps` must be an integer >= 0, got {sft_warmup_steps!r}.")
+        self.sft_warmup_steps = sft_warmup_steps
+        self._pending: StepMeasurements | None = None
+        self._logs: dict[str, list[float]] = defaultdict(list)
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, args: Any) -> BalancingStrategy:
+        """Build the strategy from an `AMFTConfig` (its `sft_warmup_steps` already resolved)."""
+        return cls(sft_warmup_steps=args.sft_warmup_steps)
+
+    @classmethod
+    def check_config(cls, args: Any) -> None:
+        """Validate this strategy's `AMFTConfig` fields; raise a `ValueError` that names the field. Called by the config."""
+
+    @classmethod
+    def default_sft_warmup_steps(cls) -> int | None:
+        """`sft_warmup_steps` when the config leaves it None (None: the strategy needs it set explicitly)."""
+        return 0
+
+    @property
+    def needs_sft_dataset(self) -> bool:
+        """Whether `AMFTTrainer(sft_dataset=...)` is required."""
+        return self.sft_source == "dataset"
+
+    @property
+    def uses_rollouts(self) -> bool:
+        """Whether any step generates rollouts (so `train_dataset` must feed the reward functions)."""
+        return True
+
+    @property
+    def needs_val_dataset(self) -> bool:
+        """Whether `AMFTTrainer(val_dataset=...)` is required (the meta-gradient of Eq. 25)."""
+        return False
+
+    def check_datasets(self, *, train_dataset: Any, sft_dataset: Any, val_dataset: Any) -> None:
+        """Strategy-specific dataset checks at construction (e.g. a column it reads); raise a `ValueError`."""
+
+    # ---- what the trainer asks, per step ------------------------------------------------------------------------
+    def is_warmup_step(self, global_step: int) -> bool:
+        """Whether optimizer step `global_step` (0-based, the one about to run) is an SFT warm-up step."""
+        return global_step < self.sft_warmup_steps
+
+    def plan(self, global_step: int) -> StepPlan:
+        """What optimizer step `global_step` (0-based) does. Must depend only on the step and the saved state."""
+        raise NotImplementedError
+
+    def sft_token_weights(
+        self, logps: torch.Tensor, entropies: torch.Tensor | None, mask: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Per-token weights (B, C) on the demonstrations' NLL, detached, on top of `StepPlan.sft_weight`.
+
+        `logps` are the tokens' log-probabilities (temperature 1), `entropies` the per-token entropies (only when
+        `sft_token_weights_need_entropy`), `mask` the completion mask. None: every token weighs 1.
+        """
+        return None
+
+    def rl_advantages(self, rollouts: RolloutBatch) -> torch.Tensor | None:
+        """The advantages (B,) GRPO's loss uses for this micro-batch, on top of `StepPlan.rl_weight`; None: GRPO's own.
+
+        Per-rollout weights w_i are `rollouts.advantages * w`; a strategy may also replace the advantages (SRFT).
+        TRL's loss is unchanged otherwise: its clipping, its normalisation over the generation batch's tokens, and its
+        KL term (`beta > 0`), which no per-rollout weight touches.
+        """
+        return None
+
+    def sft_gate(self, rollouts: RolloutBatch) -> torch.Tensor:
+        """(B,) bool: which rollouts' prompts are trained on their own demonstration this micro-step (strategies
+        whose `sft_source` is `"train_column"`; each prompt counts once however many rollouts it has)."""
+        raise NotImplementedError(f"{type(self).__name__} takes its demonstrations from sft_dataset.")
+
+    def set_target_entropy(self, value: float) -> None:
+        """Receive H*, measured when the plan asked for it (`measure_target_entropy`)."""
+        raise NotImplementedError(f"{type(self).__name__} does not use a target entropy.")
+
+    # ---- what the trainer tells ---------------------------------------------------------------------------------
+    def record(self, measurements: StepMeasurements) -> None:
+        """This step's measurements (`measurements.plan` is its plan), handed over before the optimizer step of every
+        step that is not a warm-up step; consumed by the next `on_step_end`."""
+        self._pending = measurements
+
+    def update(self, measurements: StepMeasurements) -> None:
+        """Update the strategy's state after the optimizer step of a step it planned (not called in warm-up)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._pending is not None:
+            measurements, self._pending = self._pending, None
+            self.update(measurements)
+        return control
+
+    # ---- logging ------------------------------------------------------------------------------------------------
+    def log(self, key: str, value: float) -> None:
+        """Queue `value` for the metric `amft/<key>` (logged at the trainer's next log call)."""
+        self._logs[key].append(float(value))
+
+    def log_values(self) -> dict[str, list[float]]:
+        """The queued per-step values, emptied (the trainer logs them under `amft/<key>`)."""
+        logs, self._logs = dict(self._logs), defaultdict(list)
+        return logs
+
+    def logged_mu(self, plan: StepPlan, measurements: StepMeasurements) -> float:
+        """What `amft/mu` reports for a step: the SFT weight it used, i.e. the mean effective weight per token."""
+        if plan.warmup:
+            return 1.0
+        if measurements.sft_weight_mean is not None:
+            return measurements.sft_weight_mean
+        return plan.sft_weight if plan.sft else 0.0
+
+    # ---- checkpointing ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume exactly (JSON-serialisable)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = None
+
+
+class MuStrategy(BalancingStrategy):
+    """The `(1 - mu, mu)` family of Eq. 3: `L = (1 - mu) * L_RL + mu * L_SFT`, after `sft_warmup_steps` of pure SFT.
+
+    A subclass only says what mu is at a step (`mu_at`). At mu = 0 no SFT batch is drawn and no SFT forward runs;
+    at mu = 1 no rollouts are generated.
+    """
+
+    def mu_at(self, global_step: int) -> float:
+        """The SFT weight mu of optimizer step `global_step` (a mixed step, after the warm-up)."""
+        raise NotImplementedError
+
+    def plan(self, global_step: int) -> StepPlan:
+        if self.is_warmup_step(global_step):
+            return StepPlan.warmup_step()
+        mu = float(self.mu_at(global_step))
+        return StepPlan(rl_weight=1.0 - mu, sft_weight=mu, rl=mu < 1.0, sft=mu > 0.0)
