@@ -26,6 +26,7 @@ from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from amft_trl import AMFTConfig, AMFTTrainer
 from amft_trl._reward_columns import check_reward_columns
+from amft_trl.evaluation import benchmark_from_dataset
 from amft_trl.models import resolve_model_name_or_path
 from amft_trl.tasks.general_points import build_general_points_datasets, general_points_reward
 
@@ -34,9 +35,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from train_math import (  # noqa: E402
     InputError,
     check_chat_template,
+    evaluate_after_training,
     load_reward_funcs,
     one_line_errors,
     parse_args,
+    training_summary,
 )
 
 REWARD_FUNCS: dict[str, Callable] = {"general_points_reward": general_points_reward}
@@ -63,8 +66,15 @@ class GeneralPointsArguments:
     eval_at_end: bool = field(
         default=True,
         metadata={
-            "help": "After training, score num_eval held-out hands under the ID rule and under the OOD rule "
-            "(sampled answers, the training temperature) and write eval_results.json."
+            "help": "After training, score num_eval held-out hands under the ID rule and under the OOD rule with "
+            "amft_trl.evaluation (greedy, plus eval_num_samples sampled answers) and write "
+            "<output_dir>/eval/results.json and results.md."
+        },
+    )
+    eval_num_samples: int = field(
+        default=0,
+        metadata={
+            "help": "Sampled answers per held-out hand (avg@k at the training temperature); 0: greedy only."
         },
     )
     conversational: bool = field(
@@ -145,24 +155,21 @@ def main(script_args: GeneralPointsArguments, training_args: AMFTConfig, model_a
         "validation prompts"
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    processes = trainer.accelerator.num_processes
-    trainer.accelerator.print(
-        f"Trained {trainer.state.global_step} steps on {processes} process{'es' if processes > 1 else ''}; "
-        f"mu {training_args.mu_init:.3f} -> {trainer.mu_controller.state.mu:.3f}"
-    )
-    if script_args.eval_at_end:
-        # One evaluation per rule: GRPO logs its reward metrics as `eval_reward` whatever the dataset's name.
-        results = {}
-        for rule, dataset in (("id", data.eval_id), ("ood", data.eval_ood)):
-            metrics = trainer.evaluate(dataset, metric_key_prefix=f"eval_{rule}")
-            results[f"{rule}_reward"] = metrics.get("eval_reward")
-        trainer.save_metrics("eval", results)
-        trainer.accelerator.print(
-            f"Held-out hands, {script_args.num_eval} per rule (mean reward of sampled answers): "
-            f"ID {results['id_reward']}, OOD {results['ood_reward']}"
-        )
+    trainer.accelerator.print(training_summary(trainer))
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}")
+    if script_args.eval_at_end:
+        benchmarks = [
+            benchmark_from_dataset(
+                f"general_points_{rule}",
+                dataset,
+                general_points_reward,
+                group="general_points",
+                label=rule.upper(),
+            )
+            for rule, dataset in (("id", data.eval_id), ("ood", data.eval_ood))
+        ]
+        evaluate_after_training(trainer, benchmarks, num_samples=script_args.eval_num_samples)
     if training_args.push_to_hub:
         trainer.push_to_hub()
 

@@ -111,6 +111,21 @@ class MathScriptArguments(ScriptArguments):
             "help": "Chat-formatted prompts (needs a tokenizer with a chat template); false: plain text."
         },
     )
+    eval_benchmarks: str | None = field(
+        default=None,
+        metadata={
+            "help": "After training, evaluate the model on these benchmarks with amft_trl.evaluation (comma-separated "
+            "names such as math500,aime24, groups math / ood, or local files; see `amft-eval --list-benchmarks`) "
+            "and write <output_dir>/eval/results.json and results.md. None: no final evaluation."
+        },
+    )
+    eval_num_samples: int = field(
+        default=0,
+        metadata={
+            "help": "Sampled answers per problem in the final evaluation (avg@k at the training temperature), on "
+            "top of the greedy one; 0: greedy only."
+        },
+    )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["math_accuracy_reward"],
         metadata={
@@ -382,16 +397,53 @@ def main(script_args: MathScriptArguments, training_args: AMFTConfig, model_args
         f"{len(val_dataset)} validation prompts"
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-
-    processes = trainer.accelerator.num_processes
-    trainer.accelerator.print(
-        f"Trained {trainer.state.global_step} steps on {processes} process{'es' if processes > 1 else ''}; "
-        f"mu {training_args.mu_init:.3f} -> {trainer.mu_controller.state.mu:.3f}"
-    )
+    trainer.accelerator.print(training_summary(trainer))
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}")
+    if script_args.eval_benchmarks:
+        evaluate_after_training(
+            trainer, script_args.eval_benchmarks, num_samples=script_args.eval_num_samples
+        )
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+
+
+def training_summary(trainer: AMFTTrainer) -> str:
+    """One line: steps, processes, the strategy, and the SFT weight (`amft/mu`) of the first and last logged steps."""
+    processes = trainer.accelerator.num_processes
+    mu = [h["amft/mu"] for h in trainer.state.log_history if "amft/mu" in h]
+    weights = f"mu (SFT weight) {mu[0]:.3f} -> {mu[-1]:.3f}" if mu else "no step logged"
+    return (
+        f"Trained {trainer.state.global_step} steps on {processes} process{'es' if processes > 1 else ''} with "
+        f"balancing={trainer.args.balancing!r}; {weights}"
+    )
+
+
+def evaluate_after_training(trainer: AMFTTrainer, benchmarks: Any, *, num_samples: int) -> Any:
+    """Score the trained model with `amft_trl.evaluation` on the main process (the others wait); print the table.
+
+    The model in memory is used, except under DeepSpeed ZeRO-3, whose parameters are partitioned: then the checkpoint
+    just saved in `output_dir` is loaded. Results go to `<output_dir>/eval`.
+    """
+    from amft_trl.evaluation import evaluate_model
+
+    accelerator, args = trainer.accelerator, trainer.args
+    results = None
+    if accelerator.is_main_process:
+        plugin = accelerator.state.deepspeed_plugin
+        zero3 = plugin is not None and plugin.zero_stage == 3
+        results = evaluate_model(
+            args.output_dir if zero3 else accelerator.unwrap_model(trainer.model),
+            benchmarks,
+            tokenizer=trainer.processing_class,
+            num_samples=num_samples,
+            temperature=args.temperature,
+            max_new_tokens=args.max_completion_length,
+            output_dir=os.path.join(args.output_dir, "eval"),
+        )
+        accelerator.print(results.to_markdown())
+    accelerator.wait_for_everyone()
+    return results
 
 
 if __name__ == "__main__":

@@ -85,10 +85,47 @@ def test_general_points_script_trains_end_to_end(tiny_model_dir, tmp_path):
     assert (
         "eval_id_loss" in result.stdout and "eval_ood_loss" in result.stdout
     )  # periodic evaluation, both rules
-    assert "Held-out hands, 2 per rule" in result.stdout
-    final = json.loads((out / "eval_results.json").read_text())
-    assert set(final) == {"id_reward", "ood_reward"} and all(0.0 <= v <= 1.0 for v in final.values())
+    # the final evaluation: amft_trl.evaluation on the 2 held-out hands of each rule, greedy
+    final = json.loads((out / "eval" / "results.json").read_text())
+    greedy = {
+        name: final["benchmarks"][name]["metrics"]["greedy"]
+        for name in ("general_points_id", "general_points_ood")
+    }
+    assert all(0.0 <= v <= 1.0 for v in greedy.values()), greedy
+    assert "balancing='amft'; mu (SFT weight)" in result.stdout
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "script, recipe, strategy",
+    [
+        ("train_math.py", "math_cpu.yaml", ["--balancing", "chord", "--chord_enable_phi_function", "true"]),
+        (
+            "train_general_points.py",
+            "general_points_cpu.yaml",
+            ["--balancing", "hpt", "--eval_at_end", "false"],
+        ),
+        (
+            "train_general_points.py",
+            "general_points_cpu.yaml",
+            ["--balancing", "srft", "--eval_at_end", "false"],
+        ),
+    ],
+    ids=["math-chord-phi", "general-points-hpt", "general-points-srft"],
+)
+def test_scripts_run_other_strategies(tiny_model_dir, tmp_path, script, recipe, strategy):
+    """`--balancing ...` is all it takes: HPT reads the RL prompts' `demonstration` column the builders write."""
+    out = tmp_path / "run"
+    result = _run(
+        [sys.executable, f"examples/{script}", "--config", f"examples/configs/{recipe}"]
+        + ["--model_name_or_path", tiny_model_dir, "--output_dir", str(out), *strategy]
+        + FAST
+        + ["--num_train", "8", "--num_validation", "4"] * (script != "train_math.py")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"balancing={strategy[1]!r}" in result.stdout and "Trained 2 steps" in result.stdout
+    assert _saved_args(out).balancing == strategy[1]
+    assert result.stdout.count("'amft/mu'") == 2  # the warm-up step and the strategy's step
 
 
 @pytest.mark.slow

@@ -450,3 +450,48 @@ def test_every_strategy_resumes_exactly(tmp_path, tiny_model_dir, tokenizer, nam
         logged(straight, "amft/mu")
     )  # history: restored + resumed
     assert_same_parameters(straight, second, exact=False)
+
+
+# ---- a strategy written outside the package (the README's worked example) ------------------------------
+from typing import Any, ClassVar  # noqa: E402
+
+from amft_trl.balancing.base import MuStrategy  # noqa: E402
+
+
+class LinearDecay(MuStrategy):
+    """mu falls linearly from `linear_mu_start` to 0 over `linear_mu_steps` steps after the warm-up."""
+
+    name: ClassVar[str] = "linear"
+    config_fields: ClassVar[tuple[str, ...]] = ("linear_mu_start", "linear_mu_steps")
+
+    def __init__(self, start: float, steps: int, sft_warmup_steps: int = 0):
+        super().__init__(sft_warmup_steps=sft_warmup_steps)
+        self.start, self.steps = start, steps
+
+    @classmethod
+    def from_config(cls, args: Any) -> LinearDecay:
+        return cls(args.linear_mu_start, args.linear_mu_steps, args.sft_warmup_steps)
+
+    @classmethod
+    def check_config(cls, args: Any) -> None:  # called by AMFTConfig.__post_init__: name the field
+        if not 0.0 <= args.linear_mu_start <= 1.0:
+            raise ValueError(f"`linear_mu_start` must be in [0, 1], got {args.linear_mu_start!r}.")
+
+    def mu_at(self, global_step: int) -> float:
+        return self.start * max(0.0, 1.0 - (global_step - self.sft_warmup_steps) / self.steps)
+
+
+def test_a_strategy_passed_as_an_instance(tmp_path, tiny_model_dir, tokenizer):
+    trainer = AMFTTrainer(
+        model=tiny_model_dir,
+        reward_funcs=[digit_fraction_reward],
+        args=make_config(tmp_path, max_steps=5, save_strategy="steps", save_steps=5),
+        train_dataset=make_prompts(16, seed=1),
+        sft_dataset=make_demos(16, seed=2),
+        processing_class=tokenizer,
+        strategy=LinearDecay(0.8, 4, sft_warmup_steps=1),
+    )
+    trainer.train()
+    assert logged(trainer, "amft/mu") == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+    state = (tmp_path / "checkpoint-5" / "amft_state.json").read_text()
+    assert '"balancing": "linear"' in state

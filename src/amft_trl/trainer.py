@@ -274,7 +274,7 @@ class AMFTTrainer(GRPOTrainer):
         from transformers import get_scheduler
 
         optimizer = self.optimizer if optimizer is None else optimizer
-        warmup = self.args.sft_warmup_steps
+        warmup = self.strategy.sft_warmup_steps
         rest = max(num_training_steps - warmup, 1)
         peak = self.args.sft_warmup_learning_rate
         factor = 1.0 if peak is None else peak / self.args.learning_rate
@@ -345,7 +345,7 @@ class AMFTTrainer(GRPOTrainer):
                     "plan.measure_entropy": plan.measure_entropy,
                 }
             )
-        if self.args.reset_optimizer_after_warmup and global_step == self.args.sft_warmup_steps:
+        if self.args.reset_optimizer_after_warmup and global_step == self.strategy.sft_warmup_steps > 0:
             self._reset_optimizer_state()
         if plan.measure_target_entropy:
             target = self._measure_target_entropy(model)
