@@ -122,3 +122,61 @@ def test_all_none_rewards_are_reported_and_counted(tmp_path, tiny_model_dir, tok
     assert logged(trainer, "amft/skipped_meta_steps")[-1] == 2.0
     assert trainer.strategy.state.num_meta_updates == 0
     assert [h["mu"] for h in trainer.strategy.state.history] == [0.5, 0.5, 0.5]
+
+
+# ---- 4. a reward column missing from a dataset that feeds rewards: found at construction ---------------------------
+def answer_reward(completions, answer, **kwargs):
+    return [float(a in str(c)) for c, a in zip(completions, answer, strict=True)]
+
+
+def test_a_reward_column_missing_from_the_validation_prompts_is_named_at_construction(
+    tmp_path, tiny_model_dir, tokenizer
+):
+    no_answer = Dataset.from_dict({"prompt": [f"Compute {i} + 1 =" for i in range(8)]})
+    with pytest.raises(ValueError, match=r"`val_dataset` has no column\(s\) \['answer'\].*answer_reward"):
+        build(tmp_path, tiny_model_dir, tokenizer, reward_funcs=[answer_reward], val_dataset=no_answer)
+    # without the meta-gradient the validation prompts feed no reward: accepted
+    build(
+        tmp_path,
+        tiny_model_dir,
+        tokenizer,
+        reward_funcs=[answer_reward],
+        val_dataset=no_answer,
+        meta_learning_rate=0.0,
+    )
+
+
+# ---- the meta step keeps nothing alive between meta steps -------------------------------------------------------------
+def test_no_meta_step_buffer_outlives_its_step(tmp_path, tiny_model_dir, tokenizer):
+    import gc
+    import weakref
+
+    from amft_trl._meta_step import MetaStep
+
+    trainer = build(
+        tmp_path,
+        tiny_model_dir,
+        tokenizer,
+        val_dataset=make_prompts(8, seed=3),
+        max_steps=3,
+        meta_update_steps=2,
+    )
+    alive = []
+    original = MetaStep.take_validation_gradient
+
+    def spy(self, val_reward):
+        original(self, val_reward)
+        alive.extend(weakref.ref(t) for t in self.grad_u if t is not None)
+        alive.append(weakref.ref(self))
+
+    MetaStep.take_validation_gradient = spy
+    try:
+        trainer.train()
+    finally:
+        MetaStep.take_validation_gradient = original
+    gc.collect()
+    assert len(alive) > 2, "no meta step ran"
+    assert all(ref() is None for ref in alive), (
+        "a meta step's buffer (or the step itself) is still referenced"
+    )
+    assert trainer._step_state is None

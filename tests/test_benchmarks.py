@@ -1,0 +1,81 @@
+"""Smoke tests of `benchmarks/step_cost.py`: its summary arithmetic, and one end-to-end run on the tiny model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cost.py"
+
+
+@pytest.fixture(scope="module")
+def step_cost():
+    spec = importlib.util.spec_from_file_location("step_cost", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _worker(seconds: list[float], peak: int, tokens: int = 0) -> dict:
+    steps = [
+        {
+            "step": i + 1,
+            "seconds": s,
+            "peak_rss": peak,
+            "generate_seconds": 0.5 if tokens else 0.0,
+            "generate_calls": 1 if tokens else 0,
+            "generated_sequences": 16 if tokens else 0,
+            "generated_tokens": tokens,
+            "logged_step_time": {"step_time": s / 2} if tokens else {},
+        }
+        for i, s in enumerate(seconds)
+    ]
+    return {"steps": steps, "rss_train_begin": 1, "ru_maxrss": peak, "cuda_allocated_train_begin": None}
+
+
+def test_summary_and_ratios(step_cost):
+    workers = {
+        "grpo": _worker([100.0, 8.0, 7.0, 9.0], peak=3_000, tokens=512),
+        "sft_only": _worker([50.0, 2.0, 2.0, 2.0], peak=3_100),
+        "amft": _worker([100.0, 10.0, 10.0, 10.0], peak=3_500, tokens=512),
+        "amft_meta": _worker([100.0, 28.0, 30.0, 29.0], peak=3_500 + 2 * 4 * 100, tokens=1024),
+    }
+    summary = {name: step_cost.summarise(w, warmup=1) for name, w in workers.items()}
+    assert summary["grpo"]["median_seconds"] == 8.0  # the warm-up step (100 s) is excluded
+    assert summary["grpo"]["warmup_step_seconds"] == [100.0]
+    assert summary["grpo"]["logged_step_time_median"] == {"step_time": 4.0}
+    assert summary["sft_only"]["tokens_per_second_whole_step"] is None
+    assert summary["amft_meta"]["generated_tokens_per_step"] == 1024
+    q = step_cost.ratios(summary, num_params=100, param_bytes=4, cuda=False)
+    assert q["amft_over_grpo_plus_sft"] == pytest.approx(10.0 / 10.0)
+    assert q["amortised_k20_over_grpo_plus_sft"] == pytest.approx((19 * 10.0 + 29.0) / 20 / 10.0)
+    assert q["meta_extra_time_over_grpo"] == pytest.approx(19.0 / 8.0)
+    assert q["meta_extra_peak_fp32_gradients"] == pytest.approx(2.0)
+    # a subset of configurations gives the ratios it can
+    assert step_cost.ratios({"amft": summary["amft"]}, 100, 4, False) == {}
+
+
+@pytest.mark.slow
+def test_end_to_end_tiny(tmp_path):
+    out = tmp_path / "tiny"
+    cmd = [
+        sys.executable, str(SCRIPT), "--model", "tiny", "--configs", "amft_meta",
+        "--prompts", "2", "--num-generations", "2", "--completion-length", "4", "--sft-batch", "2",
+        "--steps", "1", "--warmup-steps", "1", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(Path(f"{out}.json").read_text())
+    meta = result["summary"]["amft_meta"]
+    assert meta["measured_steps"] == 1
+    # training (2 x 2 rollouts) and validation rollouts (2 x 2), each exactly 4 tokens
+    assert meta["generated_tokens_per_step"] == 2 * 2 * 2 * 4
+    assert meta["peak_rss"] > 0 and meta["median_seconds"] > 0
+    assert "step_time" in meta["logged_step_time_median"]
+    assert result["run"]["torch_threads"] == 1
+    assert "| amft_meta |" in Path(f"{out}.md").read_text()
