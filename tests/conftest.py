@@ -81,3 +81,24 @@ def make_config(output_dir, **overrides):
     )
     kwargs.update(overrides)
     return AMFTConfig(**kwargs)
+
+
+def build_trainer(tmp_path, model_dir, tokenizer, reward_funcs=None, **overrides):
+    """An AMFTTrainer on the tiny model: dataset keywords go to the trainer, everything else to `make_config`.
+
+    Defaults: 32 addition prompts, 32 demonstrations, the dense digit-fraction reward.
+    """
+    from amft_trl import AMFTTrainer
+
+    datasets = {
+        k: overrides.pop(k) for k in ("train_dataset", "sft_dataset", "val_dataset") if k in overrides
+    }
+    datasets.setdefault("train_dataset", make_prompts(32, seed=1))
+    datasets.setdefault("sft_dataset", make_demos(32, seed=2))
+    return AMFTTrainer(
+        model=model_dir,
+        reward_funcs=reward_funcs or [digit_fraction_reward],
+        args=make_config(tmp_path, **overrides),
+        processing_class=tokenizer,
+        **datasets,
+    )

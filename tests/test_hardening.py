@@ -6,23 +6,12 @@ import json
 import logging
 
 import pytest
-from conftest import digit_fraction_reward, make_config, make_demos, make_prompts
+from conftest import build_trainer, make_prompts
 from datasets import Dataset
 
-from amft_trl import AMFTTrainer
 
-
-def build(tmp_path, tiny_model_dir, tokenizer, reward_funcs=None, **kwargs):
-    datasets = {k: kwargs.pop(k) for k in ("train_dataset", "sft_dataset", "val_dataset") if k in kwargs}
-    datasets.setdefault("train_dataset", make_prompts(32, seed=1))
-    datasets.setdefault("sft_dataset", make_demos(32, seed=2))
-    return AMFTTrainer(
-        model=tiny_model_dir,
-        reward_funcs=reward_funcs or [digit_fraction_reward],
-        args=make_config(tmp_path, **kwargs),
-        processing_class=tokenizer,
-        **datasets,
-    )
+def build(tmp_path, tiny_model_dir, tokenizer, reward_funcs=None, **overrides):
+    return build_trainer(tmp_path, tiny_model_dir, tokenizer, reward_funcs, **overrides)
 
 
 def logged(trainer, key):

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import digit_fraction_reward, make_config, make_demos, make_prompts
+from conftest import build_trainer, digit_fraction_reward, make_config, make_demos, make_prompts
 from datasets import Dataset
 from transformers import TrainerCallback
 
@@ -20,18 +20,7 @@ from amft_trl.trainer import _StepState
 
 
 def build(tmp_path, tiny_model_dir, tokenizer, reward_funcs=None, **overrides):
-    datasets = {
-        key: overrides.pop(key) for key in ("train_dataset", "sft_dataset", "val_dataset") if key in overrides
-    }
-    datasets.setdefault("train_dataset", make_prompts(32, seed=1))
-    datasets.setdefault("sft_dataset", make_demos(32, seed=2))
-    return AMFTTrainer(
-        model=tiny_model_dir,
-        reward_funcs=reward_funcs or [digit_fraction_reward],
-        args=make_config(tmp_path, **overrides),
-        processing_class=tokenizer,
-        **datasets,
-    )
+    return build_trainer(tmp_path, tiny_model_dir, tokenizer, reward_funcs, **overrides)
 
 
 def logged(trainer, key):
@@ -99,6 +88,20 @@ GRPO_COMMON = dict(
 )
 
 
+def _sft_then_rl(folder, tiny_model_dir, tokenizer, **overrides):
+    """2 SFT steps then 2 GRPO steps, GRPO_COMMON's settings."""
+    return build(
+        folder,
+        tiny_model_dir,
+        tokenizer,
+        balancing="sft_then_rl",
+        sft_warmup_steps=2,
+        max_steps=4,
+        seed=42,
+        **overrides,
+    )
+
+
 def _grpo_resumed_from(tmp_path, tiny_model_dir, tokenizer, checkpoint, **overrides):
     from trl import GRPOConfig, GRPOTrainer
 
@@ -116,17 +119,7 @@ def _grpo_resumed_from(tmp_path, tiny_model_dir, tokenizer, checkpoint, **overri
 def test_sft_then_rl_rl_steps_equal_grpo_trainer_from_the_same_state(tmp_path, tiny_model_dir, tokenizer):
     """After the switch every step is GRPOTrainer's, bit for bit: GRPOTrainer resumed from AMFT's checkpoint at the
     switch (weights, optimizer, schedule, RNG, data position) ends on the same parameters."""
-    amft = build(
-        tmp_path / "amft",
-        tiny_model_dir,
-        tokenizer,
-        balancing="sft_then_rl",
-        sft_warmup_steps=2,
-        max_steps=4,
-        save_strategy="steps",
-        save_steps=2,
-        seed=42,
-    )
+    amft = _sft_then_rl(tmp_path / "amft", tiny_model_dir, tokenizer, save_strategy="steps", save_steps=2)
     amft.train()
     at_switch = torch.load(tmp_path / "amft" / "checkpoint-2" / "optimizer.pt", weights_only=False)
     assert at_switch["state"], "the checkpoint at the switch must carry the warm-up's optimizer state"
@@ -137,16 +130,12 @@ def test_sft_then_rl_rl_steps_equal_grpo_trainer_from_the_same_state(tmp_path, t
 def test_reset_optimizer_after_warmup_is_a_fresh_grpo_trainer(tmp_path, tiny_model_dir, tokenizer):
     """With `reset_optimizer_after_warmup`, the RL stage equals a GRPOTrainer that starts from the SFT stage's
     weights with a fresh optimizer and schedule (the checkpoint without optimizer.pt / scheduler.pt)."""
-    amft = build(
+    amft = _sft_then_rl(
         tmp_path / "amft",
         tiny_model_dir,
         tokenizer,
-        balancing="sft_then_rl",
-        sft_warmup_steps=2,
-        max_steps=4,
         save_strategy="steps",
         save_steps=2,
-        seed=42,
         lr_scheduler_type="constant",
         reset_optimizer_after_warmup=True,
     )
@@ -158,16 +147,7 @@ def test_reset_optimizer_after_warmup_is_a_fresh_grpo_trainer(tmp_path, tiny_mod
     grpo = _grpo_resumed_from(tmp_path, tiny_model_dir, tokenizer, fresh, lr_scheduler_type="constant")
     assert_same_parameters(amft, grpo)
     # and without the reset the two differ (the comparison is not vacuous)
-    kept = build(
-        tmp_path / "kept",
-        tiny_model_dir,
-        tokenizer,
-        balancing="sft_then_rl",
-        sft_warmup_steps=2,
-        max_steps=4,
-        seed=42,
-        lr_scheduler_type="constant",
-    )
+    kept = _sft_then_rl(tmp_path / "kept", tiny_model_dir, tokenizer, lr_scheduler_type="constant")
     kept.train()
     assert any(not torch.equal(a, b) for a, b in zip(kept.model.parameters(), grpo.model.parameters()))
 

@@ -9,12 +9,12 @@ fields with the paper symbols they stand for.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
 from .balancing import STRATEGIES, get_strategy_class
+from .balancing.base import check_fraction, check_nonnegative
 
 logger = logging.getLogger(__name__)
 
@@ -242,14 +242,7 @@ class AMFTConfig(GRPOConfig):
         check_fraction(self, "mu_init")
         if not isinstance(self.sft_warmup_steps, int) or self.sft_warmup_steps < 0:
             raise ValueError(f"`sft_warmup_steps` must be an integer >= 0, got {self.sft_warmup_steps!r}.")
-        if self.sft_warmup_learning_rate is not None and not (
-            isinstance(self.sft_warmup_learning_rate, int | float)
-            and math.isfinite(self.sft_warmup_learning_rate)
-            and self.sft_warmup_learning_rate >= 0
-        ):
-            raise ValueError(
-                f"`sft_warmup_learning_rate` must be None or a finite number >= 0, got {self.sft_warmup_learning_rate!r}."
-            )
+        check_nonnegative(self, "sft_warmup_learning_rate", allow_none=True)
         if (self.sft_warmup_learning_rate is not None or self.reset_optimizer_after_warmup) and not (
             self.sft_warmup_steps > 0
         ):
@@ -310,13 +303,6 @@ class AMFTConfig(GRPOConfig):
     def two_phase_schedule(self) -> bool:
         """Whether the warm-up gets a learning-rate schedule of its own (and the later phase a fresh one)."""
         return self.sft_warmup_learning_rate is not None or self.reset_optimizer_after_warmup
-
-
-def check_fraction(args, name: str) -> None:
-    """Raise a `ValueError` naming `name` unless `args.<name>` is a number in [0, 1]."""
-    value = getattr(args, name)
-    if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
-        raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}.")
 
 
 def _bf16_accelerator_available() -> bool:

@@ -672,14 +672,7 @@ class AMFTTrainer(GRPOTrainer):
         for prompt, demonstration, chosen in zip(prompts, demonstrations, carries, strict=True):
             example = None
             if chosen and demonstration:
-                example = tokenize_prompt_completion(
-                    self.processing_class,
-                    prompt,
-                    demonstration,
-                    self.args.max_sft_length,
-                    chat_template=self.chat_template,
-                )
-                example = example if example["completion_ids"] else None  # truncated away: nothing to imitate
+                example = self._tokenize_demonstration(prompt, demonstration)
             ids.append(example)
         tokens = global_sum(
             self.accelerator, float(sum(len(e["completion_ids"]) for e in ids if e is not None))
@@ -733,17 +726,22 @@ class AMFTTrainer(GRPOTrainer):
         pad = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
         return collate_sft(examples, pad), row_weights, normalizer
 
+    def _tokenize_demonstration(self, prompt: Any, demonstration: Any) -> dict[str, list[int]] | None:
+        """A prompt's demonstration tokenised like the SFT data; None when truncation leaves no completion token."""
+        example = tokenize_prompt_completion(
+            self.processing_class,
+            prompt,
+            demonstration,
+            self.args.max_sft_length,
+            chat_template=self.chat_template,
+        )
+        return example if example["completion_ids"] else None
+
     def _any_demonstration(self, inputs: dict[str, Any]):
         """Tokenised demonstrations of this micro-batch's rows (for a zero-weight placeholder row)."""
         for prompt, demonstration in zip(inputs["amft_prompt"], inputs["amft_demonstration"], strict=True):
-            example = tokenize_prompt_completion(
-                self.processing_class,
-                prompt,
-                demonstration,
-                self.args.max_sft_length,
-                chat_template=self.chat_template,
-            )
-            if example["completion_ids"]:
+            example = self._tokenize_demonstration(prompt, demonstration) if demonstration else None
+            if example is not None:
                 yield example
         yield {
             "prompt_ids": [self.processing_class.eos_token_id],

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import BalancingStrategy, StepMeasurements, StepPlan
+from .base import BalancingStrategy, StepMeasurements, StepPlan, check_fraction, check_nonnegative
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ class MuController(BalancingStrategy):
     @classmethod
     def check_config(cls, args: Any) -> None:
         for name in ("mu_min", "mu_max"):
-            check_unit_interval(args, name)
+            check_fraction(args, name)
         if args.mu_min > args.mu_max:
             raise ValueError(f"`mu_min` ({args.mu_min}) must not exceed `mu_max` ({args.mu_max}).")
         if not args.mu_min <= args.mu_init <= args.mu_max:
@@ -234,26 +234,14 @@ class MuController(BalancingStrategy):
                 f"`mu_init` ({args.mu_init}) must lie inside [mu_min, mu_max] = [{args.mu_min}, {args.mu_max}]."
             )
         for name in ("meta_learning_rate", "entropy_learning_rate"):
-            value = getattr(args, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
-                raise ValueError(
-                    f"`{name}` must be a finite number >= 0 (0 switches its term off), got {value!r}."
-                )
+            check_nonnegative(args, name, note=" (0 switches its term off)")
         if args.meta_gradient_form not in META_GRADIENT_FORMS:
             raise ValueError(
                 f"`meta_gradient_form` must be one of {META_GRADIENT_FORMS}, got {args.meta_gradient_form!r}."
             )
         if not isinstance(args.meta_update_steps, int) or args.meta_update_steps < 1:
             raise ValueError(f"`meta_update_steps` must be an integer >= 1, got {args.meta_update_steps!r}.")
-        if args.target_entropy is not None and not (
-            isinstance(args.target_entropy, int | float)
-            and math.isfinite(args.target_entropy)
-            and args.target_entropy >= 0
-        ):
-            raise ValueError(
-                "`target_entropy` must be None (measure after warm-up) or a finite number >= 0, "
-                f"got {args.target_entropy!r}."
-            )
+        check_nonnegative(args, "target_entropy", allow_none=True, note=" (None: measured after the warm-up)")
         for name in ("target_entropy_num_samples", "meta_val_batch_size"):
             value = getattr(args, name)
             if not isinstance(value, int) or value < 1:
@@ -402,10 +390,3 @@ class MuController(BalancingStrategy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.state = ControllerState(**state)
-
-
-def check_unit_interval(args: Any, name: str) -> None:
-    """Raise a `ValueError` naming `name` unless `args.<name>` is a number in [0, 1]."""
-    value = getattr(args, name)
-    if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
-        raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}.")

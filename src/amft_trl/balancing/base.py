@@ -23,6 +23,7 @@ trainer does not change.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -257,3 +258,22 @@ class MuStrategy(BalancingStrategy):
             return StepPlan.warmup_step()
         mu = float(self.mu_at(global_step))
         return StepPlan(rl_weight=1.0 - mu, sft_weight=mu, rl=mu < 1.0, sft=mu > 0.0)
+
+
+def check_fraction(args: Any, name: str) -> None:
+    """Raise a `ValueError` naming `name` unless `args.<name>` is a number in [0, 1] (config checks)."""
+    value = getattr(args, name)
+    if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
+        raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}.")
+
+
+def check_nonnegative(args: Any, name: str, allow_none: bool = False, note: str = "") -> None:
+    """Raise a `ValueError` naming `name` unless `args.<name>` is a finite number >= 0 (or None, if allowed)."""
+    value = getattr(args, name)
+    if value is None and allow_none:
+        return
+    if not (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    ):
+        expected = "None or a finite number >= 0" if allow_none else "a finite number >= 0"
+        raise ValueError(f"`{name}` must be {expected}{note}, got {value!r}.")

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import MuStrategy, StepMeasurements
+from .base import MuStrategy, StepMeasurements, check_fraction
 
 
 def chord_mu(step: int, warmup_steps: int, decay_steps: int, peak: float, valley: float) -> float:
@@ -86,9 +86,7 @@ class ChordStrategy(MuStrategy):
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
         for name in ("chord_mu_peak", "chord_mu_valley"):
-            value = getattr(args, name)
-            if not (isinstance(value, int | float) and 0.0 <= value <= 1.0):
-                raise ValueError(f"`{name}` must be a number in [0, 1], got {value!r}.")
+            check_fraction(args, name)
         if args.chord_mu_valley > args.chord_mu_peak:
             raise ValueError(
                 f"`chord_mu_valley` ({args.chord_mu_valley}) must not exceed `chord_mu_peak` ({args.chord_mu_peak})."

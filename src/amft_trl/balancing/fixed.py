@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from .amft import check_unit_interval
 from .base import MuStrategy
 
 
@@ -36,10 +35,6 @@ class FixedMu(MuStrategy):
     @classmethod
     def default_sft_warmup_steps(cls) -> int:
         return 50  # as AMFT's, so that the fixed-mu ablation keeps AMFT's warm-up
-
-    @classmethod
-    def check_config(cls, args: Any) -> None:
-        check_unit_interval(args, "mu_init")
 
     @property
     def needs_sft_dataset(self) -> bool:

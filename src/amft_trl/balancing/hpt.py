@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import BalancingStrategy, RolloutBatch, StepMeasurements, StepPlan
+from .base import BalancingStrategy, RolloutBatch, StepMeasurements, StepPlan, check_nonnegative
 
 
 def hpt_gate(group_rewards: torch.Tensor, success_reward: float, threshold: float) -> torch.Tensor:
@@ -89,8 +89,7 @@ class HPTStrategy(BalancingStrategy):
             and args.hpt_success_reward == args.hpt_success_reward
         ):
             raise ValueError(f"`hpt_success_reward` must be a number, got {args.hpt_success_reward!r}.")
-        if not (isinstance(args.hpt_sft_coef, int | float) and args.hpt_sft_coef >= 0):
-            raise ValueError(f"`hpt_sft_coef` must be a number >= 0, got {args.hpt_sft_coef!r}.")
+        check_nonnegative(args, "hpt_sft_coef")
 
     @property
     def needs_sft_dataset(self) -> bool:

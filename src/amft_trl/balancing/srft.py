@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import BalancingStrategy, RolloutBatch, StepMeasurements, StepPlan
+from .base import BalancingStrategy, RolloutBatch, StepMeasurements, StepPlan, check_nonnegative
 
 
 def sequence_entropy(entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -79,11 +79,7 @@ class SRFTStrategy(BalancingStrategy):
     @classmethod
     def check_config(cls, args: Any) -> None:
         for name in ("srft_sft_coef", "srft_rl_coef"):
-            value = getattr(args, name)
-            if not (
-                isinstance(value, int | float) and value >= 0 and value == value and value != float("inf")
-            ):
-                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+            check_nonnegative(args, name)
 
     def plan(self, global_step: int) -> StepPlan:
         if self.is_warmup_step(global_step):
