@@ -10,7 +10,8 @@ eta_mu = 1e-4, a meta step every optimizer step, entropy term off) and records, 
 - offline: what the default normalised form (`rms_normalized_meta_gradient`, eta_mu = 0.05) would do with the same
   sequence of g_mu.
 
-Nothing in src/ is modified: `AMFTTrainer._meta_step` is wrapped in a subclass to read the measurements.
+Nothing in src/ is modified: the run uses `meta_diagnostics=True` (so |d| and the cosine are computed), and a subclass
+of `AMFTTrainer` reads each meta step's measurements where the step ends (`_end_step`).
 
 Usage:
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/meta_gradient_scale.py --model /tmp/smollm2-135m-instruct \
@@ -52,7 +53,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 
 from amft_trl import AMFTConfig, AMFTTrainer  # noqa: E402
-from amft_trl.controller import grad_dot, rms_normalized_meta_gradient  # noqa: E402
+from amft_trl.balancing.amft import grad_dot, rms_normalized_meta_gradient  # noqa: E402
 
 PAPER_ETA_MU = 1e-4  # Eq. 6, raw form (paper)
 NORMALIZED_DEFAULT_ETA_MU = 0.05  # AMFTConfig.meta_learning_rate default (normalised form)
@@ -119,20 +120,21 @@ def arithmetic_reward(completions, answer, **kwargs) -> list[float]:
 
 
 class InstrumentedAMFTTrainer(AMFTTrainer):
-    """AMFTTrainer whose `_meta_step` also stores the raw measurements (the src file is not touched)."""
+    """AMFTTrainer that also stores each meta step's raw measurements (the src files are not touched)."""
 
     def __init__(self, *args, noise_repeats: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.meta_records: list[dict] = []
         self.noise_repeats = noise_repeats
 
-    def _extra_estimates(self, model) -> list[dict]:
+    def _extra_estimates(self, model, meta) -> list[dict]:
         """Re-estimate <grad U, d> on `noise_repeats` fresh validation batches at the same parameters and the same d.
 
-        Measures the sampling noise of g_mu (the main estimate comes from the trainer's own validation batch).
+        Measures the sampling noise of g_mu (the main estimate comes from the trainer's own validation batch). With
+        `meta_diagnostics` the step's RL and SFT gradients are kept apart in the meta step's buffers.
         """
         params = self._trainable_params
-        d = [s - r for s, r in zip(self._sft_buffer.tensors, self._rl_buffer.tensors, strict=True)]
+        d = [s - r for s, r in zip(meta.buffers["sft"], meta.buffers["rl"], strict=True)]
         d_norm = math.sqrt(grad_dot(d, d))
         alpha = self.optimizer.param_groups[0]["lr"]
         out = []
@@ -158,22 +160,31 @@ class InstrumentedAMFTTrainer(AMFTTrainer):
         del d
         return out
 
-    def _meta_step(self, model, plan, measurements):
-        extra = self._extra_estimates(model) if self.noise_repeats else []
-        start = time.perf_counter()
-        super()._meta_step(model, plan, measurements)
+    def _end_step(self, step):
+        meta = step.meta
+        if meta is None:
+            return super()._end_step(step)
+        extra = self._extra_estimates(self.model, meta) if self.noise_repeats else []
+        finish, captured = meta.finish, {}
+
+        def recorded(*args, **kwargs):
+            captured["m"] = finish(*args, **kwargs)
+            return captured["m"]
+
+        meta.finish = recorded
+        super()._end_step(step)
+        m = captured["m"]
         self.meta_records.append(
             {
                 "global_step": self.state.global_step,  # 0-based index of the optimizer step being taken
-                "mu_used": plan.mu,
+                "mu_used": step.plan.sft_weight,
                 "alpha": self.optimizer.param_groups[0]["lr"],
-                "g_mu": measurements.meta_gradient,
-                "cosine": measurements.cosine,
-                "grad_utility_norm": measurements.grad_utility_norm,
-                "direction_norm": measurements.direction_norm,
-                "grad_utility_dot_direction": measurements.grad_utility_dot_direction,
-                "val_reward": measurements.val_reward,
-                "meta_step_seconds": time.perf_counter() - start,
+                "g_mu": m.meta_gradient,
+                "cosine": m.cosine,
+                "grad_utility_norm": m.grad_utility_norm,
+                "direction_norm": m.direction_norm,
+                "grad_utility_dot_direction": m.grad_utility_dot_direction,
+                "val_reward": m.val_reward,
                 "extra_estimates": extra,
             }
         )
@@ -277,8 +288,8 @@ def write_markdown(path: Path, result: dict) -> None:
         f"max_completion_length {r['config']['max_completion_length']}, entropy term off, mu_init "
         f"{r['config']['mu_init']}",
         f"- wall time: {r['wall_seconds']:.1f} s total (setup {r['setup_seconds']:.1f} s, training "
-        f"{r['train_seconds']:.1f} s); median optimizer step {s['median_step_seconds']:.1f} s, of which the meta "
-        f"part (validation rollouts + backward + dot products) {s['median_meta_step_seconds']:.1f} s",
+        f"{r['train_seconds']:.1f} s); median optimizer step {s['median_step_seconds']:.1f} s (every step a meta "
+        "step: validation rollouts + backward, the RL and SFT work, the inner products)",
         "",
         "Per meta step (raw = paper settings, eta_mu = 1e-4; normalised = default form, eta_mu = 0.05, replayed "
         "offline on the same g_mu sequence):",
@@ -386,6 +397,7 @@ def main(argv=None) -> int:
         entropy_learning_rate=0.0,
         meta_learning_rate=args.meta_learning_rate,
         meta_gradient_form="raw",
+        meta_diagnostics=True,  # |d| and the cosine are part of what this benchmark reports
         max_steps=args.steps,
         logging_steps=1,
         save_strategy="no",
@@ -457,7 +469,6 @@ def main(argv=None) -> int:
         "eta_mu_for_0.01_per_step": 0.01 / med_abs_g if med_abs_g else float("inf"),
         "median_abs_normalized_mu_change": med([abs(r["normalized_mu_change"]) for r in rows]),
         "median_step_seconds": med(recorder.step_seconds),
-        "median_meta_step_seconds": med([r["meta_step_seconds"] for r in rows]),
         "logged_meta_term_matches_raw": all(
             r["logged_meta_term"] is not None
             and math.isclose(

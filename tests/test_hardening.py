@@ -151,18 +151,18 @@ def test_no_meta_step_buffer_outlives_its_step(tmp_path, tiny_model_dir, tokeniz
         meta_update_steps=2,
     )
     alive = []
-    original = MetaStep.take_validation_gradient
+    original = MetaStep.validation_done
 
     def spy(self, val_reward):
         original(self, val_reward)
         alive.extend(weakref.ref(t) for t in self.grad_u if t is not None)
         alive.append(weakref.ref(self))
 
-    MetaStep.take_validation_gradient = spy
+    MetaStep.validation_done = spy
     try:
         trainer.train()
     finally:
-        MetaStep.take_validation_gradient = original
+        MetaStep.validation_done = original
     gc.collect()
     assert len(alive) > 2, "no meta step ran"
     assert all(ref() is None for ref in alive), (

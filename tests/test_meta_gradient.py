@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from conftest import digit_fraction_reward, make_config
+from conftest import digit_fraction_reward, make_config, make_demos, make_prompts
 from transformers import AutoModelForCausalLM
 
 from amft_trl import AMFTTrainer
@@ -138,3 +138,56 @@ def test_optimizer_steps_on_the_combined_gradient_only(recorded_meta_step):
     for (name, _), g in zip(trainable, total):
         expected = theta0[name] - ALPHA * g
         torch.testing.assert_close(theta1[name], expected, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("mu_init", [0.3, 0.0, 1.0], ids=["mixed", "sft-weight-0", "rl-weight-0"])
+def test_one_buffer_meta_step_equals_the_diagnostic_two_buffer_one(
+    tmp_path, tiny_model_dir, tokenizer, mu_init
+):
+    """The default meta step keeps only grad U and reads each backward's contribution as a difference of inner
+    products (or, for a term of weight 0, on an emptied .grad put back after). `meta_diagnostics` keeps the RL and
+    SFT gradients apart instead. Both must give the same g_mu, the same update, and only the latter the cosine."""
+    runs = {}
+    for diagnostics in (False, True):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64)
+        args = make_config(
+            tmp_path / str(diagnostics),
+            max_steps=2,
+            gradient_accumulation_steps=2,
+            per_device_train_batch_size=2,
+            num_generations=2,
+            optim="sgd",
+            mu_init=mu_init,
+            mu_min=0.0,
+            mu_max=1.0,
+            meta_learning_rate=0.1,
+            meta_gradient_form="raw",
+            entropy_learning_rate=0.0,
+            meta_update_steps=1,
+            meta_diagnostics=diagnostics,
+        )
+        trainer = AMFTTrainer(
+            model=model,
+            reward_funcs=[digit_fraction_reward],
+            args=args,
+            train_dataset=make_prompts(16, seed=1),
+            sft_dataset=make_demos(16, seed=2),
+            val_dataset=make_prompts(8, seed=3),
+            processing_class=tokenizer,
+        )
+        trainer.train()
+        runs[diagnostics] = trainer
+    lean, diag = runs[False], runs[True]
+    g_lean, g_diag = history(lean, "amft/meta_gradient"), history(diag, "amft/meta_gradient")
+    assert len(g_lean) == 2 and all(g != 0 for g in g_lean)
+    # float64 weights, but TRL's fused log-prob head backpropagates partly in float32: a backward taken at weight 0.7
+    # and one taken at 1 and scaled after round differently (~1e-7), which the small <grad U, d> amplifies
+    assert g_lean == pytest.approx(g_diag, rel=1e-5)
+    assert not g_lean == pytest.approx([-g for g in g_diag], rel=0.5)
+    for (name, a), (_, b) in zip(lean.model.named_parameters(), diag.model.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=name)
+    assert not history(lean, "amft/meta_cosine") and len(history(diag, "amft/meta_cosine")) == 2
+
+
+def history(trainer, key):
+    return [h[key] for h in trainer.state.log_history if key in h]

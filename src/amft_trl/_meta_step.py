@@ -7,8 +7,8 @@ All three gradients are taken at the step's parameters theta_t, before the optim
 
 1. At the step's first micro-step, validation rollouts are generated through TRL's own generation path (training
    metrics, completion tables and token counts left untouched: `_trl_compat.isolated_generation`) and the
-   policy-gradient surrogate of -U is backpropagated (`validation_backward`). Its gradient is moved out of the
-   framework's storage into the one buffer, `grad_u`.
+   policy-gradient surrogate of -U is backpropagated (`validation_backward`), a training micro-batch of rollouts at
+   a time. Its gradient is moved out of the framework's storage into the one buffer, `grad_u`.
 2. The step's RL and SFT backward passes then run exactly as in any other step, with their weights `w_RL = 1 - mu`
    and `w_SFT = mu`, and accumulate `w_RL grad L_RL + w_SFT grad L_SFT` in `.grad`, which the optimizer steps on.
    Gradients are linear, so `<grad U, .grad>` taken before and after each backward gives that backward's
@@ -67,10 +67,21 @@ class MetaStep:
         self.val_reward = float("nan")
 
     # ---- 1. grad U ----------------------------------------------------------------------------------------------
-    def take_validation_gradient(self, val_reward: float) -> None:
-        """Move the gradient of the validation surrogate out of the framework's storage into `grad_u`."""
+    def take_validation_gradient(self) -> None:
+        """Move the gradient of the validation surrogate out of the framework's storage and add it to `grad_u`.
+
+        Called once after the validation backward passes (their gradients accumulate in `.grad`), or after each of
+        them under ZeRO, whose partition may hold only the last backward's gradient.
+        """
+        grads = [self.access.take(p) for p in self.params]
+        if self.grad_u is None:
+            self.grad_u = grads
+        else:
+            self._add(self.grad_u, grads)
+
+    def validation_done(self, val_reward: float) -> None:
+        """grad U is complete: make it the global gradient (DDP) and record the validation reward."""
         self.val_reward = val_reward
-        self.grad_u = [self.access.take(p) for p in self.params]
         if self.accelerator.num_processes > 1 and not self.access.sharded:
             # Under DDP the validation backward of a non-final micro-step ran under `no_sync`: average it (averaging
             # an already reduced gradient again leaves it unchanged).
@@ -109,10 +120,14 @@ class MetaStep:
         return [self.access.peek(p) for p in self.params]
 
     def _accumulate(self, key: str, grads: list[torch.Tensor | None]) -> None:
-        buffer = self.buffers.get(key)
-        if buffer is None:
+        if self.buffers.get(key) is None:
             self.buffers[key] = grads
-            return
+        else:
+            self._add(self.buffers[key], grads)
+
+    @staticmethod
+    def _add(buffer: list[torch.Tensor | None], grads: list[torch.Tensor | None]) -> None:
+        """`buffer += grads`, in place, entry by entry (None: no gradient of that parameter here)."""
         for i, (b, g) in enumerate(zip(buffer, grads, strict=True)):
             if g is None:
                 continue
@@ -180,13 +195,22 @@ def _combine(rl: list | None, sft: list | None, rl_weight: float, sft_weight: fl
     return out
 
 
-def validation_backward(trainer: Any, model: Any, rows: list[dict[str, Any]]) -> float:
+def validation_backward(
+    trainer: Any,
+    model: Any,
+    rows: list[dict[str, Any]],
+    chunk_size: int,
+    after_each_backward: Any = None,
+) -> float:
     """Validation rollouts through the trainer's own generation path; backward of the policy-gradient surrogate of -U.
 
     The surrogate is `-sum_i A_i * sum_t log pi(y_it) / (validation completion tokens, all processes)`, with `A_i`
     GRPO's group-normalised advantages: its gradient is the policy-gradient estimate of -grad U (Eq. 4) at the
-    sampling temperature. Training metrics and completion logs are left untouched. Returns the mean validation
-    reward (NaN when every validation reward was None or NaN).
+    sampling temperature. Its forward and backward run `chunk_size` rollouts at a time (the training micro-batch),
+    so that a large validation batch does not hold every rollout's activations at once; the gradients accumulate
+    (`after_each_backward`, if given, runs after each chunk's backward). Every process runs the same number of chunks
+    (each holds an equal share of the rows). Training metrics and completion logs are left untouched. Returns the
+    mean validation reward (NaN when every validation reward was None or NaN).
     """
     accelerator = trainer.accelerator
     with _trl_compat.isolated_generation(trainer) as val_metrics:
@@ -197,14 +221,18 @@ def validation_backward(trainer: Any, model: Any, rows: list[dict[str, Any]]) ->
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([out["prompt_mask"], out["completion_mask"]], dim=1)
     mask = out["completion_mask"] if "tool_mask" not in out else out["completion_mask"] * out["tool_mask"]
-    with trainer.compute_loss_context_manager():
-        logps, _ = _trl_compat.per_token_logps_and_entropies(
-            trainer, model, input_ids, attention_mask, completion_ids.size(1)
-        )
     advantages = out["advantages"]
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
     tokens = accelerator.gather(mask.sum()).sum().clamp(min=1)
-    loss = -(advantages * logps * mask).sum() / tokens * accelerator.num_processes
-    trainer._amft_backward(loss)
+    for start in range(0, input_ids.size(0), chunk_size):
+        rows_ = slice(start, start + chunk_size)
+        with trainer.compute_loss_context_manager():
+            logps, _ = _trl_compat.per_token_logps_and_entropies(
+                trainer, model, input_ids[rows_], attention_mask[rows_], completion_ids.size(1)
+            )
+        loss = -(advantages[rows_] * logps * mask[rows_]).sum() / tokens * accelerator.num_processes
+        trainer._amft_backward(loss)
+        if after_each_backward is not None:
+            after_each_backward()
     return val_reward

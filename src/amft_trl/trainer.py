@@ -768,17 +768,29 @@ class AMFTTrainer(GRPOTrainer):
     # Eq. 25: the validation rollouts of a meta step
     # ------------------------------------------------------------------------------------------------------
     def _validation_for_meta_step(self, model, step: _StepState) -> None:
-        val_reward = self._validation_backward(model)
-        step.meta.take_validation_gradient(val_reward)
+        meta = step.meta
+        # under ZeRO a partition may keep only the last backward's gradient: move it out after each one
+        each = meta.take_validation_gradient if meta.access.sharded else None
+        val_reward = self._validation_backward(model, after_each_backward=each)
+        if each is None:
+            meta.take_validation_gradient()
+        meta.validation_done(val_reward)
 
-    def _validation_backward(self, model) -> float:
-        """Draw this step's validation prompts (this process's share) and backpropagate the surrogate of -U."""
+    def _validation_backward(self, model, after_each_backward=None) -> float:
+        """Draw this step's validation prompts (this process's share) and backpropagate the surrogate of -U, a
+        training micro-batch (`per_device_train_batch_size` rollouts) at a time."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         indices = self._val_stream.take(self.args.meta_val_batch_size)
         rows = [self.val_dataset[i] for i in indices[rank::world] for _ in range(self.num_generations)]
         self._generating_validation = True
         try:
-            return validation_backward(self, model, rows)
+            return validation_backward(
+                self,
+                model,
+                rows,
+                self.args.per_device_train_batch_size,
+                after_each_backward=after_each_backward,
+            )
         finally:
             self._generating_validation = False
 
