@@ -395,9 +395,8 @@ class AMFTTrainer(GRPOTrainer):
         step = self._step_state
         if step is None:  # evaluation (prediction_step): GRPO's loss, unweighted
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        inputs = dict(
-            inputs
-        )  # TRL's buffered batch stays as generated (it is reused when num_iterations > 1)
+        # a copy: TRL's buffered batch stays as generated (it is reused when num_iterations > 1)
+        inputs = dict(inputs)
         rollouts = self._rollout_batch(inputs)
         step.unscorable |= self._last_generation_unscorable
         if self.strategy.sft_source == "train_column":
@@ -405,9 +404,8 @@ class AMFTTrainer(GRPOTrainer):
             step.sft_follows = step.gated is not None
         if self.strategy.rl_weights_need_entropy:
 
-            def hook(
-                entropies: torch.Tensor,
-            ) -> None:  # called from the loss's own forward (one per micro-step)
+            def hook(entropies: torch.Tensor) -> None:
+                # called from the RL loss's own forward, once per micro-step (`_get_per_token_logps_and_entropies`)
                 rollouts.entropies = entropies
                 inputs["advantages"] = self.strategy.rl_advantages(rollouts)
 

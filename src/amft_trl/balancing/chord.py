@@ -102,7 +102,5 @@ class ChordStrategy(MuStrategy):
 
     def record(self, measurements: StepMeasurements) -> None:
         super().record(measurements)
-        if measurements.plan is not None:
-            self.log(
-                "chord_mu", measurements.plan.sft_weight
-            )  # the schedule's mu (amft/mu is mu times the mean phi)
+        if measurements.plan is not None:  # the schedule's mu (amft/mu is mu times the mean phi)
+            self.log("chord_mu", measurements.plan.sft_weight)
