@@ -96,10 +96,6 @@ class ZeroGrads:
         self._write(param, local, torch.zeros_like(local))
         return grad
 
-    def peek(self, param: torch.nn.Parameter) -> torch.Tensor | None:
-        local = self._local(param)
-        return None if local is None else local.detach().reshape(-1)
-
     def put(self, param: torch.nn.Parameter, value: torch.Tensor | None) -> None:
         if value is None:
             return
