@@ -1,0 +1,656 @@
+"""Running a comparison grid: the starting model, the tuning trials, every (method, seed) run, resumably.
+
+Layout of a grid's output directory:
+
+```
+grid.yaml                        the grid as given (a different grid refuses to run here unless asked to overwrite)
+base_model/                      the starting model (`model: toy`: built, and pre-trained when the task says so)
+base_eval.json                   the starting model's scores (step 0 of every curve)
+tuning/<method>/trial-<i>/       tuning runs (tuning seed and budget), scored on the validation split
+tuning/<method>/choice.json      the winning trial
+runs/<method>/seed-<s>/          the runs of the table: result.json when finished, evals.jsonl as they go,
+                                 checkpoints while running (removed once result.json is written)
+results.csv, runs.csv, table.md  the summary (`amft_trl.compare.report`), with the plots
+```
+
+A run is finished when its `result.json` exists and is skipped then. An unfinished run resumes from its last
+checkpoint (every `checkpoint_every` steps): the Trainer restores weights, optimizer, scheduler and RNG states, and
+`AMFTTrainer` its strategy and streams; the spent budget comes back from the checkpoint's log history and the
+periodic evaluations already made from `evals.jsonl`.
+
+Budgets are measured, not inferred: every generated token (training rollouts, and AMFT's validation rollouts
+separately), every demonstration token trained on (completion tokens of the SFT batches, `SFTTrainer`'s and
+HPT's included), the optimizer steps, and the wall time of the training steps (evaluation excluded).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from amft_trl._distributed import global_sum
+from amft_trl.compare.grid import Grid, GridError, check_against_data
+from amft_trl.compare.methods import METHODS, TWO_STAGE_FIELDS, Budget
+from amft_trl.compare.tasks import TaskData, build_task
+
+RESULT = "result.json"
+EVALS = "evals.jsonl"
+
+
+# ------------------------------------------------------------------------------------------------ budgets
+
+
+@dataclass
+class Spent:
+    """What a run has spent so far."""
+
+    generated_tokens: float = 0.0  # completion tokens of the training rollouts
+    validation_generated_tokens: float = 0.0  # completion tokens of AMFT's validation rollouts (meta steps)
+    sft_tokens: float = 0.0  # demonstration (completion) tokens trained on
+    wall_seconds: float = 0.0  # training steps only
+
+    def as_logs(self) -> dict[str, float]:
+        return {f"budget/{k}": v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_logs(cls, history: list[dict[str, Any]]) -> Spent:
+        for entry in reversed(history):
+            if "budget/generated_tokens" in entry:
+                return cls(**{f.name: float(entry[f"budget/{f.name}"]) for f in fields(cls)})
+        return cls()
+
+    def plus(self, other: Spent) -> Spent:
+        return Spent(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    @property
+    def total_tokens(self) -> float:
+        return self.generated_tokens + self.validation_generated_tokens + self.sft_tokens
+
+
+class _MeteredGeneration:
+    """Counts the completion tokens of every generation (training and, for AMFT, validation rollouts)."""
+
+    spent: Spent
+
+    def _generate_and_score_completions(self, inputs):
+        out = super()._generate_and_score_completions(inputs)
+        tokens = global_sum(self.accelerator, float(out["completion_mask"].sum()))
+        if getattr(self, "_generating_validation", False):
+            self.spent.validation_generated_tokens += tokens
+        else:
+            self.spent.generated_tokens += tokens
+            if "amft_sft_tokens" in out:  # HPT: the demonstrations of the prompts sent to SFT
+                self.spent.sft_tokens += float(out["amft_sft_tokens"])
+        return out
+
+    def log(self, logs, *args, **kwargs):
+        logs.update(self.spent.as_logs())
+        return super().log(logs, *args, **kwargs)
+
+
+def _metered_classes():
+    from trl import GRPOTrainer, SFTTrainer
+
+    from amft_trl import AMFTTrainer
+
+    class MeteredAMFTTrainer(_MeteredGeneration, AMFTTrainer):
+        def _begin_step(self, model):
+            step = super()._begin_step(model)
+            self.spent.sft_tokens += step.sft_tokens  # the step's SFT batch, over all processes
+            return step
+
+    class MeteredGRPOTrainer(_MeteredGeneration, GRPOTrainer):
+        pass
+
+    class MeteredSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if model.training:  # the tokens the loss is taken on: TRL's collator masks the prompt with -100
+                if inputs.get("labels") is not None:
+                    mask = inputs["labels"] != -100
+                elif inputs.get("completion_mask") is not None:
+                    mask = inputs["completion_mask"] * inputs["attention_mask"]
+                else:
+                    mask = inputs["attention_mask"]
+                self.spent.sft_tokens += global_sum(self.accelerator, float(mask.sum()))
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+        def log(self, logs, *args, **kwargs):
+            logs.update(self.spent.as_logs())
+            return super().log(logs, *args, **kwargs)
+
+    return MeteredAMFTTrainer, MeteredGRPOTrainer, MeteredSFTTrainer
+
+
+# ------------------------------------------------------------------------------------------------ configs
+
+
+def _run_fields(output_dir: str, max_steps: int, seed: int, checkpoint_every: int) -> dict[str, Any]:
+    return {
+        "output_dir": output_dir,
+        "max_steps": max_steps,
+        "seed": seed,
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": checkpoint_every,
+        "save_total_limit": 1,
+        "report_to": [],
+    }
+
+
+def build_configs(
+    grid: Grid, method: str, trial: dict[str, Any] | None, *, budget: Budget, output_dir: str, seed: int
+) -> list[Any]:
+    """The configs of one run: `[AMFTConfig]`, or `[SFTConfig, GRPOConfig]` for `two_stage`."""
+    from trl import GRPOConfig, SFTConfig
+
+    from amft_trl import AMFTConfig
+
+    settings = grid.settings(method, trial, budget=budget)
+    every = min(grid.checkpoint_every, budget.max_steps)
+    if METHODS[method].trainer == "amft":
+        return [AMFTConfig(**settings, **_run_fields(output_dir, budget.max_steps, seed, every))]
+
+    sft_lr = settings.pop(TWO_STAGE_FIELDS[0], None)
+    # the AMFT-only fields are dropped; bf16 as AMFTConfig resolves it (float32 without a bf16 accelerator)
+    amft = AMFTConfig(**settings, output_dir=output_dir)
+    grpo_names = {f.name for f in fields(GRPOConfig)}
+    shared = {k: v for k, v in settings.items() if k in grpo_names}
+    shared["bf16"] = amft.bf16
+    rl_steps = budget.max_steps - budget.sft_steps
+    rl = GRPOConfig(
+        **shared, **_run_fields(os.path.join(output_dir, "rl"), rl_steps, seed, min(every, rl_steps))
+    )
+    sft_names = {f.name for f in fields(SFTConfig)}
+    trainer_fields = (
+        "per_device_train_batch_size",
+        "gradient_accumulation_steps",
+        "learning_rate",
+        "lr_scheduler_type",
+        "lr_scheduler_kwargs",
+        "warmup_steps",
+        "warmup_ratio",
+        "weight_decay",
+        "optim",
+        "adam_beta1",
+        "adam_beta2",
+        "adam_epsilon",
+        "max_grad_norm",
+        "gradient_checkpointing",
+        "model_init_kwargs",
+        "bf16",
+        "fp16",
+    )
+    sft_settings = {k: v for k, v in shared.items() if k in trainer_fields and k in sft_names}
+    if amft.sft_per_device_train_batch_size:
+        sft_settings["per_device_train_batch_size"] = amft.sft_per_device_train_batch_size
+    if sft_lr is not None:
+        sft_settings["learning_rate"] = sft_lr
+    if amft.max_sft_length:
+        sft_settings["max_length"] = amft.max_sft_length
+    sft = SFTConfig(
+        **sft_settings,
+        **_run_fields(os.path.join(output_dir, "sft"), budget.sft_steps, seed, min(every, budget.sft_steps)),
+    )
+    return [sft, rl]
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+
+@contextmanager
+def _rng_preserved():
+    """Evaluation must not move the run's random streams (sampling, data order): a resumed run equals a straight one."""
+    state = random.getstate()
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        np, np_state = None, None
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            random.setstate(state)
+            if np is not None:
+                np.random.set_state(np_state)
+
+
+def _score(metrics: dict[str, Any]) -> float:
+    """The evaluation's headline metric of a benchmark (avg@k when sampled, greedy accuracy otherwise)."""
+    value = metrics.get("accuracy")
+    return float("nan") if value is None else float(value)
+
+
+def evaluate(
+    model: Any, tokenizer: Any, grid: Grid, data: TaskData, *, split: str = "test"
+) -> dict[str, float]:
+    """Scores of `model` on the task's test sets (`split="test"`) or its validation split (`"val"`).
+
+    The test sets use the grid's `evaluation` settings (greedy by default); the validation split is always scored
+    greedily, since it only ranks tuning trials."""
+    from datasets import Dataset
+
+    from amft_trl.evaluation import benchmark_from_dataset, evaluate_model
+
+    reward = data.reward_funcs[0]
+    if split == "val":
+        items = {"val": data.val}
+        settings = {"num_samples": 0, "max_new_tokens": data.max_new_tokens}
+    else:
+        items = data.tests
+        settings = {"num_samples": 0, "max_new_tokens": data.max_new_tokens, **data.eval_settings}
+        settings.update(grid.evaluation)
+    benchmarks = [
+        benchmark_from_dataset(name, item, reward, template=data.template)
+        if isinstance(item, Dataset)
+        else item
+        for name, item in items.items()
+    ]
+    with _rng_preserved():
+        results = evaluate_model(model, benchmarks, tokenizer=tokenizer, progress=False, **settings)
+    return {name: _score(results[name]) for name in items}
+
+
+# ------------------------------------------------------------------------------------------------ one run
+
+
+def parameter_checksum(model: Any) -> str:
+    """SHA-256 of every parameter's bytes, in name order: equal checksums mean bit-identical weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class _Recorder(TrainerCallback):
+    """Times the training steps, restores the spent budget on resume, and evaluates every `eval_every` steps."""
+
+    def __init__(self, run: _Run, offset: int, base: Spent):
+        self.run, self.offset, self.base = run, offset, base
+        self.trainer: Any = None
+        self._start = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.spent = Spent.from_logs(state.log_history)  # a resumed run continues its count
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.spent.wall_seconds += time.perf_counter() - self._start
+        step = self.offset + state.global_step
+        if step % self.run.budget.eval_every == 0 and step < self.run.budget.max_steps:
+            model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+            self.run.record_eval(
+                step, self.base.plus(self.trainer.spent), model, self.trainer.processing_class
+            )
+
+
+@dataclass
+class _Run:
+    grid: Grid
+    data: TaskData
+    method: str
+    seed: int
+    trial: dict[str, Any] | None
+    budget: Budget
+    directory: Path
+    base_path: str
+    score_val: bool
+    keep_checkpoints: bool = False
+
+    @property
+    def evals_path(self) -> Path:
+        return self.directory / EVALS
+
+    def done_evals(self) -> dict[int, dict[str, Any]]:
+        if not self.evals_path.exists():
+            return {}
+        rows = [json.loads(line) for line in self.evals_path.read_text().splitlines() if line.strip()]
+        return {row["step"]: row for row in rows}
+
+    def record_eval(self, step: int, spent: Spent, model: Any, tokenizer: Any) -> None:
+        if step in self.done_evals():
+            return
+        scores = evaluate(model, tokenizer, self.grid, self.data)
+        with self.evals_path.open("a") as f:
+            f.write(json.dumps({"step": step, "spent": asdict(spent), "scores": scores}) + "\n")
+
+    def execute(self) -> dict[str, Any]:
+        result_path = self.directory / RESULT
+        if result_path.exists():
+            return json.loads(result_path.read_text())
+        self.directory.mkdir(parents=True, exist_ok=True)
+        start = time.time()
+        if METHODS[self.method].trainer == "two_stage":
+            model, tokenizer, spent, history, extra = self._two_stage()
+        else:
+            model, tokenizer, spent, history, extra = self._amft()
+        final = evaluate(model, tokenizer, self.grid, self.data)
+        val = evaluate(model, tokenizer, self.grid, self.data, split="val")["val"] if self.score_val else None
+        result = {
+            "method": self.method,
+            "seed": self.seed,
+            "trial": self.trial,
+            "settings": _jsonable(self.grid.settings(self.method, self.trial, budget=self.budget)),
+            "optimizer_steps": self.budget.max_steps,
+            "spent": asdict(spent),
+            "final": final,
+            "val": val,
+            "evals": sorted(self.done_evals().values(), key=lambda r: r["step"]),
+            "series": _series(history, self.method, self.budget),
+            "checksum": parameter_checksum(model),
+            "elapsed_seconds": time.time() - start,
+            **extra,
+        }
+        tmp = result_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(result_path)
+        if not self.keep_checkpoints:
+            for sub in ("train", "sft", "rl", "sft_final"):
+                shutil.rmtree(self.directory / sub, ignore_errors=True)
+        return result
+
+    def _train(self, trainer: Any, output_dir: str) -> list[dict[str, Any]]:
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        trainer.train(resume_from_checkpoint=last)
+        return list(trainer.state.log_history)
+
+    def _amft(self):
+        from amft_trl.balancing import build_strategy
+
+        amft_cls, _, _ = _metered_classes()
+        output_dir = str(self.directory / "train")
+        (config,) = build_configs(
+            self.grid, self.method, self.trial, budget=self.budget, output_dir=output_dir, seed=self.seed
+        )
+        strategy = build_strategy(config)
+        model, tokenizer = load_model(self.base_path)
+        recorder = _Recorder(self, 0, Spent())
+        trainer = amft_cls(
+            model=model,
+            reward_funcs=self.data.reward_funcs,
+            args=config,
+            train_dataset=self.data.train,
+            processing_class=tokenizer,
+            sft_dataset=self.data.sft if strategy.needs_sft_dataset else None,
+            val_dataset=self.data.val if strategy.needs_val_dataset else None,
+            callbacks=[recorder],
+        )
+        trainer.spent, recorder.trainer = Spent(), trainer
+        history = self._train(trainer, output_dir)
+        return trainer.accelerator.unwrap_model(trainer.model), tokenizer, trainer.spent, history, {}
+
+    def _two_stage(self):
+        _, grpo_cls, sft_cls = _metered_classes()
+        sft_config, rl_config = build_configs(
+            self.grid,
+            self.method,
+            self.trial,
+            budget=self.budget,
+            output_dir=str(self.directory),
+            seed=self.seed,
+        )
+        stage_path = self.directory / "sft_stage.json"
+        final_dir = self.directory / "sft_final"
+        if stage_path.exists():
+            stage = json.loads(stage_path.read_text())
+        else:  # stage 1: TRL's SFTTrainer on the demonstrations
+            model, tokenizer = load_model(self.base_path)
+            recorder = _Recorder(self, 0, Spent())
+            trainer = sft_cls(
+                model=model,
+                args=sft_config,
+                train_dataset=self.data.sft,
+                processing_class=tokenizer,
+                callbacks=[recorder],
+            )
+            trainer.spent, recorder.trainer = Spent(), trainer
+            history = self._train(trainer, sft_config.output_dir)
+            trainer.save_model(str(final_dir))
+            tokenizer.save_pretrained(str(final_dir))
+            if (Path(self.base_path) / BASE_INFO).is_file():
+                shutil.copy(Path(self.base_path) / BASE_INFO, final_dir / BASE_INFO)
+            stage = {
+                "trainer": _trl_class(trainer),
+                "spent": asdict(trainer.spent),
+                "history": history,
+                "final_checksum": parameter_checksum(trainer.accelerator.unwrap_model(trainer.model)),
+            }
+            stage_path.write_text(json.dumps(stage))
+            del trainer, model
+        # stage 2: TRL's GRPOTrainer from the SFT stage's final weights, with a fresh optimizer and schedule
+        model, tokenizer = load_model(str(final_dir))
+        start_checksum = parameter_checksum(model)
+        base = Spent(**stage["spent"])
+        recorder = _Recorder(self, self.budget.sft_steps, base)
+        trainer = grpo_cls(
+            model=model,
+            reward_funcs=self.data.reward_funcs,
+            args=rl_config,
+            train_dataset=self.data.train,
+            processing_class=tokenizer,
+            callbacks=[recorder],
+        )
+        trainer.spent, recorder.trainer = Spent(), trainer
+        history = self._train(trainer, rl_config.output_dir)
+        for entry in history:
+            if "step" in entry:
+                entry["step"] += self.budget.sft_steps
+        extra = {
+            "two_stage": {
+                "sft_trainer": stage["trainer"],
+                "rl_trainer": _trl_class(trainer),
+                "sft_final_checksum": stage["final_checksum"],
+                "rl_start_checksum": start_checksum,
+                "sft_steps": self.budget.sft_steps,
+                "rl_steps": self.budget.max_steps - self.budget.sft_steps,
+            }
+        }
+        spent = base.plus(trainer.spent)
+        history = [*stage["history"], *history]
+        return trainer.accelerator.unwrap_model(trainer.model), tokenizer, spent, history, extra
+
+
+BASE_INFO = "amft_base.json"
+
+
+def load_model(path: str) -> tuple[Any, Any]:
+    """A run's starting point: the model (float32) and its tokenizer, from a directory or a hub id.
+
+    The toy tokenizer is read back as the `PreTrainedTokenizerFast` it was saved from: `AutoTokenizer` would
+    rebuild it as the model type's tokenizer class (Qwen2's), whose pre-tokenizer splits numbers differently."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    info = Path(path) / BASE_INFO
+    if info.is_file() and json.loads(info.read_text()).get("toy"):
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _trl_class(trainer: Any) -> str:
+    """The TRL trainer class under our metering subclass (`SFTTrainer`, `GRPOTrainer`)."""
+    return next(c.__name__ for c in type(trainer).__mro__ if c.__module__.startswith("trl."))
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _series(history: list[dict[str, Any]], method: str, budget: Budget) -> dict[str, list]:
+    """Per-step training signals: the SFT weight (`amft/mu`; 1 then 0 for `two_stage`) and the mean reward."""
+    steps, mu, reward = [], [], []
+    for entry in history:
+        if "step" not in entry or "loss" not in entry and "reward" not in entry and "amft/mu" not in entry:
+            continue
+        step = int(entry["step"])
+        steps.append(step)
+        if METHODS[method].trainer == "two_stage":
+            mu.append(1.0 if step <= budget.sft_steps else 0.0)
+        else:
+            mu.append(entry.get("amft/mu"))
+        reward.append(entry.get("reward"))
+    return {"step": steps, "mu": mu, "reward": reward}
+
+
+# ------------------------------------------------------------------------------------------------ the grid
+
+
+def _toy_base(grid: Grid, task: Any, directory: Path) -> dict[str, Any]:
+    from amft_trl import toy
+
+    options = dict(grid.model_options)
+    tokenizer = toy.build_tokenizer(
+        **({"vocab_size": options.pop("vocab_size")} if "vocab_size" in options else {})
+    )
+    model = toy.build_model(tokenizer, seed=0, **options)
+    info = task.prepare_base_model(model, tokenizer, seed=0)
+    model.save_pretrained(str(directory))
+    tokenizer.save_pretrained(str(directory))
+    return info
+
+
+def resolve_base(grid: Grid, task: Any, out: Path) -> str:
+    """The starting model's path: built once for `model: toy`, the embedded SmolLM2 for `embedded`."""
+    if grid.model == "toy":
+        directory = out / "base_model"
+        if not (directory / "config.json").exists():
+            tmp = out / "base_model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            info = _toy_base(grid, task, tmp)
+            (tmp / BASE_INFO).write_text(json.dumps({"toy": True, **info}))
+            tmp.replace(directory)
+        return str(directory)
+    from amft_trl.models import resolve_model_name_or_path
+
+    try:
+        return resolve_model_name_or_path(None if grid.model == "embedded" else grid.model)
+    except FileNotFoundError as error:
+        raise GridError(f"`model`: {error}") from None
+
+
+@dataclass
+class PlannedRun:
+    kind: str  # "tuning" or "run"
+    method: str
+    seed: int
+    trial_index: int | None
+    directory: Path
+
+
+def prepare_output_dir(grid: Grid, out: Path, overwrite: bool) -> None:
+    """Refuse to mix two grids' results in one directory unless `overwrite`; record the grid."""
+    import yaml
+
+    record = out / "grid.yaml"
+    if record.exists():
+        earlier = yaml.safe_load(record.read_text())
+        if earlier != grid.raw:
+            if not overwrite:
+                raise GridError(
+                    f"{out} holds the results of a different grid; pass --overwrite to replace them, or choose "
+                    "another --output-dir."
+                )
+            shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise GridError(
+                f"{out} exists and is not a comparison's directory; pass --overwrite or choose another."
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(yaml.safe_dump(grid.raw, sort_keys=False))
+
+
+def run_grid(grid: Grid, output_dir: str | Path, *, overwrite: bool = False, progress: bool = True) -> Path:
+    """Run every tuning trial and every (method, seed) of `grid` that is not finished yet, then write the report.
+
+    Returns the output directory. Raises `GridError` for a grid that cannot run (before anything trains)."""
+    from tqdm.auto import tqdm
+
+    from amft_trl.compare.report import write_report
+
+    out = Path(output_dir)
+    task = build_task(grid.task, grid.task_options)
+    data = task.build()
+    check_against_data(grid, data)
+    if grid.model != "toy":
+        resolve_base(grid, task, out)  # a missing model path stops here, before anything is written
+    prepare_output_dir(grid, out, overwrite)
+    base_path = resolve_base(grid, task, out)
+
+    base_eval = out / "base_eval.json"
+    if not base_eval.exists():
+        model, tokenizer = load_model(base_path)
+        scores = {
+            "test": evaluate(model, tokenizer, grid, data),
+            "val": evaluate(model, tokenizer, grid, data, split="val")["val"],
+            "groups": data.test_groups,
+        }
+        base_eval.write_text(json.dumps(scores, indent=1))
+
+    tuned = [m for m, e in grid.methods.items() if e.trials]
+    total = sum(len(grid.methods[m].trials) for m in tuned) + len(grid.methods) * len(grid.seeds)
+    bar = tqdm(total=total, desc=f"grid {grid.name}", unit="run", disable=not progress, position=0)
+    choices: dict[str, dict[str, Any] | None] = {}
+    for method in grid.methods:
+        entry = grid.methods[method]
+        if not entry.trials:
+            choices[method] = None
+            continue
+        choice_path = out / "tuning" / method / "choice.json"
+        scores = []
+        for i, trial in enumerate(entry.trials):
+            bar.set_postfix_str(f"tuning {method} trial {i}")
+            run = _Run(
+                grid,
+                data,
+                method,
+                grid.tuning_seed,
+                trial,
+                grid.tuning_budget(),
+                out / "tuning" / method / f"trial-{i}",
+                base_path,
+                score_val=True,
+            )
+            scores.append(run.execute()["val"])
+            bar.update()
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        choice = {"trials": entry.trials, "val_scores": scores, "best": best, "chosen": entry.trials[best]}
+        choice_path.write_text(json.dumps(choice, indent=1))
+        choices[method] = entry.trials[best]
+    for method in grid.methods:
+        for seed in grid.seeds:
+            bar.set_postfix_str(f"{method} seed {seed}")
+            _Run(
+                grid,
+                data,
+                method,
+                seed,
+                choices[method],
+                grid.budget,
+                out / "runs" / method / f"seed-{seed}",
+                base_path,
+                score_val=False,
+            ).execute()
+            bar.update()
+    bar.close()
+    write_report(grid, out)
+    return out

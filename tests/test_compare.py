@@ -1,0 +1,369 @@
+"""The comparison runner (`amft_trl.compare`): statistics by hand, bad grids, the CI smoke grid end to end, resume."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from amft_trl.compare import METHODS, GridError, load_grid, parse_grid, run_grid
+from amft_trl.compare import runner as runner_module
+from amft_trl.compare import tasks as tasks_module
+from amft_trl.compare.cli import main as compare_main
+from amft_trl.compare.stats import mean_interval, paired_difference
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+T_975_DOF2 = 4.302652729749464  # Student-t 97.5% quantile, 2 degrees of freedom (tables)
+T_975_DOF4 = 2.776445105197793
+
+
+def test_mean_interval_against_hand_computation():
+    iv = mean_interval([0.2, 0.4, 0.6])
+    # mean 0.4; s = sqrt((0.04 + 0 + 0.04) / 2) = 0.2; half width = t * s / sqrt(3)
+    half = T_975_DOF2 * 0.2 / math.sqrt(3)
+    assert iv.n == 3 and iv.mean == pytest.approx(0.4)
+    assert iv.std == pytest.approx(0.2)
+    assert (iv.low, iv.high) == pytest.approx((0.4 - half, 0.4 + half))
+    assert half == pytest.approx(0.496827, abs=1e-6)
+
+    five = mean_interval([1.0, 2.0, 3.0, 4.0, 5.0])  # s = sqrt(2.5)
+    assert five.half_width == pytest.approx(T_975_DOF4 * math.sqrt(2.5) / math.sqrt(5))
+
+    one = mean_interval([0.3])
+    assert one.mean == 0.3 and math.isnan(one.low) and math.isnan(one.high) and not one.excludes_zero()
+    assert mean_interval([]).n == 0
+
+
+def test_paired_difference_against_hand_computation():
+    method = {0: 0.5, 1: 0.7, 2: 0.4}
+    reference = {0: 0.3, 1: 0.4, 2: 0.4, 3: 0.9}  # seed 3 has no partner: left out
+    diff = paired_difference(method, reference)
+    # differences 0.2, 0.3, 0.0: mean 1/6; s^2 = ((1/30)^2 + (2/15)^2 + (1/6)^2) / 2 = 7/300
+    s = math.sqrt(7 / 300)
+    assert diff.n == 3 and diff.mean == pytest.approx(1 / 6)
+    assert diff.std == pytest.approx(s)
+    assert diff.half_width == pytest.approx(T_975_DOF2 * s / math.sqrt(3))
+    assert not diff.excludes_zero()  # 0.167 +- 0.379
+    assert paired_difference({0: 0.9, 1: 0.8, 2: 0.85}, {0: 0.1, 1: 0.15, 2: 0.1}).excludes_zero()
+
+
+# ------------------------------------------------------------------------------------------------ grids
+
+SMOKE = {
+    "name": "ci-smoke",
+    "task": "toy_addition",
+    "task_options": {"pretrain_steps": 20, "num_test": 12, "num_ood": 12, "num_val": 8},
+    "model": "toy",
+    "seeds": [0, 1],
+    "budget": {"max_steps": 4, "sft_steps": 2, "warmup_steps": 1, "eval_every": 2},
+    "checkpoint_every": 2,
+    "training": {
+        "learning_rate": 1.0e-3,
+        "lr_scheduler_type": "constant",
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "max_completion_length": 6,
+        "sft_per_device_train_batch_size": 8,
+        "meta_update_steps": 2,
+        "meta_val_batch_size": 4,
+    },
+    "methods": ["two_stage", "amft"],
+}
+
+
+def _grid(**changes):
+    raw = copy.deepcopy(SMOKE)
+    raw.update(changes)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"methods": ["two_stage", "magic"]}, "unknown method 'magic'"),
+        ({"training": {"learning_rte": 1.0}}, "`training.learning_rte` is not an AMFTConfig field"),
+        ({"methods": {"fixed": {"args": {"mu": 0.3}}}}, "`methods.fixed.args.mu` is not an AMFTConfig field"),
+        (
+            {"methods": {"fixed": {"tune": {"mu_init": []}}}},
+            "`methods.fixed.tune.mu_init` must be a non-empty list",
+        ),
+        (
+            {"methods": {"two_stage": {"tune": {"sft_learning_rate": [1e-3]}}}, "tuning": {"max_steps": 2}},
+            "`tuning.max_steps` = 2 must exceed budget.sft_steps",
+        ),
+        ({"training": {"max_steps": 9}}, "`training.max_steps` is set by the runner"),
+        ({"seeds": [0, 0]}, "`seeds` repeats a seed"),
+        ({"seeds": []}, "`seeds` must be a non-empty list"),
+        (
+            {"budget": {"max_steps": 4, "sft_steps": 4}},
+            "`budget.sft_steps` = 4 must be < budget.max_steps = 4",
+        ),
+        ({"budget": {"sft_steps": 1}}, "`budget.max_steps` is required"),
+        ({"task": "chess"}, "unknown task 'chess'"),
+        ({"task_options": {"pretrain": 3}}, "unknown option(s) ['pretrain']"),
+        ({"learning_rate": 3}, "unknown grid entry 'learning_rate'"),
+        ({"reference": "fixed"}, "`reference` = 'fixed' must be one of the grid's methods"),
+    ],
+)
+def test_bad_grid_is_named(changes, message):
+    with pytest.raises(GridError) as error:
+        parse_grid(_grid(**changes))
+    assert message in str(error.value)
+
+
+class _NoDemos(tasks_module.ToyAddition):
+    name = "toy_no_demos"
+
+    def build(self):
+        data = super().build()
+        data.sft = None
+        data.train = data.train.remove_columns("demonstration")
+        return data
+
+
+@pytest.mark.parametrize(
+    "method, message",
+    [
+        ("sft_only", "method 'sft_only' trains on demonstrations, but task 'toy_no_demos' has none"),
+        ("hpt", "method 'hpt' reads one demonstration per RL prompt"),
+    ],
+)
+def test_task_without_demonstrations_is_refused(monkeypatch, tmp_path, method, message):
+    monkeypatch.setitem(tasks_module.TASKS, "toy_no_demos", _NoDemos)
+    grid = parse_grid(_grid(task="toy_no_demos", methods=["grpo_only", method]))
+    with pytest.raises(GridError, match=message):
+        run_grid(grid, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_budgets_that_do_not_fit_the_data(tmp_path):
+    small = {
+        "max_operand": 3,
+        "num_val": 2,
+        "num_test": 4,
+        "pretrain_steps": 0,
+    }  # 16 pairs: 10 training prompts
+    grid = parse_grid(
+        _grid(task_options=small, training={**SMOKE["training"], "per_device_train_batch_size": 48})
+    )
+    with pytest.raises(GridError, match="a step needs 12 RL prompts but the task has 10"):
+        run_grid(grid, tmp_path / "a", progress=False)
+    grid = parse_grid(_grid(task_options=small))
+    with pytest.raises(GridError, match="meta_val_batch_size = 4 exceeds the 2 validation prompts"):
+        run_grid(grid, tmp_path / "b", progress=False)
+    grid = parse_grid(_grid(training={**SMOKE["training"], "num_generations": 3}))
+    with pytest.raises(GridError, match="method 'two_stage'"):  # TRL's own check, named with the method
+        run_grid(grid, tmp_path / "c", progress=False)
+
+
+def test_cli_bad_grid_is_one_line(tmp_path, capsys):
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        "task: toy_addition\nseeds: [0]\nbudget: {max_steps: 4}\nmethods: [sft_only, gpro_only]\n"
+    )
+    assert compare_main([str(path), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "unknown method 'gpro_only'" in err
+    assert compare_main([str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ the CI smoke grid
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "smoke"
+    path = out.parent / "smoke.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(SMOKE))
+    assert compare_main([str(path), "--output-dir", str(out), "--no-progress"]) == 0
+    return out, path
+
+
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_smoke_grid_end_to_end(smoke):
+    out, _ = smoke
+    for name in (
+        "table.md",
+        "results.csv",
+        "runs.csv",
+        "accuracy_vs_steps.png",
+        "accuracy_vs_compute.png",
+        "sft_weight.png",
+        "reward.png",
+        "base_eval.json",
+        "grid.yaml",
+    ):
+        assert (out / name).is_file(), name
+    rows = _rows(out / "results.csv")
+    assert {(r["method"], r["eval_set"]) for r in rows} == {
+        (m, s) for m in ("two_stage", "amft") for s in ("addition_id", "addition_ood")
+    }
+    runs = {(r["method"], int(r["seed"])): r for r in _rows(out / "runs.csv")}
+    assert set(runs) == {(m, s) for m in ("two_stage", "amft") for s in (0, 1)}
+    for row in rows:  # the table's numbers are the statistics of the per-run numbers
+        scores = [float(runs[(row["method"], s)][row["eval_set"]]) for s in (0, 1)]
+        assert float(row["seeds"]) == 2 and float(row["mean"]) == pytest.approx(sum(scores) / 2)
+        iv = mean_interval(scores)
+        if math.isfinite(iv.low):
+            assert float(row["ci_low"]) == pytest.approx(iv.low)
+        if row["method"] == "amft":
+            ref = [float(runs[("two_stage", s)][row["eval_set"]]) for s in (0, 1)]
+            assert float(row["diff_vs_reference"]) == pytest.approx(
+                (scores[0] - ref[0] + scores[1] - ref[1]) / 2
+            )
+    table = (out / "table.md").read_text()
+    assert "| `amft` |" in table and "| `two_stage` |" in table and "Δ addition_id" in table
+
+    for seed in (0, 1):
+        amft = json.loads((out / "runs" / "amft" / f"seed-{seed}" / "result.json").read_text())
+        two = json.loads((out / "runs" / "two_stage" / f"seed-{seed}" / "result.json").read_text())
+        # budgets are measured: AMFT's meta steps generate validation rollouts, the two-stage pipeline none
+        assert amft["spent"]["generated_tokens"] > 0 and amft["spent"]["validation_generated_tokens"] > 0
+        assert two["spent"]["generated_tokens"] > 0 and two["spent"]["validation_generated_tokens"] == 0
+        assert amft["spent"]["sft_tokens"] > 0 and two["spent"]["sft_tokens"] > 0
+        assert amft["optimizer_steps"] == two["optimizer_steps"] == 4
+        assert [e["step"] for e in amft["evals"]] == [2] and [e["step"] for e in two["evals"]] == [2]
+        assert amft["series"]["step"] == [1, 2, 3, 4] and amft["series"]["mu"][0] == 1.0  # warm-up step
+        assert two["series"]["mu"] == [1.0, 1.0, 0.0, 0.0]
+        assert not (
+            out / "runs" / "amft" / f"seed-{seed}" / "train"
+        ).exists()  # checkpoints removed when done
+
+
+def test_starting_model_reloads_with_the_tokenizer_it_was_trained_with(smoke):
+    from amft_trl import toy
+
+    out, _ = smoke
+    model, tokenizer = runner_module.load_model(str(out / "base_model"))
+    text = "Compute 13 + 4 = 17. The answer is 17."
+    assert tokenizer(text)["input_ids"] == toy.build_tokenizer()(text)["input_ids"]
+
+
+def test_two_stage_is_trl_sft_then_grpo_from_its_final_weights(smoke):
+    out, _ = smoke
+    from transformers import AutoModelForCausalLM
+
+    base = runner_module.parameter_checksum(AutoModelForCausalLM.from_pretrained(out / "base_model"))
+    for seed in (0, 1):
+        stage = json.loads((out / "runs" / "two_stage" / f"seed-{seed}" / "result.json").read_text())[
+            "two_stage"
+        ]
+        assert stage["sft_trainer"] == "SFTTrainer" and stage["rl_trainer"] == "GRPOTrainer"
+        assert stage["sft_steps"] == 2 and stage["rl_steps"] == 2
+        # the SFT stage moved the weights, and the RL stage starts from exactly where it ended
+        assert stage["rl_start_checksum"] == stage["sft_final_checksum"] != base
+
+
+def test_finished_grid_is_skipped_and_never_overwritten(smoke, tmp_path):
+    out, path = smoke
+    result = out / "runs" / "amft" / "seed-0" / "result.json"
+    before = result.stat().st_mtime_ns
+    run_grid(load_grid(path), out, progress=False)  # everything finished: nothing runs again
+    assert result.stat().st_mtime_ns == before
+    other = parse_grid(_grid(seeds=[5]))
+    with pytest.raises(GridError, match="holds the results of a different grid"):
+        run_grid(other, out, progress=False)
+    assert result.exists()
+
+
+def test_interrupted_grid_resumes_to_the_same_result(tmp_path, monkeypatch):
+    grid = parse_grid(_grid(methods=["amft"], budget={"max_steps": 4, "warmup_steps": 1, "eval_every": 2}))
+    straight = run_grid(grid, tmp_path / "straight", progress=False)
+
+    original = runner_module._Recorder.on_step_end
+
+    def interrupt(self, args, state, control, **kwargs):
+        original(self, args, state, control, **kwargs)
+        if self.run.seed == 1 and state.global_step == 3:
+            raise KeyboardInterrupt("stopped by the test")
+
+    monkeypatch.setattr(runner_module._Recorder, "on_step_end", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(grid, tmp_path / "resumed", progress=False)
+    half = tmp_path / "resumed" / "runs" / "amft"
+    assert (half / "seed-0" / "result.json").exists() and not (half / "seed-1" / "result.json").exists()
+    assert (half / "seed-1" / "train" / "checkpoint-2").is_dir()
+    monkeypatch.setattr(runner_module._Recorder, "on_step_end", original)
+    run_grid(grid, tmp_path / "resumed", progress=False)
+
+    for seed in (0, 1):
+        a = json.loads((straight / "runs" / "amft" / f"seed-{seed}" / "result.json").read_text())
+        b = json.loads((half / f"seed-{seed}" / "result.json").read_text())
+        assert b["checksum"] == a["checksum"]  # bit-identical weights after resuming from checkpoint-2
+        assert b["final"] == a["final"] and b["evals"][0]["scores"] == a["evals"][0]["scores"]
+        for key in ("generated_tokens", "validation_generated_tokens", "sft_tokens"):
+            assert b["spent"][key] == a["spent"][key], key
+        assert b["series"]["mu"] == pytest.approx(a["series"]["mu"], rel=1e-9)
+
+
+def test_determinism_evaluating_does_not_change_training(tmp_path):
+    """Periodic evaluation runs inside training: it must leave the run's random streams alone."""
+    every_two = parse_grid(_grid(methods=["grpo_only"], seeds=[0], budget={"max_steps": 4, "eval_every": 2}))
+    at_end = parse_grid(_grid(methods=["grpo_only"], seeds=[0], budget={"max_steps": 4, "eval_every": 4}))
+    a = run_grid(every_two, tmp_path / "a", progress=False) / "runs" / "grpo_only" / "seed-0" / "result.json"
+    b = run_grid(at_end, tmp_path / "b", progress=False) / "runs" / "grpo_only" / "seed-0" / "result.json"
+    a, b = json.loads(a.read_text()), json.loads(b.read_text())
+    assert [e["step"] for e in a["evals"]] == [2] and b["evals"] == []
+    assert a["checksum"] == b["checksum"]
+
+
+# ------------------------------------------------------------------------------------------------ the GPU recipe
+
+FIXTURES = Path(__file__).parent / "fixtures"
+RECIPE = Path(__file__).parents[1] / "benchmarks" / "grids" / "math_gpu.yaml"
+
+
+def test_gpu_recipe_is_a_valid_grid():
+    grid = load_grid(RECIPE)
+    assert grid.model == "Qwen/Qwen2.5-Math-1.5B" and grid.task == "math"
+    assert grid.task_options["dataset"] == "Elliott/Openr1-Math-46k-8192"
+    assert grid.task_options["benchmarks"] == "math,ood"
+    assert set(grid.methods) == set(METHODS)  # every method, the reference included
+    assert all(entry.trials for entry in grid.methods.values())  # every method tuned, 3 trials each
+    assert {len(entry.trials) for entry in grid.methods.values()} == {3}
+
+
+def test_gpu_recipe_smoke_on_the_tiny_model(tmp_path):
+    """The recipe as written, made tiny: the toy model, a local slice of the data, local copies of the benchmarks."""
+    import yaml
+
+    raw = yaml.safe_load(RECIPE.read_text())
+    raw["model"] = "toy"
+    raw["seeds"] = [0]
+    raw["task_options"].update(
+        dataset=str(FIXTURES / "openr1_math_sample.jsonl"),
+        validation_size=2,
+        max_new_tokens=8,
+        benchmarks=f"math500={FIXTURES / 'eval' / 'math500.jsonl'},arc_c={FIXTURES / 'eval' / 'arc_c.jsonl'}",
+    )
+    raw["budget"] = {"max_steps": 3, "sft_steps": 1, "warmup_steps": 1, "eval_every": 3}
+    raw["evaluation"] = {"num_samples": 0, "backend": "transformers"}
+    for key in ("use_vllm", "vllm_mode", "vllm_gpu_memory_utilization", "bf16", "gradient_checkpointing"):
+        raw["training"].pop(key)
+    raw["training"].update(
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        num_generations=2,
+        sft_per_device_train_batch_size=2,
+        max_completion_length=8,
+        max_sft_length=128,
+    )
+    raw["methods"] = {m: {"args": raw["methods"][m].get("args", {})} for m in ("two_stage", "amft", "hpt")}
+    raw["methods"]["amft"]["args"].update(meta_update_steps=1, meta_val_batch_size=2)
+    out = run_grid(parse_grid(raw), tmp_path / "math", progress=False)
+    rows = _rows(out / "results.csv")
+    assert {(r["method"], r["eval_set"], r["group"]) for r in rows} == {
+        (m, s, g) for m in ("two_stage", "amft", "hpt") for s, g in (("math500", "ID"), ("arc_c", "OOD"))
+    }
