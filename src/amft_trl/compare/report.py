@@ -261,6 +261,11 @@ def plot(grid: Grid, out: Path, runs: dict, sets: list[str]) -> dict[str, Path]:
     except ImportError:
         return {}
     base = json.loads((out / "base_eval.json").read_text()) if (out / "base_eval.json").exists() else None
+    cmap = plt.get_cmap("tab20")
+    style = {  # one colour per method (tab20: 12 methods do not repeat), dashed for every other one
+        m: {"color": cmap((2 * i) % 20 + (i // 10) % 2), "linestyle": "-" if i % 2 == 0 else "--"}
+        for i, m in enumerate(grid.methods)
+    }
     paths = {}
     for x, label, fname in (
         ("step", "optimizer step", "accuracy_vs_steps.png"),
@@ -271,7 +276,7 @@ def plot(grid: Grid, out: Path, runs: dict, sets: list[str]) -> dict[str, Path]:
             for method in grid.methods:
                 if method in runs:
                     xs, ys = _curve(runs[method], name, x, base)
-                    ax.plot(xs, [100 * y for y in ys], marker="o", ms=3, label=method)
+                    ax.plot(xs, [100 * y for y in ys], marker="o", ms=3, label=method, **style[method])
             ax.set_title(f"{name} (mean over seeds)")
             ax.set_xlabel(label)
             ax.set_ylabel("accuracy (%)")
@@ -289,7 +294,7 @@ def plot(grid: Grid, out: Path, runs: dict, sets: list[str]) -> dict[str, Path]:
             if method in runs and not (key == "reward" and method == "sft_only"):
                 steps, values = _mean_series(runs[method], key)
                 if values:
-                    ax.plot(steps, values, label=method)
+                    ax.plot(steps, values, label=method, **style[method])
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(f"{ylabel}, mean over seeds")
         ax.legend(fontsize=7)

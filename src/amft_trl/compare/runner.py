@@ -422,9 +422,6 @@ class _Run:
             trainer.spent, recorder.trainer = Spent(), trainer
             history = self._train(trainer, sft_config.output_dir)
             trainer.save_model(str(final_dir))
-            tokenizer.save_pretrained(str(final_dir))
-            if (Path(self.base_path) / BASE_INFO).is_file():
-                shutil.copy(Path(self.base_path) / BASE_INFO, final_dir / BASE_INFO)
             stage = {
                 "trainer": _trl_class(trainer),
                 "spent": asdict(trainer.spent),
@@ -434,7 +431,9 @@ class _Run:
             stage_path.write_text(json.dumps(stage))
             del trainer, model
         # stage 2: TRL's GRPOTrainer from the SFT stage's final weights, with a fresh optimizer and schedule
-        model, tokenizer = load_model(str(final_dir))
+        # the tokenizer as the SFT stage used it: from the starting model, not a re-save that AutoTokenizer may
+        # rebuild as another class
+        model, tokenizer = load_model(str(final_dir), self.base_path)
         start_checksum = parameter_checksum(model)
         base = Spent(**stage["spent"])
         recorder = _Recorder(self, self.budget.sft_steps, base)
@@ -469,19 +468,20 @@ class _Run:
 BASE_INFO = "amft_base.json"
 
 
-def load_model(path: str) -> tuple[Any, Any]:
-    """A run's starting point: the model (float32) and its tokenizer, from a directory or a hub id.
+def load_model(path: str, tokenizer_path: str | None = None) -> tuple[Any, Any]:
+    """A run's starting point: the model (float32) and its tokenizer (from `tokenizer_path`, default `path`).
 
     The toy tokenizer is read back as the `PreTrainedTokenizerFast` it was saved from: `AutoTokenizer` would
     rebuild it as the model type's tokenizer class (Qwen2's), whose pre-tokenizer splits numbers differently."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    info = Path(path) / BASE_INFO
+    tokenizer_path = tokenizer_path or path
+    info = Path(tokenizer_path) / BASE_INFO
     if info.is_file() and json.loads(info.read_text()).get("toy"):
         from transformers import PreTrainedTokenizerFast
 
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_path)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     return model, tokenizer
 
 
@@ -636,8 +636,8 @@ def run_grid(grid: Grid, output_dir: str | Path, *, overwrite: bool = False, pro
         choice = {"trials": entry.trials, "val_scores": scores, "best": best, "chosen": entry.trials[best]}
         choice_path.write_text(json.dumps(choice, indent=1))
         choices[method] = entry.trials[best]
-    for method in grid.methods:
-        for seed in grid.seeds:
+    for seed in grid.seeds:  # seed-major: a grid stopped early has every method on its first seeds
+        for method in grid.methods:
             bar.set_postfix_str(f"{method} seed {seed}")
             _Run(
                 grid,

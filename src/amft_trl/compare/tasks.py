@@ -234,14 +234,15 @@ class Arithmetic(Task):
     @dataclass
     class Options:
         operation: str = "add"
+        min_operand: int = 0
         max_operand: int = 99
         ood_max_operand: int = 999
         num_train: int = 1000
-        num_val: int = 40
+        num_val: int = 30
         num_test: int = 100
         num_ood: int = 100
         instruction: str = "Answer with just the number."
-        max_new_tokens: int = 16
+        max_new_tokens: int = 24
         seed: int = 0
 
     def check(self) -> None:
@@ -250,8 +251,11 @@ class Arithmetic(Task):
             raise TaskError(
                 f"task 'arithmetic': operation must be one of {list(self.OPERATIONS)}, got {o.operation!r}."
             )
-        if o.ood_max_operand <= o.max_operand:
-            raise TaskError("task 'arithmetic': ood_max_operand must exceed max_operand.")
+        if not 0 <= o.min_operand <= o.max_operand < o.ood_max_operand:
+            raise TaskError(
+                "task 'arithmetic': needs 0 <= min_operand <= max_operand < ood_max_operand, got "
+                f"{o.min_operand}, {o.max_operand}, {o.ood_max_operand}."
+            )
 
     def _problem(self, rng: random.Random, high: int, low: int = 0) -> tuple[str, int]:
         op = self.options.operation
@@ -282,7 +286,12 @@ class Arithmetic(Task):
                 {
                     "prompt": [{"role": "user", "content": text}],
                     "answer": str(value),
-                    "demonstration": [{"role": "assistant", "content": f"{question[8:-1]} = {value}"}],
+                    "demonstration": [
+                        {
+                            "role": "assistant",
+                            "content": f"{question[8:-1]} = {value}. The answer is {value}.",
+                        }
+                    ],
                 }
             )
         return rows
@@ -290,9 +299,9 @@ class Arithmetic(Task):
     def build(self) -> TaskData:
         o = self.options
         rng, seen = random.Random(o.seed), set()
-        test = self._rows(o.num_test, rng, seen, o.max_operand)
-        val = self._rows(o.num_val, rng, seen, o.max_operand)
-        train = self._rows(o.num_train, rng, seen, o.max_operand)
+        test = self._rows(o.num_test, rng, seen, o.max_operand, o.min_operand)
+        val = self._rows(o.num_val, rng, seen, o.max_operand, o.min_operand)
+        train = self._rows(o.num_train, rng, seen, o.max_operand, o.min_operand)
         ood = self._rows(o.num_ood, rng, seen, o.ood_max_operand, low=o.max_operand + 1)
 
         def prompts(rows: list[dict]) -> Dataset:
