@@ -367,3 +367,28 @@ def test_gpu_recipe_smoke_on_the_tiny_model(tmp_path):
     assert {(r["method"], r["eval_set"], r["group"]) for r in rows} == {
         (m, s, g) for m in ("two_stage", "amft", "hpt") for s, g in (("math500", "ID"), ("arc_c", "OOD"))
     }
+
+
+def test_tuning_scores_the_validation_split_only(tmp_path):
+    grid = parse_grid(
+        _grid(
+            methods={"grpo_only": {"tune": {"learning_rate": [1.0e-2, 1.0e-4]}}},
+            seeds=[0],
+            budget={"max_steps": 2, "eval_every": 1},
+            tuning={"seed": 7, "max_steps": 2},
+        )
+    )
+    out = run_grid(grid, tmp_path / "tuned", progress=False)
+    choice = json.loads((out / "tuning" / "grpo_only" / "choice.json").read_text())
+    trials = [
+        json.loads((out / "tuning" / "grpo_only" / f"trial-{i}" / "result.json").read_text()) for i in (0, 1)
+    ]
+    for trial in trials:
+        assert trial["final"] == {} and trial["evals"] == []  # the test sets are never looked at
+        assert trial["seed"] == 7 and 0.0 <= trial["val"] <= 1.0
+    assert choice["val_scores"] == [t["val"] for t in trials]
+    best = max(range(2), key=lambda i: (choice["val_scores"][i], -i))
+    assert choice["chosen"] == choice["trials"][best]
+    run = json.loads((out / "runs" / "grpo_only" / "seed-0" / "result.json").read_text())
+    assert run["settings"]["learning_rate"] == choice["chosen"]["learning_rate"] and run["final"]
+    assert json.dumps(choice["chosen"]) in (out / "table.md").read_text()

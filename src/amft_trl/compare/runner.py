@@ -293,6 +293,8 @@ class _Recorder(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.spent.wall_seconds += time.perf_counter() - self._start
         step = self.offset + state.global_step
+        if self.run.tuning:
+            return
         if step % self.run.budget.eval_every == 0 and step < self.run.budget.max_steps:
             model = self.trainer.accelerator.unwrap_model(self.trainer.model)
             self.run.record_eval(
@@ -310,7 +312,7 @@ class _Run:
     budget: Budget
     directory: Path
     base_path: str
-    score_val: bool
+    tuning: bool  # a tuning trial: scored on the validation split only, never on the test sets
     keep_checkpoints: bool = False
 
     @property
@@ -340,8 +342,8 @@ class _Run:
             model, tokenizer, spent, history, extra = self._two_stage()
         else:
             model, tokenizer, spent, history, extra = self._amft()
-        final = evaluate(model, tokenizer, self.grid, self.data)
-        val = evaluate(model, tokenizer, self.grid, self.data, split="val")["val"] if self.score_val else None
+        final = {} if self.tuning else evaluate(model, tokenizer, self.grid, self.data)
+        val = evaluate(model, tokenizer, self.grid, self.data, split="val")["val"] if self.tuning else None
         result = {
             "method": self.method,
             "seed": self.seed,
@@ -628,7 +630,7 @@ def run_grid(grid: Grid, output_dir: str | Path, *, overwrite: bool = False, pro
                 grid.tuning_budget(),
                 out / "tuning" / method / f"trial-{i}",
                 base_path,
-                score_val=True,
+                tuning=True,
             )
             scores.append(run.execute()["val"])
             bar.update()
@@ -648,7 +650,7 @@ def run_grid(grid: Grid, output_dir: str | Path, *, overwrite: bool = False, pro
                 grid.budget,
                 out / "runs" / method / f"seed-{seed}",
                 base_path,
-                score_val=False,
+                tuning=False,
             ).execute()
             bar.update()
     bar.close()
