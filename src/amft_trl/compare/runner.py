@@ -276,6 +276,19 @@ def parameter_checksum(model: Any) -> str:
     return digest.hexdigest()
 
 
+def _quiet_progress(trainer: Any) -> None:
+    """Keep the trainer's progress bar but not its printed log dict per step (it buries the grid's bar); the logs
+    stay in the trainer's log history and in `result.json`."""
+    from transformers.trainer_callback import ProgressCallback
+
+    class QuietProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            pass
+
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(QuietProgress())
+
+
 class _Recorder(TrainerCallback):
     """Times the training steps, restores the spent budget on resume, and evaluates every `eval_every` steps."""
 
@@ -394,6 +407,7 @@ class _Run:
             callbacks=[recorder],
         )
         trainer.spent, recorder.trainer = Spent(), trainer
+        _quiet_progress(trainer)
         history = self._train(trainer, output_dir)
         return trainer.accelerator.unwrap_model(trainer.model), tokenizer, trainer.spent, history, {}
 
@@ -422,6 +436,7 @@ class _Run:
                 callbacks=[recorder],
             )
             trainer.spent, recorder.trainer = Spent(), trainer
+            _quiet_progress(trainer)
             history = self._train(trainer, sft_config.output_dir)
             trainer.save_model(str(final_dir))
             stage = {
@@ -448,6 +463,7 @@ class _Run:
             callbacks=[recorder],
         )
         trainer.spent, recorder.trainer = Spent(), trainer
+        _quiet_progress(trainer)
         history = self._train(trainer, rl_config.output_dir)
         for entry in history:
             if "step" in entry:
