@@ -35,7 +35,12 @@ class Interval:
 
 def t_quantile(probability: float, dof: int) -> float:
     """The Student-t quantile (scipy's `t.ppf`)."""
-    from scipy.stats import t
+    try:
+        from scipy.stats import t
+    except ImportError as error:
+        raise ImportError(
+            "amft_trl.compare needs scipy for its confidence intervals: pip install 'amft-trl[compare]'."
+        ) from error
 
     return float(t.ppf(probability, dof))
 
