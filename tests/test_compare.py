@@ -372,13 +372,16 @@ def test_gpu_recipe_smoke_on_the_tiny_model(tmp_path):
 def test_tuning_scores_the_validation_split_only(tmp_path):
     grid = parse_grid(
         _grid(
-            methods={"grpo_only": {"tune": {"learning_rate": [1.0e-2, 1.0e-4]}}},
+            methods={"grpo_only": {"tune": {"learning_rate": [1.0e-2, 1.0e-4]}}, "sft_only": {}},
             seeds=[0],
             budget={"max_steps": 2, "eval_every": 1},
             tuning={"seed": 7, "max_steps": 2},
         )
     )
-    out = run_grid(grid, tmp_path / "tuned", progress=False)
+    with pytest.raises(GridError, match=r"--methods: \['fixed'\] are not methods of this grid"):
+        run_grid(grid, tmp_path / "tuned", progress=False, methods=["fixed"])
+    out = run_grid(grid, tmp_path / "tuned", progress=False, methods=["grpo_only"])
+    assert not (out / "runs" / "sft_only").exists()  # --methods: only the named ones run
     choice = json.loads((out / "tuning" / "grpo_only" / "choice.json").read_text())
     trials = [
         json.loads((out / "tuning" / "grpo_only" / f"trial-{i}" / "result.json").read_text()) for i in (0, 1)

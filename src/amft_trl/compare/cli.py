@@ -28,6 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace the results of a different grid found in --output-dir (they are kept otherwise)",
     )
     parser.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated: run only these methods of the grid (e.g. one process per core, disjoint sets, same "
+        "--output-dir); the report covers every finished run",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="rewrite the table and plots from finished runs"
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -47,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.report_only:
             paths = write_report(grid, output)
         else:
-            run_grid(grid, output, overwrite=args.overwrite, progress=not args.no_progress)
+            methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+            run_grid(grid, output, overwrite=args.overwrite, progress=not args.no_progress, methods=methods)
             paths = {"table": output / "table.md"}
     except GridError as error:
         print(f"amft-compare: error: {error}", file=sys.stderr)

@@ -597,14 +597,28 @@ def prepare_output_dir(grid: Grid, out: Path, overwrite: bool) -> None:
     record.write_text(yaml.safe_dump(grid.raw, sort_keys=False))
 
 
-def run_grid(grid: Grid, output_dir: str | Path, *, overwrite: bool = False, progress: bool = True) -> Path:
+def run_grid(
+    grid: Grid,
+    output_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+    methods: list[str] | None = None,
+) -> Path:
     """Run every tuning trial and every (method, seed) of `grid` that is not finished yet, then write the report.
+
+    `methods`: run only these (the report still covers every finished run). Invocations with disjoint `methods`
+    can share one output directory, e.g. one process per CPU core.
 
     Returns the output directory. Raises `GridError` for a grid that cannot run (before anything trains)."""
     from tqdm.auto import tqdm
 
     from amft_trl.compare.report import write_report
 
+    selected = list(grid.methods) if methods is None else list(methods)
+    unknown = [m for m in selected if m not in grid.methods]
+    if unknown:
+        raise GridError(f"--methods: {unknown} are not methods of this grid ({list(grid.methods)}).")
     out = Path(output_dir)
     task = build_task(grid.task, grid.task_options)
     data = task.build()
@@ -624,11 +638,11 @@ def run_grid(grid: Grid, output_dir: str | Path, *, overwrite: bool = False, pro
         }
         base_eval.write_text(json.dumps(scores, indent=1))
 
-    tuned = [m for m, e in grid.methods.items() if e.trials]
-    total = sum(len(grid.methods[m].trials) for m in tuned) + len(grid.methods) * len(grid.seeds)
+    tuned = [m for m in selected if grid.methods[m].trials]
+    total = sum(len(grid.methods[m].trials) for m in tuned) + len(selected) * len(grid.seeds)
     bar = tqdm(total=total, desc=f"grid {grid.name}", unit="run", disable=not progress, position=0)
     choices: dict[str, dict[str, Any] | None] = {}
-    for method in grid.methods:
+    for method in selected:
         entry = grid.methods[method]
         if not entry.trials:
             choices[method] = None
@@ -655,7 +669,7 @@ def run_grid(grid: Grid, output_dir: str | Path, *, overwrite: bool = False, pro
         choice_path.write_text(json.dumps(choice, indent=1))
         choices[method] = entry.trials[best]
     for seed in grid.seeds:  # seed-major: a grid stopped early has every method on its first seeds
-        for method in grid.methods:
+        for method in selected:
             bar.set_postfix_str(f"{method} seed {seed}")
             _Run(
                 grid,
