@@ -221,6 +221,18 @@ def markdown(grid: Grid, out: Path, rows: list[dict[str, Any]], sets: list[str])
     )
     if ranking:
         lines += [f"Ranking on `{sets[0]}` (mean): " + " > ".join(f"`{m}` {_fmt(v)}" for m, v in ranking), ""]
+        best, mean = ranking[0]
+        std = by_method[best][sets[0]]["std"]
+        if base is not None and sets[0] in base["test"] and std is not None and math.isfinite(std):
+            gain = mean - base["test"][sets[0]]
+            ratio = f"{gain / std:.1f}" if std > 0 else "inf"
+            lines += [
+                f"Separation: the best method, `{best}`, gains {_fmt(gain)} points on `{sets[0]}` over the starting "
+                f"model; its standard deviation over seeds is {_fmt(std)} points, a ratio of {ratio} "
+                f"({'at least' if std == 0 or gain / std >= 3 else 'below'} 3: "
+                f"{'it separates' if std == 0 or gain / std >= 3 else 'no method separates at this budget'}).",
+                "",
+            ]
     return "\n".join(lines)
 
 
