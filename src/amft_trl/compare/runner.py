@@ -423,7 +423,7 @@ class _Run:
         )
         stage_path = self.directory / "sft_stage.json"
         final_dir = self.directory / "sft_final"
-        if stage_path.exists():
+        if stage_path.exists() and (final_dir / "config.json").exists():
             stage = json.loads(stage_path.read_text())
         else:  # stage 1: TRL's SFTTrainer on the demonstrations
             model, tokenizer = load_model(self.base_path)
