@@ -395,3 +395,30 @@ def test_tuning_scores_the_validation_split_only(tmp_path):
     run = json.loads((out / "runs" / "grpo_only" / "seed-0" / "result.json").read_text())
     assert run["settings"]["learning_rate"] == choice["chosen"]["learning_rate"] and run["final"]
     assert json.dumps(choice["chosen"]) in (out / "table.md").read_text()
+
+
+def test_two_stage_stopped_in_its_rl_stage_redoes_a_lost_sft_stage(smoke, tmp_path, monkeypatch):
+    out, _ = smoke
+    straight = json.loads((out / "runs" / "two_stage" / "seed-0" / "result.json").read_text())
+    grid = parse_grid(_grid(methods=["two_stage"], seeds=[0]))
+    original = runner_module._Recorder.on_step_end
+
+    def interrupt(self, args, state, control, **kwargs):
+        original(self, args, state, control, **kwargs)
+        if self.offset == 2 and state.global_step == 1:  # the first step of the RL stage
+            raise KeyboardInterrupt("stopped by the test")
+
+    monkeypatch.setattr(runner_module._Recorder, "on_step_end", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(grid, tmp_path / "g", progress=False)
+    monkeypatch.setattr(runner_module._Recorder, "on_step_end", original)
+    run = tmp_path / "g" / "runs" / "two_stage" / "seed-0"
+    assert (run / "sft_stage.json").exists() and (run / "sft_final" / "config.json").exists()
+    import shutil
+
+    shutil.rmtree(run / "sft_final")  # as in a fresh clone: the SFT stage's weights are not committed
+    shutil.rmtree(run / "sft")
+    run_grid(grid, tmp_path / "g", progress=False)
+    resumed = json.loads((run / "result.json").read_text())
+    assert resumed["checksum"] == straight["checksum"] and resumed["final"] == straight["final"]
+    assert resumed["spent"]["sft_tokens"] == straight["spent"]["sft_tokens"]
