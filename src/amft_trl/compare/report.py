@@ -45,10 +45,20 @@ def _tokens(value: float) -> str:
     return f"{value:.0f}"
 
 
-def summarize(grid: Grid, out: Path) -> list[dict[str, Any]]:
+def load_base(out: Path) -> dict[str, Any] | None:
+    """The starting model's scores (`base_eval.json`: test scores, validation score, each test set's group)."""
+    path = out / "base_eval.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def summarize(
+    grid: Grid, out: Path, runs: dict | None = None, base: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """One row per (method, evaluation set): mean and interval over seeds, paired difference, spent budget."""
-    runs = load_runs(out)
-    sets = list(_test_names(out, runs))
+    runs = load_runs(out) if runs is None else runs
+    base = load_base(out) if base is None else base
+    sets = _test_names(base, runs)
+    groups = (base or {}).get("groups", {})
     reference = runs.get(grid.reference or "", {})
     rows = []
     for method in grid.methods:
@@ -67,7 +77,7 @@ def summarize(grid: Grid, out: Path) -> list[dict[str, Any]]:
                 {
                     "method": method,
                     "eval_set": name,
-                    "group": _group(out, runs, name),
+                    "group": groups.get(name, ""),
                     "seeds": iv.n,
                     "mean": iv.mean,
                     "ci_low": iv.low,
@@ -89,34 +99,27 @@ def _choice(out: Path, method: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _test_names(out: Path, runs: dict) -> list[str]:
-    base = out / "base_eval.json"
-    if base.exists():
-        return list(json.loads(base.read_text())["test"])
+def _test_names(base: dict[str, Any] | None, runs: dict) -> list[str]:
+    if base is not None:
+        return list(base["test"])
     for by_seed in runs.values():
         for result in by_seed.values():
             return list(result["final"])
     return []
 
 
-def _group(out: Path, runs: dict, name: str) -> str:
-    base = out / "base_eval.json"
-    groups = json.loads(base.read_text()).get("groups", {}) if base.exists() else {}
-    return groups.get(name, "")
-
-
 def write_report(grid: Grid, out: str | Path) -> dict[str, Path]:
     """Write `runs.csv`, `results.csv`, `table.md` and the plots from the finished runs in `out`."""
     out = Path(out)
-    runs = load_runs(out)
-    rows = summarize(grid, out)
+    runs, base = load_runs(out), load_base(out)
+    rows = summarize(grid, out, runs, base)
     paths = {"results": out / "results.csv", "runs": out / "runs.csv", "table": out / "table.md"}
     if rows:
         with paths["results"].open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
-    sets = _test_names(out, runs)
+    sets = _test_names(base, runs)
     with paths["runs"].open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "seed", *sets, *SPENT_COLUMNS, "optimizer_steps", "checksum"])
@@ -132,14 +135,15 @@ def write_report(grid: Grid, out: str | Path) -> dict[str, Path]:
                         r["checksum"],
                     ]
                 )
-    paths["table"].write_text(markdown(grid, out, rows, sets))
-    paths.update(plot(grid, out, runs, sets))
+    paths["table"].write_text(markdown(grid, out, rows, sets, base))
+    paths.update(plot(grid, out, runs, sets, base))
     return paths
 
 
-def markdown(grid: Grid, out: Path, rows: list[dict[str, Any]], sets: list[str]) -> str:
+def markdown(
+    grid: Grid, out: Path, rows: list[dict[str, Any]], sets: list[str], base: dict[str, Any] | None
+) -> str:
     """The table: accuracy (%) per evaluation set with its 95% interval, the paired difference, the budget."""
-    base = json.loads((out / "base_eval.json").read_text()) if (out / "base_eval.json").exists() else None
     b = grid.budget
     lines = [
         f"# Comparison: {grid.name}",
@@ -263,7 +267,7 @@ def _mean_series(results: dict[int, dict[str, Any]], key: str) -> tuple[list, li
     return steps, [sum(per_step[s]) / len(per_step[s]) for s in steps]
 
 
-def plot(grid: Grid, out: Path, runs: dict, sets: list[str]) -> dict[str, Path]:
+def plot(grid: Grid, out: Path, runs: dict, sets: list[str], base: dict[str, Any] | None) -> dict[str, Path]:
     """accuracy_vs_steps.png, accuracy_vs_compute.png, sft_weight.png and reward.png (needs matplotlib)."""
     try:
         import matplotlib
@@ -272,7 +276,6 @@ def plot(grid: Grid, out: Path, runs: dict, sets: list[str]) -> dict[str, Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return {}
-    base = json.loads((out / "base_eval.json").read_text()) if (out / "base_eval.json").exists() else None
     cmap = plt.get_cmap("tab20")
     style = {  # one colour per method (tab20: 12 methods do not repeat), dashed for every other one
         m: {"color": cmap((2 * i) % 20 + (i // 10) % 2), "linestyle": "-" if i % 2 == 0 else "--"}
