@@ -161,6 +161,14 @@ def test_budgets_that_do_not_fit_the_data(tmp_path):
         run_grid(grid, tmp_path / "c", progress=False)
 
 
+def test_started_in_several_processes_is_refused(monkeypatch, tmp_path):
+    # under `accelerate launch` / torchrun every process would train the same runs and write the same files
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(GridError, match=r"started in 2 \(WORLD_SIZE=2"):
+        run_grid(parse_grid(_grid()), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_bad_grid_is_one_line(tmp_path, capsys):
     path = tmp_path / "grid.yaml"
     path.write_text(

@@ -615,6 +615,13 @@ def run_grid(
 
     from amft_trl.compare.report import write_report
 
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1:  # every process would train the same runs and write the same result files
+        raise GridError(
+            f"amft-compare runs each training in one process, but it was started in {world_size} (WORLD_SIZE="
+            f"{world_size}: accelerate launch or torchrun). Start it as a plain command; to use several cores or "
+            "GPUs, start one amft-compare per device (CUDA_VISIBLE_DEVICES) with disjoint --methods and the same --output-dir."
+        )
     selected = list(grid.methods) if methods is None else list(methods)
     unknown = [m for m in selected if m not in grid.methods]
     if unknown:
