@@ -79,3 +79,38 @@ def test_end_to_end_tiny(tmp_path):
     assert "step_time" in meta["logged_step_time_median"]
     assert result["run"]["torch_threads"] == 1
     assert "| amft_meta |" in Path(f"{out}.md").read_text()
+
+
+SUMMARY = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_summary.py"
+
+
+def _result(grid: Path, method: str, seed: int, acc: float, ood: float) -> None:
+    run = grid / "runs" / method / f"seed-{seed}"
+    run.mkdir(parents=True)
+    spent = {"generated_tokens": 1000.0 * (seed + 1), "validation_generated_tokens": 0.0, "sft_tokens": 500.0}
+    run.joinpath("result.json").write_text(
+        json.dumps({"method": method, "seed": seed, "final": {"id": acc, "ood": ood}, "spent": spent})
+    )
+
+
+def test_compare_summary_pairs_with_a_reference_from_another_grid(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("compare_summary", SUMMARY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    main, other = tmp_path / "main", tmp_path / "other"
+    for seed, (a, b) in enumerate([(0.5, 0.4), (0.7, 0.5), (0.6, 0.6)]):
+        _result(main, "fixed", seed, a, 0.1)
+        _result(other, "two_stage", seed, b, 0.2)
+    main.joinpath("grid.yaml").write_text("methods: {fixed: {}}\n")
+    module.main([str(main), f"{other}=ref", "--reference", "ref"])
+    rows = {line.split(" | ")[0]: line.split(" | ") for line in capsys.readouterr().out.splitlines()}
+    fixed, ref = rows["| `fixed`"], rows["| `ref`"]
+    assert fixed[2] == "50.0 / 70.0 / 60.0"
+    # mean 60, s = 10, t_{0.975, 2} = 4.302653 -> half-width 24.84
+    assert fixed[3] == "60.0 [35.2, 84.8]"
+    # paired differences 10, 20, 0: mean 10, s = 10 -> the same half-width; the interval holds 0, so no star
+    assert fixed[4] == "+10.0 [-14.8, 34.8]"
+    assert ref[4] == "reference"
+    assert fixed[-1].startswith("2.0k / 500")  # tokens: the mean over seeds (1k, 2k, 3k)
+    with pytest.raises(SystemExit, match="not a row"):
+        module.main([str(main), "--reference", "two_stage"])
