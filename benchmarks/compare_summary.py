@@ -17,20 +17,17 @@ A grid argument is `DIR` or `DIR=LABEL`; with a label, the grid's methods are sh
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import yaml
 
+from amft_trl.compare.report import load_runs
 from amft_trl.compare.stats import mean_interval, paired_difference
 
 
 def _load(grid_dir: Path) -> dict[str, dict[int, dict]]:
     """`{method: {seed: result}}`, methods in the order of the grid's copy (`grid.yaml`), if it is there."""
-    runs: dict[str, dict[int, dict]] = {}
-    for path in sorted(grid_dir.glob("runs/*/seed-*/result.json")):
-        result = json.loads(path.read_text())
-        runs.setdefault(result["method"], {})[int(result["seed"])] = result
+    runs = load_runs(grid_dir)
     grid_file = grid_dir / "grid.yaml"
     if grid_file.exists():
         order = list(yaml.safe_load(grid_file.read_text()).get("methods") or [])
