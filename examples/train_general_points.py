@@ -172,6 +172,7 @@ def main(script_args: GeneralPointsArguments, training_args: AMFTConfig, model_a
         evaluate_after_training(trainer, benchmarks, num_samples=script_args.eval_num_samples)
     if training_args.push_to_hub:
         trainer.push_to_hub()
+    trainer.accelerator.end_training()  # destroys the process group: see train_math.py
 
 
 if __name__ == "__main__":

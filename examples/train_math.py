@@ -406,6 +406,9 @@ def main(script_args: MathScriptArguments, training_args: AMFTConfig, model_args
         )
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    # Under `accelerate launch`, a process that exits with its gloo/NCCL group alive can abort in teardown (SIGABRT,
+    # "terminate called without an active exception") after a finished run; end it while the interpreter is whole.
+    trainer.accelerator.end_training()
 
 
 def training_summary(trainer: AMFTTrainer) -> str:
