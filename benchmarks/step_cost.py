@@ -32,10 +32,18 @@ What is measured, per configuration:
 - generation: the model's `generate` is wrapped (time, calls, generated tokens), so training and validation
   rollouts are both counted; tokens per second are given per whole step and per second inside `generate`.
 
+- the parts of each step, timed inside it (wall and CPU seconds): the RL part (`GRPOTrainer.training_step`, which
+  AMFT calls through `super()`), the SFT part (`AMFTTrainer._sft_micro_step`), the meta step's validation part
+  (`_validation_for_meta_step`), `optimizer.step()`, and the rest (the step minus these).
+
 Ratios: `amft / (grpo + sft_only)`; the amortised AMFT step with a meta step every K = 20 steps,
 `((19 * amft + amft_meta) / 20) / (grpo + sft_only)`; the meta step's extra time `(amft_meta - amft) / grpo` (its
 validation work is about one GRPO step in the default setup); the meta step's extra peak memory in units of one
-float32 gradient (4 bytes x trainable parameters) and of one gradient in the parameters' dtype.
+float32 gradient (4 bytes x trainable parameters) and of one gradient in the parameters' dtype. The same time
+ratios are also given "from parts": on a shared CPU identical work runs a few percent faster in one process than in
+another, more than the overhead in question, so `grpo + sft_only` is rebuilt from the RL and SFT parts timed inside
+the `amft` process's own steps, plus the (small) optimizer and rest times of the `grpo` and `sft_only` processes
+(`ratios_from_parts`).
 
 Simplifications: one process (no DDP/DeepSpeed); a synthetic addition task in standard (not conversational) format,
 as `amft_trl.toy`'s: 8-token prompts `Compute a + b =` and ~11-token demonstration completions on SmolLM2's
@@ -43,9 +51,9 @@ tokenizer (the reward only has to vary so that GRPO's advantages are non-zero: c
 `--completion-length` tokens (`generation_kwargs={"min_new_tokens": L}` with `max_completion_length = L`, checked
 from the wrapped `generate`), so all configurations generate the same number of tokens whatever the model samples;
 the learning rate is constant (its value does not affect the cost); TRL's other defaults are kept (among them, in
-TRL 1.16: activation checkpointing on, fused AdamW, `beta = 0` so no reference model). Only public API is used
-(`GRPOConfig`/`AMFTConfig` fields, the trainers' constructors, callbacks, `state.log_history`), so the same script
-measures an older or newer `src/` (`--src`).
+TRL 1.16: activation checkpointing on, fused AdamW, `beta = 0` so no reference model). Besides two private methods that the part timers wrap (`_sft_micro_step`, `_validation_for_meta_step`; a `src/`
+without them leaves that part in the rest), only public API is used (`GRPOConfig`/`AMFTConfig` fields, the trainers'
+constructors, callbacks, `state.log_history`), so the same script measures an older or newer `src/` (`--src`).
 
 Threads: `--threads` (default 1 on CPU: faster than 2 on this project's shared 2-core CPU) sets `OMP_NUM_THREADS`,
 `MKL_NUM_THREADS` and `torch.set_num_threads` in the workers.
@@ -277,7 +285,65 @@ class GenerateTimer:
         }
 
 
-def _step_clock_callback(sampler: RSSSampler, gen: GenerateTimer, cuda: bool):
+# The parts of a step, timed in the worker that runs it (so compared without another process's noise):
+# "rl": `GRPOTrainer.training_step` (generation, rewards, RL forward/backward; inside AMFT's own `training_step`);
+# "sft": `AMFTTrainer._sft_micro_step` (SFT forward/backward); "meta_validation": `_validation_for_meta_step`
+# (validation rollouts and the grad U backward); "optimizer": `optimizer.step()` (between the `on_pre_optimizer_step`
+# and `on_optimizer_step` callbacks). The rest of a step (the Trainer loop, gradient clipping, AMFT's bookkeeping
+# around the parts) is the step's wall time minus these. The two AMFT methods are private: a `--src` that lacks one
+# leaves that part in the rest.
+PHASES = ("rl", "sft", "meta_validation", "optimizer")
+
+
+class PhaseTimer:
+    """Wall and process CPU seconds spent inside the parts of a step (`PHASES`), cumulative."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.wall = dict.fromkeys(PHASES, 0.0)
+        self.cpu = dict.fromkeys(PHASES, 0.0)
+        self._open: dict[str, tuple[float, float]] = {}
+
+    def _now(self) -> tuple[float, float]:
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize()
+        return time.perf_counter(), time.process_time()
+
+    def start(self, phase: str) -> None:
+        self._open[phase] = self._now()
+
+    def stop(self, phase: str) -> None:
+        t0, c0 = self._open.pop(phase)
+        t1, c1 = self._now()
+        self.wall[phase] += t1 - t0
+        self.cpu[phase] += c1 - c0
+
+    def wrap(self, owner: Any, name: str, phase: str) -> bool:
+        """Time `owner.name` (a class: every instance and `super()` call; an instance: that one) as `phase`."""
+        inner = getattr(owner, name, None)
+        if inner is None:
+            return False
+        timer = self
+
+        def timed(*args: Any, **kwargs: Any):
+            timer.start(phase)
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                timer.stop(phase)
+
+        setattr(owner, name, timed)
+        return True
+
+    def snapshot(self) -> dict[str, tuple[float, float]]:
+        return {p: (self.wall[p], self.cpu[p]) for p in PHASES}
+
+
+def _step_clock_callback(
+    sampler: RSSSampler, gen: GenerateTimer, cuda: bool, phases: PhaseTimer | None = None
+):
     from transformers import TrainerCallback
 
     class StepClock(TrainerCallback):
@@ -297,6 +363,14 @@ def _step_clock_callback(sampler: RSSSampler, gen: GenerateTimer, cuda: bool):
 
                 self.cuda_allocated_train_begin = torch.cuda.memory_allocated()
 
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if phases is not None:
+                phases.start("optimizer")
+
+        def on_optimizer_step(self, args, state, control, **kwargs):
+            if phases is not None:
+                phases.stop("optimizer")
+
         def on_step_begin(self, args, state, control, **kwargs):
             if cuda:
                 import torch
@@ -305,6 +379,7 @@ def _step_clock_callback(sampler: RSSSampler, gen: GenerateTimer, cuda: bool):
                 torch.cuda.reset_peak_memory_stats()
             sampler.reset()
             self._gen0 = gen.snapshot()
+            self._phase0 = phases.snapshot() if phases is not None else None
             self._cpu0 = time.process_time()
             self._t0 = time.perf_counter()
 
@@ -326,6 +401,10 @@ def _step_clock_callback(sampler: RSSSampler, gen: GenerateTimer, cuda: bool):
                 "generated_sequences": g["sequences"] - self._gen0["sequences"],
                 "generated_tokens": g["tokens"] - self._gen0["tokens"],
             }
+            if phases is not None:
+                now = phases.snapshot()
+                record["phase_seconds"] = {p: now[p][0] - self._phase0[p][0] for p in PHASES}
+                record["phase_cpu_seconds"] = {p: now[p][1] - self._phase0[p][1] for p in PHASES}
             if cuda:
                 import torch
 
@@ -457,11 +536,15 @@ def run_worker(args: argparse.Namespace) -> None:
 
     sampler = RSSSampler(args.rss_interval)
     gen = GenerateTimer(model, cuda)
-    clock = _step_clock_callback(sampler, gen, cuda)
+    phases = PhaseTimer(cuda)
+    clock = _step_clock_callback(sampler, gen, cuda, phases)
+    from trl import GRPOTrainer
+
+    phases.wrap(GRPOTrainer, "training_step", "rl")  # the class: AMFT reaches it through `super()`
     output_dir = tempfile.mkdtemp(prefix=f"step-cost-{args.worker}-")
     kwargs = training_arguments(args, args.worker, output_dir)
     if args.worker == "grpo":
-        from trl import GRPOConfig, GRPOTrainer
+        from trl import GRPOConfig
 
         trainer = GRPOTrainer(
             model=model,
@@ -484,6 +567,8 @@ def run_worker(args: argparse.Namespace) -> None:
             val_dataset=val if args.worker == "amft_meta" else None,
             callbacks=[clock],
         )
+        phases.wrap(trainer, "_sft_micro_step", "sft")
+        phases.wrap(trainer, "_validation_for_meta_step", "meta_validation")
     t_train = time.perf_counter()
     trainer.train()
     t_end = time.perf_counter()
@@ -613,6 +698,15 @@ def summarise(worker: dict[str, Any], warmup: int) -> dict[str, Any]:
         if med_tokens
         else None
     )
+    if steps and all("phase_seconds" in s for s in steps):
+        for kind, step_key, phase_key in (
+            ("wall", "seconds", "phase_seconds"),
+            ("cpu", "cpu_seconds", "phase_cpu_seconds"),
+        ):
+            out[f"phase_{kind}_median"] = {p: _median([s[phase_key][p] for s in steps]) for p in PHASES}
+            out[f"phase_{kind}_median"]["rest"] = _median(
+                [s[step_key] - sum(s[phase_key].values()) for s in steps]
+            )
     if any("cuda_max_allocated" in s for s in steps):
         out["cuda_max_allocated"] = max(s.get("cuda_max_allocated", 0) for s in steps)
         out["cuda_allocated_train_begin"] = worker["cuda_allocated_train_begin"]
@@ -646,6 +740,43 @@ def ratios(
         out["meta_extra_peak_bytes"] = extra
         out["meta_extra_peak_fp32_gradients"] = extra / (4 * num_params)
         out["meta_extra_peak_param_dtype_gradients"] = extra / (param_bytes * num_params)
+    return out
+
+
+def ratios_from_parts(summary: dict[str, dict[str, Any]], kind: str = "wall") -> dict[str, float]:
+    """The time ratios with the large parts of every step measured in the `amft` process itself.
+
+    Across processes the same work takes different time on a shared CPU (GRPO's generation ran 5% slower in one
+    process than in another on identical work), more than the effect measured. So GRPO + SFT only is rebuilt from
+    the work AMFT's step does, timed inside AMFT's step (its RL part, i.e. GRPO's `training_step`, and its SFT part),
+    plus what each of those trainers spends besides (optimizer step and the rest, from their own processes: small
+    numbers, so their noise is small). The meta step's extra time is its validation part, plus its rest and its SFT
+    part beyond a plain step's: the inner products around the RL backward fall in the rest, those around the SFT
+    backward inside the SFT part. (The RL part, `GRPOTrainer.training_step`, does the same work in both.) All
+    medians over the measured steps; `kind` is "wall" or "cpu".
+    """
+    key = f"phase_{kind}_median"
+    if not {"grpo", "sft_only", "amft"} <= summary.keys() or any(key not in summary[n] for n in summary):
+        return {}
+    step_key = "median_seconds" if kind == "wall" else "median_cpu_seconds"
+    g, f, a = summary["grpo"][key], summary["sft_only"][key], summary["amft"][key]
+    grpo_besides = g["optimizer"] + g["rest"]
+    sft_besides = f["optimizer"] + f["rest"]
+    grpo_plus_sft = a["rl"] + a["sft"] + grpo_besides + sft_besides
+    amft = summary["amft"][step_key]
+    out = {
+        "grpo_plus_sft_from_parts": grpo_plus_sft,
+        "amft_over_grpo_plus_sft": amft / grpo_plus_sft,
+        "amft_besides_parts": a["optimizer"] + a["rest"],
+        "grpo_plus_sft_besides_parts": grpo_besides + sft_besides,
+    }
+    if "amft_meta" in summary and key in summary["amft_meta"]:
+        m = summary["amft_meta"][key]
+        meta_extra = m["meta_validation"] + (m["rest"] - a["rest"]) + (m["sft"] - a["sft"])
+        k = AMORTISE_K
+        out["meta_extra_seconds"] = meta_extra
+        out["meta_extra_time_over_grpo"] = meta_extra / (a["rl"] + grpo_besides)
+        out[f"amortised_k{k}_over_grpo_plus_sft"] = (amft + meta_extra / k) / grpo_plus_sft
     return out
 
 
@@ -738,6 +869,46 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
             f"{c[key]:.2f}; (amft_meta - amft) / grpo = {c['meta_extra_time_over_grpo']:.2f} "
             f"({c['meta_extra_seconds']:.2f} CPU s).",
         ]
+    if any("phase_wall_median" in s for s in result["summary"].values()):
+        lines += [
+            "",
+            "Where a step's time goes (median wall s over the measured steps; CPU s in brackets). RL: "
+            "`GRPOTrainer.training_step` (generation, rewards, RL forward/backward); SFT: `_sft_micro_step`; meta "
+            "validation: `_validation_for_meta_step`; optimizer: `optimizer.step()`; rest: the step minus these "
+            "(Trainer loop, gradient clipping, AMFT's bookkeeping and the meta step's inner products).",
+            "",
+            "| config | RL | SFT | meta validation | optimizer | rest | step |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, s in result["summary"].items():
+            w, c = s.get("phase_wall_median"), s.get("phase_cpu_median")
+            if not w:
+                continue
+            cells = " | ".join(f"{w[p]:.2f} ({c[p]:.2f})" for p in (*PHASES, "rest"))
+            lines.append(
+                f"| {name} | {cells} | {_f(s['median_seconds'])} ({_f(s.get('median_cpu_seconds'))}) |"
+            )
+        pw, pc = result.get("ratios_from_parts", {}), result.get("ratios_from_parts_cpu", {})
+        if pw:
+            lines += [
+                "",
+                "The ratios again, with GRPO + SFT only rebuilt from the parts of the AMFT process's own steps "
+                "(its RL part + its SFT part + the optimizer and rest of the grpo and sft_only processes: "
+                f"{pw['grpo_plus_sft_from_parts']:.2f} s); wall (CPU time):",
+                "",
+                f"- amft / (grpo + sft_only) = {pw['amft_over_grpo_plus_sft']:.2f} "
+                f"({_f(pc.get('amft_over_grpo_plus_sft'))}); an AMFT step spends "
+                f"{pw['amft_besides_parts']:.2f} s besides its RL and SFT parts, GRPO and SFT-only steps together "
+                f"{pw['grpo_plus_sft_besides_parts']:.2f} s",
+            ]
+            if key in pw:
+                lines += [
+                    f"- amortised K = {AMORTISE_K}: {pw[key]:.2f} ({_f(pc.get(key))})",
+                    f"- meta step extra time (its validation part + its rest and SFT part beyond a plain step's) / "
+                    "GRPO step = "
+                    f"{pw['meta_extra_time_over_grpo']:.2f} ({_f(pc.get('meta_extra_time_over_grpo'))}; "
+                    f"{pw['meta_extra_seconds']:.2f} s)",
+                ]
     lines += [
         "",
         "Per step (all steps; the first "
@@ -944,6 +1115,8 @@ def main(argv: list[str] | None = None) -> int:
             args.device == "cuda",
             time_key="median_cpu_seconds",
         ),
+        "ratios_from_parts": ratios_from_parts(summary, "wall"),
+        "ratios_from_parts_cpu": ratios_from_parts(summary, "cpu"),
         "workers": workers,
     }
     Path(f"{out}.json").write_text(json.dumps(result, indent=1))

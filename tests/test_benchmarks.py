@@ -60,6 +60,51 @@ def test_summary_and_ratios(step_cost):
     assert step_cost.ratios({"amft": summary["amft"]}, 100, 4, False) == {}
 
 
+def _with_parts(worker: dict, rl: float, sft: float, meta: float, optimizer: float) -> dict:
+    for step in worker["steps"]:
+        step["cpu_seconds"] = step["seconds"] + 1.0
+        step["phase_seconds"] = {"rl": rl, "sft": sft, "meta_validation": meta, "optimizer": optimizer}
+        step["phase_cpu_seconds"] = {"rl": rl, "sft": sft, "meta_validation": meta, "optimizer": optimizer}
+    return worker
+
+
+def test_ratios_from_parts(step_cost):
+    """GRPO + SFT only rebuilt from the AMFT process's own RL and SFT parts (hand computation)."""
+    workers = {
+        # step = RL 7 + optimizer 0.5 + rest 0.5 = 8; in the AMFT process the same RL work took 7.5
+        "grpo": _with_parts(
+            _worker([100.0, 8.0, 8.0], peak=1, tokens=512), rl=7.0, sft=0.0, meta=0.0, optimizer=0.5
+        ),
+        # 3 = SFT 2 + optimizer 0.5 + rest 0.5
+        "sft_only": _with_parts(_worker([100.0, 3.0, 3.0], peak=1), rl=0.0, sft=2.0, meta=0.0, optimizer=0.5),
+        # 11 = RL 7.5 + SFT 2.2 + optimizer 0.5 + rest 0.8
+        "amft": _with_parts(
+            _worker([100.0, 11.0, 11.0], peak=1, tokens=512), rl=7.5, sft=2.2, meta=0.0, optimizer=0.5
+        ),
+        # 20.3 = RL 7.5 + SFT 2.5 (0.3 of inner products) + validation 8 + optimizer 0.5 + rest 1.8 (1.0 more)
+        "amft_meta": _with_parts(
+            _worker([100.0, 20.3, 20.3], peak=1, tokens=1024), rl=7.5, sft=2.5, meta=8.0, optimizer=0.5
+        ),
+    }
+    summary = {name: step_cost.summarise(w, warmup=1) for name, w in workers.items()}
+    assert summary["amft"]["phase_wall_median"]["rest"] == pytest.approx(0.8)
+    assert summary["amft"]["phase_cpu_median"]["rest"] == pytest.approx(1.8)  # CPU s = wall s + 1 here
+    q = step_cost.ratios_from_parts(summary, "wall")
+    base = 7.5 + 2.2 + (0.5 + 0.5) + (0.5 + 0.5)
+    assert q["grpo_plus_sft_from_parts"] == pytest.approx(base)
+    assert q["amft_over_grpo_plus_sft"] == pytest.approx(11.0 / base)
+    assert q["amft_besides_parts"] == pytest.approx(1.3) and q[
+        "grpo_plus_sft_besides_parts"
+    ] == pytest.approx(2.0)
+    assert q["meta_extra_seconds"] == pytest.approx(8.0 + (1.8 - 0.8) + (2.5 - 2.2))
+    assert q["meta_extra_time_over_grpo"] == pytest.approx(9.3 / (7.5 + 1.0))
+    assert q["amortised_k20_over_grpo_plus_sft"] == pytest.approx((11.0 + 9.3 / 20) / base)
+    # the cross-process ratio on the same data, for contrast: 11 / (8 + 3)
+    assert step_cost.ratios(summary, 100, 4, False)["amft_over_grpo_plus_sft"] == pytest.approx(1.0)
+    # without the parts (an older src, or a missing configuration) there is nothing to rebuild
+    assert step_cost.ratios_from_parts({"amft": summary["amft"]}) == {}
+
+
 @pytest.mark.slow
 def test_end_to_end_tiny(tmp_path):
     out = tmp_path / "tiny"
@@ -79,6 +124,10 @@ def test_end_to_end_tiny(tmp_path):
     assert "step_time" in meta["logged_step_time_median"]
     assert result["run"]["torch_threads"] == 1
     assert "| amft_meta |" in Path(f"{out}.md").read_text()
+    # every part of a meta step was timed, and none inside another (their sum fits in the step)
+    step = result["workers"]["amft_meta"]["steps"][-1]
+    assert all(step["phase_seconds"][p] > 0 for p in ("rl", "sft", "meta_validation", "optimizer"))
+    assert sum(step["phase_seconds"].values()) <= step["seconds"]
 
 
 SUMMARY = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_summary.py"
