@@ -30,8 +30,7 @@ What is measured, per configuration:
   GPU: `torch.cuda.max_memory_allocated` after `torch.cuda.reset_peak_memory_stats` at each `on_step_begin` (and the
   host RSS as on CPU);
 - generation: the model's `generate` is wrapped (time, calls, generated tokens), so training and validation
-  rollouts are both counted; tokens per second are given per whole step and per second inside `generate`.
-
+  rollouts are both counted; tokens per second are given per whole step and per second inside `generate`;
 - the parts of each step, timed inside it (wall and CPU seconds): the RL part (`GRPOTrainer.training_step`, which
   AMFT calls through `super()`), the SFT part (`AMFTTrainer._sft_micro_step`), the meta step's validation part
   (`_validation_for_meta_step`), `optimizer.step()`, and the rest (the step minus these).
@@ -51,9 +50,10 @@ tokenizer (the reward only has to vary so that GRPO's advantages are non-zero: c
 `--completion-length` tokens (`generation_kwargs={"min_new_tokens": L}` with `max_completion_length = L`, checked
 from the wrapped `generate`), so all configurations generate the same number of tokens whatever the model samples;
 the learning rate is constant (its value does not affect the cost); TRL's other defaults are kept (among them, in
-TRL 1.16: activation checkpointing on, fused AdamW, `beta = 0` so no reference model). Besides two private methods that the part timers wrap (`_sft_micro_step`, `_validation_for_meta_step`; a `src/`
-without them leaves that part in the rest), only public API is used (`GRPOConfig`/`AMFTConfig` fields, the trainers'
-constructors, callbacks, `state.log_history`), so the same script measures an older or newer `src/` (`--src`).
+TRL 1.16: activation checkpointing on, fused AdamW, `beta = 0` so no reference model). Besides the two private
+methods the part timers wrap (`_sft_micro_step`, `_validation_for_meta_step`; a `src/` without them leaves that part
+in the rest), only public API is used (`GRPOConfig`/`AMFTConfig` fields, the trainers' constructors, callbacks,
+`state.log_history`), so the same script measures an older or newer `src/` (`--src`).
 
 Threads: `--threads` (default 1 on CPU: faster than 2 on this project's shared 2-core CPU) sets `OMP_NUM_THREADS`,
 `MKL_NUM_THREADS` and `torch.set_num_threads` in the workers.
@@ -285,13 +285,8 @@ class GenerateTimer:
         }
 
 
-# The parts of a step, timed in the worker that runs it (so compared without another process's noise):
-# "rl": `GRPOTrainer.training_step` (generation, rewards, RL forward/backward; inside AMFT's own `training_step`);
-# "sft": `AMFTTrainer._sft_micro_step` (SFT forward/backward); "meta_validation": `_validation_for_meta_step`
-# (validation rollouts and the grad U backward); "optimizer": `optimizer.step()` (between the `on_pre_optimizer_step`
-# and `on_optimizer_step` callbacks). The rest of a step (the Trainer loop, gradient clipping, AMFT's bookkeeping
-# around the parts) is the step's wall time minus these. The two AMFT methods are private: a `--src` that lacks one
-# leaves that part in the rest.
+# The parts of a step (module docstring); "optimizer" is timed between the `on_pre_optimizer_step` and
+# `on_optimizer_step` callbacks, the others by wrapping the method that does them.
 PHASES = ("rl", "sft", "meta_validation", "optimizer")
 
 
@@ -875,7 +870,8 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
             "Where a step's time goes (median wall s over the measured steps; CPU s in brackets). RL: "
             "`GRPOTrainer.training_step` (generation, rewards, RL forward/backward); SFT: `_sft_micro_step`; meta "
             "validation: `_validation_for_meta_step`; optimizer: `optimizer.step()`; rest: the step minus these "
-            "(Trainer loop, gradient clipping, AMFT's bookkeeping and the meta step's inner products).",
+            "(Trainer loop, gradient clipping, AMFT's bookkeeping; in a meta step also the inner products around the RL "
+            "backward, those around the SFT backward being in the SFT part).",
             "",
             "| config | RL | SFT | meta validation | optimizer | rest | step |",
             "|---|---:|---:|---:|---:|---:|---:|",
