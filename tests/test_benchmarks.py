@@ -93,9 +93,8 @@ def test_ratios_from_parts(step_cost):
     base = 7.5 + 2.2 + (0.5 + 0.5) + (0.5 + 0.5)
     assert q["grpo_plus_sft_from_parts"] == pytest.approx(base)
     assert q["amft_over_grpo_plus_sft"] == pytest.approx(11.0 / base)
-    assert q["amft_besides_parts"] == pytest.approx(1.3) and q[
-        "grpo_plus_sft_besides_parts"
-    ] == pytest.approx(2.0)
+    assert q["amft_besides_parts"] == pytest.approx(1.3)
+    assert q["grpo_plus_sft_besides_parts"] == pytest.approx(2.0)
     assert q["meta_extra_seconds"] == pytest.approx(8.0 + (1.8 - 0.8) + (2.5 - 2.2))
     assert q["meta_extra_time_over_grpo"] == pytest.approx(9.3 / (7.5 + 1.0))
     assert q["amortised_k20_over_grpo_plus_sft"] == pytest.approx((11.0 + 9.3 / 20) / base)
