@@ -65,7 +65,7 @@ class AMFTConfig(GRPOConfig):
         > Parameters that control the SFT term (Eq. 2)
 
         sft_per_device_train_batch_size (`int` or `None`, *optional*):
-            SFT demonstrations per device per micro-step (like `per_device_train_batch_size`). `None`: same as
+            SFT demonstrations per device per micro-step (m in the paper; like `per_device_train_batch_size`). `None`: same as
             `per_device_train_batch_size`. Each optimizer step uses this x `gradient_accumulation_steps` x processes.
         max_sft_length (`int` or `None`, *optional*, defaults to `1024`):
             Maximum tokens of prompt + completion for an SFT example; longer ones are truncated on the right.
