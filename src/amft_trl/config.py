@@ -22,7 +22,12 @@ logger = logging.getLogger(__name__)
 @dataclass
 class AMFTConfig(GRPOConfig):
     r"""
-    Configuration for [`AMFTTrainer`]: [`~trl.GRPOConfig`] plus a balancing strategy between SFT and GRPO.
+    Configuration class for the [`AMFTTrainer`]: [`~trl.GRPOConfig`] plus the SFT side and a balancing strategy
+    between SFT and GRPO.
+
+    This class includes only the parameters that are specific to AMFT and the other balancing strategies. For the
+    GRPO parameters (`loss_type`, `num_generations`, `beta`, vLLM, ...) see [`~trl.GRPOConfig`], for the rest
+    [`~transformers.TrainingArguments`]; both apply unchanged.
 
     Every strategy trains on `w_RL * L_RL + w_SFT * L_SFT` (AMFT paper, Eq. 3, for `w = (1 - mu, mu)`), where `L_RL`
     is GRPO's loss on on-policy rollouts and `L_SFT` the NLL of demonstrations. `balancing` chooses how the weights
@@ -36,6 +41,101 @@ class AMFTConfig(GRPOConfig):
 
     Warm-up steps count inside `max_steps` (and inside the learning-rate schedule): with `max_steps=500` and
     `sft_warmup_steps=50`, the run does 50 SFT-only steps then 450 steps of the strategy.
+
+    Parameters:
+        > Parameters that control the balancing strategy
+
+        balancing (`str`, *optional*, defaults to `"amft"`):
+            How the SFT and RL losses are weighed: `"amft"` (Eq. 6 + Eq. 25), `"fixed"` (mu = `mu_init`),
+            `"sft_then_rl"` (SFT for `sft_warmup_steps`, then GRPO only), `"chord"` (CHORD's mu schedule, optional
+            phi), `"srft"` (SRFT's entropy-aware weights) or `"hpt"` (HPT's per-prompt SFT/RL switch).
+        sft_warmup_steps (`int` or `None`, *optional*):
+            W: optimizer steps of pure SFT before the strategy starts; no rollouts are generated during them. They
+            count inside `max_steps`. `None`: the strategy's default (`"amft"` and `"fixed"`: 50, the paper's W;
+            `"chord"`, `"srft"` and `"hpt"`: 0; `"sft_then_rl"` needs `sft_warmup_steps >= 1`: it is the length of
+            its SFT stage).
+        sft_warmup_learning_rate (`float` or `None`, *optional*):
+            Peak learning rate of the SFT warm-up, which then gets a schedule of its own (`lr_scheduler_type` over
+            the warm-up steps, with its own warm-up from `warmup_steps`), and the later phase a fresh one over the
+            remaining steps at `learning_rate`. `None`: one schedule over all `max_steps`.
+        reset_optimizer_after_warmup (`bool`, *optional*, defaults to `False`):
+            Start the phase after the SFT warm-up with a fresh optimizer state (Adam moments and step count) and a
+            fresh learning-rate schedule, as a two-stage SFT-then-RL pipeline would. Refused under DeepSpeed.
+
+        > Parameters that control the SFT term (Eq. 2)
+
+        sft_per_device_train_batch_size (`int` or `None`, *optional*):
+            SFT demonstrations per device per micro-step (m in the paper; like `per_device_train_batch_size`). `None`: same as
+            `per_device_train_batch_size`. Each optimizer step uses this x `gradient_accumulation_steps` x processes.
+        max_sft_length (`int` or `None`, *optional*, defaults to `1024`):
+            Maximum tokens of prompt + completion for an SFT example; longer ones are truncated on the right.
+            Examples whose completion is truncated away entirely are dropped and reported. `None`: no limit.
+
+        > Parameters that control the adaptive weight mu (`balancing="amft"`; `mu_init` also for `"fixed"`)
+
+        mu_init (`float`, *optional*, defaults to `0.5`):
+            Initial SFT weight mu_0 (paper: 0.5); the constant mu of `balancing="fixed"`.
+        mu_min (`float`, *optional*, defaults to `0.05`):
+            Lower clip bound of mu in Eq. 6 (paper: 0.05).
+        mu_max (`float`, *optional*, defaults to `0.95`):
+            Upper clip bound of mu in Eq. 6 (paper: 0.95).
+        meta_learning_rate (`float`, *optional*, defaults to `0.02`):
+            eta_mu in Eq. 6: step size of the meta-gradient term. With the default `meta_gradient_form="normalized"`
+            it is the largest change of mu one meta step can make; the paper's 1e-4 belongs to the raw form. `0`
+            disables the meta-gradient and its validation rollouts.
+        meta_gradient_form (`str`, *optional*, defaults to `"normalized"`):
+            Which g_mu enters Eq. 6. `"raw"`: Eq. 25 exactly, `-alpha * <grad U, grad L_SFT - grad L_RL>` with alpha
+            the current policy learning rate. `"normalized"`: g_mu divided by the root of an exponential moving
+            average of g_mu**2 (Adam's scaling applied to the scalar mu), clipped to [-1, 1].
+        entropy_learning_rate (`float`, *optional*, defaults to `5e-4`):
+            eta_H in Eq. 6: step size of the entropy term (paper: 5e-4). `0` disables it.
+        meta_update_steps (`int`, *optional*, defaults to `20`):
+            K: compute the meta-gradient every K mixed (post-warm-up) steps, the first one included.
+        target_entropy (`float` or `None`, *optional*):
+            H* in Eq. 6, in nats per token. `None`: measured right after the warm-up as the mean token entropy
+            (temperature 1) of the policy on `target_entropy_num_samples` demonstrations.
+        target_entropy_num_samples (`int`, *optional*, defaults to `64`):
+            Number of demonstrations the target entropy H* is measured on.
+        meta_val_batch_size (`int`, *optional*, defaults to `16`):
+            Validation prompts per meta step (over all processes; a multiple of the number of processes); each gets
+            `num_generations` rollouts, whose group-normalised advantages give the estimate of grad U.
+        meta_diagnostics (`bool`, *optional*, defaults to `False`):
+            Also compute |grad L_SFT - grad L_RL| and the cosine between grad U and the RL-minus-SFT direction at
+            each meta step (logged as `amft/meta_cosine`). Needs two more gradient-sized buffers during meta steps.
+
+        > Parameters that control CHORD (`balancing="chord"`, arXiv 2508.11408; ms-swift's names)
+
+        chord_mu_warmup_steps (`int`, *optional*, defaults to `0`):
+            Steps over which mu rises linearly from 0 to `chord_mu_peak` (0: start at the peak).
+        chord_mu_decay_steps (`int`, *optional*, defaults to `200`):
+            Steps over which mu decays from `chord_mu_peak` to `chord_mu_valley` (cosine); 0: none.
+        chord_mu_peak (`float`, *optional*, defaults to `0.9`):
+            The largest mu of the schedule.
+        chord_mu_valley (`float`, *optional*, defaults to `0.05`):
+            mu after the decay, until the end of training.
+        chord_enable_phi_function (`bool`, *optional*, defaults to `False`):
+            CHORD-phi: weight each demonstration token's NLL by `p * (1 - p)`, p its probability (detached).
+
+        > Parameters that control SRFT (`balancing="srft"`, arXiv 2506.19767)
+
+        srft_sft_coef (`float`, *optional*, defaults to `0.5`):
+            The demonstrations' weight is `srft_sft_coef * exp(-H)`, H their detached mean token entropy.
+        srft_rl_coef (`float`, *optional*, defaults to `0.1`):
+            Positive-reward rollouts get weight `srft_rl_coef * exp(H)`, H their detached mean token entropy.
+
+        > Parameters that control HPT (`balancing="hpt"`, arXiv 2509.04419)
+
+        hpt_demonstration_column (`str`, *optional*, defaults to `"demonstration"`):
+            The column of `train_dataset` that holds each prompt's demonstration (a string for standard prompts,
+            assistant messages for conversational ones). `amft_trl.data` and `amft_trl.tasks` write it as
+            `"demonstration"`; OpenR1-Math's is `"target"`.
+        hpt_accuracy_threshold (`float`, *optional*, defaults to `0.0`):
+            HPT's gate gamma: a prompt whose rollouts' accuracy is at or below it is trained on its demonstration
+            (SFT) instead of its rollouts (RL). The paper: 0 for Qwen models, 0.25 (2 of 8) for Llama-3.1-8B.
+        hpt_success_reward (`float`, *optional*, defaults to `1.0`):
+            A rollout counts as correct when its reward (the weighted sum of the reward functions) is at least this.
+        hpt_sft_coef (`float`, *optional*, defaults to `1.0`):
+            HPT's beta: the weight of the demonstrations' NLL (reference scripts: 1.0 for 7B, 0.3 for 1.5B).
     """
 
     # ---- the strategy ----
