@@ -461,3 +461,50 @@ def test_a_changed_starting_model_stops_a_resumed_grid(smoke, tmp_path):
     with pytest.raises(GridError, match="starting model .* is not the one this grid's runs"):
         run_grid(load_grid(path), grid_dir, progress=False)
     assert not (grid_dir / "runs" / "amft" / "seed-1").exists()
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+def _hand_built_report(tmp_path, scores: dict[str, list[float]], base_score: float) -> str:
+    """table.md from hand-built results: `scores[method]` is the `id` score of each seed."""
+    from amft_trl.compare.report import SPENT_COLUMNS, markdown, summarize
+
+    grid = parse_grid(_grid(methods=list(scores)))
+    runs = {
+        method: {
+            seed: {"final": {"id": value}, "spent": dict.fromkeys(SPENT_COLUMNS, 0.0)}
+            for seed, value in enumerate(values)
+        }
+        for method, values in scores.items()
+    }
+    base = {"test": {"id": base_score}, "val": base_score, "groups": {"id": "ID"}}
+    rows = summarize(grid, tmp_path, runs, base)
+    return markdown(grid, tmp_path, rows, ["id"], base)
+
+
+def test_report_no_gain_is_no_separation(tmp_path):
+    # every method scores 0 on every seed, like the starting model: std 0, gain 0 -- not "a ratio of inf"
+    text = _hand_built_report(tmp_path, {"sft_only": [0.0, 0.0], "fixed": [0.0, 0.0]}, 0.0)
+    assert "inf" not in text and "it separates" not in text
+    assert "Separation: none" in text and "gains 0.0 points" in text
+    # a loss is no separation either, however small its spread
+    text = _hand_built_report(tmp_path, {"fixed": [0.40, 0.41, 0.40]}, 0.5)
+    assert "Separation: none" in text and "it separates" not in text
+    # a real gain with agreeing seeds still separates; a gain inside 3 std does not
+    text = _hand_built_report(tmp_path, {"fixed": [0.6, 0.6]}, 0.5)
+    assert "gains 10.0 points" in text and "at least 3: it separates" in text
+    text = _hand_built_report(tmp_path, {"fixed": [0.5, 0.7]}, 0.5)  # gain 10, std 14.1
+    assert "a ratio of 0.7 (below 3: no method separates at this budget)" in text
+
+
+def test_report_ties_print_as_ties(tmp_path):
+    text = _hand_built_report(tmp_path, {"sft_only": [0.0, 0.0], "fixed": [0.0, 0.0]}, 0.0)
+    assert "Ranking on `id` (mean): all 2 methods tie at 0.0" in text
+    assert ">" not in text.split("Ranking on")[1].splitlines()[0]
+    scores = {"sft_only": [0.5, 0.5], "fixed": [0.4, 0.6], "amft": [0.7, 0.7], "chord": [0.2, 0.2]}
+    text = _hand_built_report(tmp_path, scores, 0.1)
+    assert "(mean): `amft` 70.0 > `sft_only` 50.0 = `fixed` 50.0 > `chord` 20.0" in text
+    # two methods tied at the top: the separation sentence names both
+    text = _hand_built_report(tmp_path, {"fixed": [0.6, 0.6], "amft": [0.6, 0.6]}, 0.5)
+    assert "the best method, `fixed` (tied with `amft`), gains 10.0 points" in text
