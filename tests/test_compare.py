@@ -508,3 +508,49 @@ def test_report_ties_print_as_ties(tmp_path):
     # two methods tied at the top: the separation sentence names both
     text = _hand_built_report(tmp_path, {"fixed": [0.6, 0.6], "amft": [0.6, 0.6]}, 0.5)
     assert "the best method, `fixed` (tied with `amft`), gains 10.0 points" in text
+
+
+@pytest.mark.parametrize(
+    "methods, training, message",
+    [
+        (
+            {"sft_only": {}, "fixed": {"args": {"learning_rate": -1}}},
+            {},
+            "method 'fixed': `learning_rate` must be",
+        ),
+        (
+            {"sft_only": {}, "two_stage": {"args": {"sft_learning_rate": -1}}},
+            {},
+            "method 'two_stage': `sft_learning_rate` must be",
+        ),
+        (
+            {"sft_only": {}, "fixed": {"tune": {"learning_rate": [1e-3, -1e-3]}}},
+            {},
+            "method 'fixed' (trial {'learning_rate': -0.001}): `learning_rate` must be",
+        ),
+        ({"grpo_only": {}}, {"adam_beta2": 1.0}, "method 'grpo_only': the optimizer"),
+        (
+            {"grpo_only": {}},
+            {"lr_scheduler_type": "cosine_with_min_lr"},
+            "lr_scheduler_type='cosine_with_min_lr'",
+        ),
+    ],
+)
+def test_values_torch_would_refuse_stop_the_grid_before_it_runs(tmp_path, methods, training, message):
+    # `learning_rate: -1` used to pass the grid check: sft_only trained, then fixed died mid-grid in torch's optimizer
+    grid = parse_grid(_grid(methods=methods, training={**SMOKE["training"], **training}))
+    with pytest.raises(GridError) as error:
+        run_grid(grid, tmp_path / "out", progress=False)
+    assert message in str(error.value)
+    assert not (tmp_path / "out").exists()  # refused before anything was written or trained
+
+
+def test_trl_stage_configs_get_the_optimizer_check():
+    # SFTConfig / GRPOConfig accept what torch refuses; the grid check builds their optimizer and schedule too
+    from trl import SFTConfig
+
+    from amft_trl.config import check_optimizer_settings
+
+    config = SFTConfig(output_dir="/nonexistent", learning_rate=-1.0, report_to=[], use_cpu=True, bf16=False)
+    with pytest.raises(ValueError, match=r"optimizer .*learning_rate=-1.0.*Invalid learning rate"):
+        check_optimizer_settings(config, 10)
