@@ -554,3 +554,76 @@ def test_trl_stage_configs_get_the_optimizer_check():
     config = SFTConfig(output_dir="/nonexistent", learning_rate=-1.0, report_to=[], use_cpu=True, bf16=False)
     with pytest.raises(ValueError, match=r"optimizer .*learning_rate=-1.0.*Invalid learning rate"):
         check_optimizer_settings(config, 10)
+
+
+# ------------------------------------------------------------------------------------------------ a grid's directory
+
+
+def _recorded(tmp_path, raw):
+    """An output directory holding the results of grid `raw` (its record and one finished run)."""
+    out = tmp_path / "out"
+    runner_module.prepare_output_dir(parse_grid(raw), out, overwrite=False)
+    (out / "runs" / "amft" / "seed-0").mkdir(parents=True)
+    (out / "runs" / "amft" / "seed-0" / "result.json").write_text("{}")
+    return out
+
+
+def test_added_seeds_extend_a_grid_and_keep_its_runs(tmp_path):
+    import yaml
+
+    out = _recorded(tmp_path, _grid())
+    runner_module.prepare_output_dir(parse_grid(_grid(seeds=[0, 1, 2])), out, overwrite=False)
+    assert yaml.safe_load((out / "grid.yaml").read_text())["seeds"] == [0, 1, 2]  # the record is the grid now
+    assert (out / "runs" / "amft" / "seed-0" / "result.json").exists()
+    # writing a default out is the same grid
+    same = _grid(seeds=[0, 1, 2], budget={**SMOKE["budget"], "eval_every": 2}, reference="two_stage")
+    runner_module.prepare_output_dir(parse_grid(same), out, overwrite=False)
+
+
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"seeds": [0]}, "(`seeds` differs; seeds [0, 1] there, [0] here: seeds can be added to a grid"),
+        (
+            {"seeds": [0, 1, 2], "budget": {**SMOKE["budget"], "max_steps": 6}},
+            "(`seeds`, `budget.max_steps` differ",
+        ),
+        ({"training": {**SMOKE["training"], "learning_rate": 0.1}}, "(`training.learning_rate` differs"),
+        ({"methods": ["two_stage", "amft", "fixed"]}, "(`methods.fixed` differs"),
+    ],
+)
+def test_a_different_grid_is_refused_naming_what_differs(tmp_path, changes, named):
+    out = _recorded(tmp_path, _grid())
+    with pytest.raises(GridError) as error:
+        runner_module.prepare_output_dir(parse_grid(_grid(**changes)), out, overwrite=False)
+    assert named in str(error.value) and "--overwrite" in str(error.value)
+    assert (out / "runs" / "amft" / "seed-0" / "result.json").exists()
+
+
+def test_added_seeds_that_move_the_default_tuning_seed_say_how_to_keep_it(tmp_path):
+    tuned = {"two_stage": {}, "fixed": {"tune": {"mu_init": [0.2, 0.4]}}}
+    out = _recorded(tmp_path, _grid(methods=tuned))  # tuning seed: max(seeds) + 1 = 2
+    with pytest.raises(
+        GridError, match=r"`tuning.seed` defaults to max\(seeds\) \+ 1: set `tuning: \{seed: 2\}`"
+    ):
+        runner_module.prepare_output_dir(
+            parse_grid(_grid(methods=tuned, seeds=[0, 1, 2])), out, overwrite=False
+        )
+    kept = _grid(methods=tuned, seeds=[0, 1, 2], tuning={"seed": 2})
+    runner_module.prepare_output_dir(parse_grid(kept), out, overwrite=False)
+
+
+def test_cli_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "grid.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(SMOKE))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner_module, "run_grid", interrupted)
+    assert compare_main([str(path), "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 130
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "amft-compare: interrupted; run the same command again to resume."
+    assert "Traceback" not in captured.out + captured.err
