@@ -44,6 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from amft_trl._distributed import global_sum
+from amft_trl._trl_compat import quiet_tied_weights_on_resume
 from amft_trl.compare.grid import Grid, GridError, check_against_data
 from amft_trl.compare.methods import METHODS, TWO_STAGE_FIELDS, Budget
 from amft_trl.compare.tasks import TaskData, build_task
@@ -394,7 +395,9 @@ class _Run:
 
     def _train(self, trainer: Any, output_dir: str) -> list[dict[str, Any]]:
         last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        trainer.train(resume_from_checkpoint=last)
+        # no "missing keys ['lm_head.weight']" when resuming a model with tied weights
+        with quiet_tied_weights_on_resume(trainer.model):
+            trainer.train(resume_from_checkpoint=last)
         return list(trainer.state.log_history)
 
     def _amft(self):
