@@ -438,8 +438,9 @@ def check_optimizer_settings(args: Any, num_training_steps: int) -> None:
     `sft_warmup_learning_rate` or `reset_optimizer_after_warmup` (`two_phase_schedule`), the schedule must also be a
     `LambdaLR` that `AMFTTrainer` can split into two phases.
 
-    Optimizers the Trainer builds from the model itself (GaLore, Apollo, LOMO, Muon...) or from a package that is not
-    installed are left to the trainer.
+    Only torch's and transformers' own optimizers are probed: those the Trainer builds from the model itself (GaLore,
+    Apollo, LOMO, Muon...), from other packages (bitsandbytes, torchao) or from a package that is not installed are
+    left to the trainer.
     """
     import torch
     from torch.optim.lr_scheduler import LambdaLR
@@ -451,10 +452,15 @@ def check_optimizer_settings(args: Any, num_training_steps: int) -> None:
         Exception
     ):  # needs the model, or a package this machine lacks: the trainer says so when it builds it
         return
-    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)) or any(
-        key in kwargs for key in ("params", "model", "optimizer_dict")
+    if (
+        not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer))
+        or not optimizer_cls.__module__.startswith(
+            ("torch.", "transformers.")
+        )  # bitsandbytes, torchao...: on device
+        or any(key in kwargs for key in ("params", "model", "optimizer_dict"))
     ):
         return
+    kwargs = {k: v for k, v in kwargs.items() if k != "fused"}  # the probe is on CPU; fused changes no check
     probe = torch.nn.Linear(1, 1)
     groups = [
         {"params": [probe.weight], "weight_decay": args.weight_decay},
