@@ -122,7 +122,12 @@ class AMFTConfig(GRPOConfig):
         srft_sft_coef (`float`, *optional*, defaults to `0.5`):
             The demonstrations' weight is `srft_sft_coef * exp(-H)`, H their detached mean token entropy.
         srft_rl_coef (`float`, *optional*, defaults to `0.1`):
-            Positive-reward rollouts get weight `srft_rl_coef * exp(H)`, H their detached mean token entropy.
+            Positive-reward rollouts get weight `srft_rl_coef * exp(H)`, H their detached mean token entropy. The
+            weight grows exponentially with H: about 0.3 at H = 1, 2 at H = 3 and 30 at H = 5.7 nats per token (a
+            small or high-temperature model), with gradient norms to match.
+        srft_rl_weight_max (`float` or `None`, *optional*):
+            The largest weight a positive-reward rollout gets: `min(srft_rl_coef * exp(H), srft_rl_weight_max)`.
+            `None`: no cap, the paper's rule (Eq. 11-12).
 
         > Parameters that control HPT (`balancing="hpt"`, arXiv 2509.04419)
 
