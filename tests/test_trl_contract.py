@@ -169,3 +169,43 @@ def test_step_time_covers_the_whole_amft_step(trainer):
     trainer.train()
     times = [h["step_time"] for h in trainer.state.log_history if "step_time" in h]
     assert len(times) == 2 and min(times) >= 0.3
+
+
+def test_resume_warns_about_tied_weights_in_the_form_the_filter_reads(caplog):
+    """transformers' Trainer warns "There were missing keys ... ['lm_head.weight']" when it resumes a model with tied
+    weights (saved without the tied copy); `quiet_tied_weights_on_resume` drops exactly that warning."""
+    import logging
+    from types import SimpleNamespace
+
+    from transformers import Trainer
+
+    from amft_trl import toy
+
+    model = toy.build_model(toy.build_tokenizer(), seed=0)
+    assert model.get_parameter("lm_head.weight") is model.get_parameter("model.embed_tokens.weight")
+    trainer_logger = logging.getLogger("transformers.trainer")
+    propagate, trainer_logger.propagate = (
+        trainer_logger.propagate,
+        True,
+    )  # transformers' loggers do not propagate
+
+    def warn(missing):
+        result = SimpleNamespace(missing_keys=missing, unexpected_keys=[])
+        Trainer._issue_warnings_after_load(SimpleNamespace(model=model), result)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="transformers.trainer"):
+            warn(["lm_head.weight"])
+            assert caplog.records[-1].getMessage().startswith(_trl_compat.MISSING_KEYS_WARNING)
+            assert "['lm_head.weight']" in caplog.records[-1].getMessage()
+            caplog.clear()
+            with _trl_compat.quiet_tied_weights_on_resume(model):
+                warn(["lm_head.weight"])  # the tied copy: nothing is missing
+                assert not caplog.records
+                warn(["lm_head.weight", "model.norm.weight"])  # a real missing key is still reported
+                assert "model.norm.weight" in caplog.text
+            caplog.clear()
+            warn(["lm_head.weight"])  # the filter is gone after the block
+            assert caplog.records
+    finally:
+        trainer_logger.propagate = propagate

@@ -15,6 +15,7 @@ function names the member it relies on and what it assumes:
 | `Accelerator.deepspeed_engine_wrapped` | `swapped_deepspeed_backward` | `accelerator.backward` calls its `.backward(loss, sync_gradients=..., **kwargs)` |
 | `trl.data_utils._tokenize` | `amft_trl.sft_data` | tokenises a prompt or conversation like TRL's SFTTrainer |
 | DeepSpeed `safe_get_local_grad` / `safe_set_local_grad`, `param._hp_mapping` | `amft_trl._distributed.ZeroGrads` | the local ZeRO partition of a gradient |
+| transformers `Trainer._issue_warnings_after_load` | `quiet_tied_weights_on_resume` | warns `MISSING_KEYS_WARNING` + the list of missing keys on logger `transformers.trainer` |
 """
 
 from __future__ import annotations
@@ -112,3 +113,61 @@ def replace_last_step_time(trainer: Any, seconds: float, appended_by_trl: bool) 
         times[-1] = seconds
     else:
         times.append(seconds)
+
+
+#: The start of the warning transformers' Trainer logs when a resumed checkpoint lacks some of the model's keys.
+MISSING_KEYS_WARNING = "There were missing keys in the checkpoint model loaded: "
+
+
+class _TiedWeightsFilter:
+    """Drops the Trainer's missing-keys warning when every key it names is a tied copy of another parameter."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def tied_copies(self) -> set[str]:
+        """The model's parameters that are the very tensor of another one (`lm_head.weight` of a model with
+        `tie_word_embeddings`): a checkpoint stores only their source."""
+        tied = getattr(self.model, "all_tied_weights_keys", None) or {}
+        copies = set()
+        for target, source in tied.items():
+            try:
+                if self.model.get_parameter(target) is self.model.get_parameter(source):
+                    copies.add(target)
+            except AttributeError:
+                continue
+        return copies
+
+    def filter(self, record: Any) -> bool:
+        message = record.getMessage()
+        if not message.startswith(MISSING_KEYS_WARNING):
+            return True
+        import ast
+
+        try:
+            missing = ast.literal_eval(message[len(MISSING_KEYS_WARNING) :].rstrip("."))
+        except (ValueError, SyntaxError):
+            return True
+        return not (isinstance(missing, list) and missing and set(missing) <= self.tied_copies())
+
+
+@contextmanager
+def quiet_tied_weights_on_resume(model: Any) -> Iterator[None]:
+    """Resume without transformers' "There were missing keys in the checkpoint model loaded: ['lm_head.weight']".
+
+    A model with tied weights (`tie_word_embeddings`, as Qwen2's small models and the toy model have) is saved
+    without the tied copy, and `Trainer._load_from_checkpoint` loads the checkpoint with `strict=False` and warns
+    about every missing key unless they equal `model._keys_to_ignore_on_save`, which is empty for these models. Nothing
+    is missing: the copy is the same tensor as the embedding it is tied to, so loading that loads both. This drops the
+    warning while the block runs when every key it names is such a copy (checked on the model, tensor identity);
+    a warning naming any other key is still logged.
+    """
+    import logging
+
+    trainer_logger = logging.getLogger("transformers.trainer")
+    quiet = _TiedWeightsFilter(model)
+    trainer_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        trainer_logger.removeFilter(quiet)

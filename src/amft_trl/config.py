@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from trl import GRPOConfig
 
@@ -121,7 +122,12 @@ class AMFTConfig(GRPOConfig):
         srft_sft_coef (`float`, *optional*, defaults to `0.5`):
             The demonstrations' weight is `srft_sft_coef * exp(-H)`, H their detached mean token entropy.
         srft_rl_coef (`float`, *optional*, defaults to `0.1`):
-            Positive-reward rollouts get weight `srft_rl_coef * exp(H)`, H their detached mean token entropy.
+            Positive-reward rollouts get weight `srft_rl_coef * exp(H)`, H their detached mean token entropy. The
+            weight grows exponentially with H: about 0.3 at H = 1, 2 at H = 3 and 30 at H = 5.7 nats per token (a
+            small or high-temperature model), with gradient norms to match.
+        srft_rl_weight_max (`float` or `None`, *optional*):
+            The largest weight a positive-reward rollout gets: `min(srft_rl_coef * exp(H), srft_rl_weight_max)`.
+            `None`: no cap, the paper's rule (Eq. 11-12).
 
         > Parameters that control HPT (`balancing="hpt"`, arXiv 2509.04419)
 
@@ -273,7 +279,16 @@ class AMFTConfig(GRPOConfig):
     srft_rl_coef: float = field(
         default=0.1,
         metadata={
-            "help": "SRFT: positive-reward rollouts get weight srft_rl_coef * exp(H), H their detached entropy."
+            "help": "SRFT: positive-reward rollouts get weight srft_rl_coef * exp(H), H their detached entropy "
+            "(nats per token). The weight grows exponentially with H: about 0.3 at H = 1, 2 at H = 3, 30 at H = 5.7 "
+            "(a small or high-temperature model), with gradient norms to match; srft_rl_weight_max caps it."
+        },
+    )
+    srft_rl_weight_max: float | None = field(
+        default=None,
+        metadata={
+            "help": "SRFT: the largest weight a positive-reward rollout gets, min(srft_rl_coef * exp(H), this). None "
+            "(the default): no cap, the paper's rule (Eq. 11-12)."
         },
     )
 
@@ -328,6 +343,13 @@ class AMFTConfig(GRPOConfig):
         strategy = get_strategy_class(self.balancing)
         if self.sft_warmup_steps is None:
             self.sft_warmup_steps = strategy.default_sft_warmup_steps()
+            if (
+                self.sft_warmup_steps is None
+            ):  # the strategy has no default: the length of its SFT stage is the run
+                raise ValueError(
+                    f"`{self.balancing}` needs `sft_warmup_steps` >= 1 (the optimizer steps of its SFT stage); it has "
+                    "no default for this strategy: set it."
+                )
         self._validate_shared_fields()
         strategy.check_config(self)
         self._warn_about_other_strategies_fields()
@@ -337,8 +359,12 @@ class AMFTConfig(GRPOConfig):
             logger.info("AMFTConfig: no bf16-capable accelerator found; training in float32 (bf16=False).")
             self.bf16 = False
         super().__post_init__()
+        check_optimizer_settings(self, self.max_steps if self.max_steps > 0 else 1000)
 
     def _validate_shared_fields(self) -> None:
+        # TrainingArguments accepts any learning rate; torch's optimizer refuses a negative one only when the trainer
+        # builds it, after the model is loaded (or, in a comparison grid, in the middle of the grid).
+        check_nonnegative(self, "learning_rate")
         check_fraction(self, "mu_init")
         if not isinstance(self.sft_warmup_steps, int) or self.sft_warmup_steps < 0:
             raise ValueError(f"`sft_warmup_steps` must be an integer >= 0, got {self.sft_warmup_steps!r}.")
@@ -380,18 +406,18 @@ class AMFTConfig(GRPOConfig):
         active = get_strategy_class(self.balancing)
         own = set(active.config_fields)
         defaults = {f.name: f.default for f in fields(self)}
-        ignored = []
+        ignored: dict[str, list[str]] = {}  # field -> the strategies that read it (a field may serve several)
         for name, cls in STRATEGIES.items():
             if cls is active:
                 continue
             for f in cls.config_fields:
-                if f not in own and getattr(self, f) != defaults[f] and f not in ignored:
-                    ignored.append(f"{f}={getattr(self, f)!r} ({name})")
+                if f not in own and getattr(self, f) != defaults[f]:
+                    ignored.setdefault(f, []).append(name)
         if ignored:
             logger.warning(
                 "AMFTConfig: balancing=%r does not read %s; those fields are ignored.",
                 self.balancing,
-                ", ".join(ignored),
+                ", ".join(f"{f}={getattr(self, f)!r} ({', '.join(names)})" for f, names in ignored.items()),
             )
 
     @property
@@ -403,6 +429,80 @@ class AMFTConfig(GRPOConfig):
     def two_phase_schedule(self) -> bool:
         """Whether the warm-up gets a learning-rate schedule of its own (and the later phase a fresh one)."""
         return self.sft_warmup_learning_rate is not None or self.reset_optimizer_after_warmup
+
+
+def check_optimizer_settings(args: Any, num_training_steps: int) -> None:
+    """Build the optimizer and learning-rate schedule the Trainer will build from `args` (any `TrainingArguments`:
+    `AMFTConfig`, TRL's `SFTConfig` / `GRPOConfig`), on a one-parameter probe, and raise a `ValueError` naming the
+    settings when torch or transformers refuses them.
+
+    `TrainingArguments` accepts values that torch's optimizers refuse only when the trainer builds them, after the
+    model is loaded: a negative `learning_rate`, `weight_decay` or `adam_epsilon`, an `adam_beta1` / `adam_beta2`
+    outside [0, 1), `optim_args` or `lr_scheduler_kwargs` the optimizer or schedule does not take. `AMFTConfig` runs
+    this at construction, and `amft-compare` on every run's configs before the grid starts. With
+    `sft_warmup_learning_rate` or `reset_optimizer_after_warmup` (`two_phase_schedule`), the schedule must also be a
+    `LambdaLR` that `AMFTTrainer` can split into two phases.
+
+    Only torch's and transformers' own optimizers are probed: those the Trainer builds from the model itself (GaLore,
+    Apollo, LOMO, Muon...), from other packages (bitsandbytes, torchao) or from a package that is not installed are
+    left to the trainer.
+    """
+    import torch
+    from torch.optim.lr_scheduler import LambdaLR
+    from transformers import Trainer, get_scheduler
+
+    try:
+        optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    except (
+        Exception
+    ):  # needs the model, or a package this machine lacks: the trainer says so when it builds it
+        return
+    if (
+        not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer))
+        or not optimizer_cls.__module__.startswith(
+            ("torch.", "transformers.")
+        )  # bitsandbytes, torchao...: on device
+        or any(key in kwargs for key in ("params", "model", "optimizer_dict"))
+    ):
+        return
+    kwargs = {k: v for k, v in kwargs.items() if k != "fused"}  # the probe is on CPU; fused changes no check
+    probe = torch.nn.Linear(1, 1)
+    groups = [
+        {"params": [probe.weight], "weight_decay": args.weight_decay},
+        {"params": [probe.bias], "weight_decay": 0.0},
+    ]
+    settings = (
+        f"learning_rate={args.learning_rate!r}, weight_decay={args.weight_decay!r}, adam_beta1={args.adam_beta1!r}, "
+        f"adam_beta2={args.adam_beta2!r}, adam_epsilon={args.adam_epsilon!r}"
+        + (f", optim_args={args.optim_args!r}" if args.optim_args else "")
+    )
+    optim = getattr(args.optim, "value", args.optim)
+    try:
+        optimizer = optimizer_cls(groups, **kwargs)
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise ValueError(
+            f"the optimizer `optim={optim!r}` refuses these settings ({settings}): {error}"
+        ) from None
+    schedule = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    try:
+        scheduler = get_scheduler(
+            args.lr_scheduler_type,
+            optimizer=optimizer,
+            num_warmup_steps=args.get_warmup_steps(num_training_steps),
+            num_training_steps=num_training_steps,
+            scheduler_specific_kwargs=args.lr_scheduler_kwargs,
+        )
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise ValueError(
+            f"the learning-rate schedule `lr_scheduler_type={schedule!r}` refuses its settings "
+            f"(lr_scheduler_kwargs={args.lr_scheduler_kwargs!r}): {error}"
+        ) from None
+    if getattr(args, "two_phase_schedule", False) and not isinstance(scheduler, LambdaLR):
+        raise ValueError(
+            f"`lr_scheduler_type={schedule!r}` cannot be split into a warm-up phase and a later phase "
+            "(sft_warmup_learning_rate / reset_optimizer_after_warmup need a LambdaLR schedule such as linear, "
+            "cosine or constant)."
+        )
 
 
 def _bf16_accelerator_available() -> bool:

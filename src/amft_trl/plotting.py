@@ -59,6 +59,8 @@ def plot_training_dynamics(
         source: the run's log history: a list of log dicts (`trainer.state.log_history`), a `Trainer` or
             `TrainerState`, or a path: an output directory (its `trainer_state.json`, else that of its latest
             `checkpoint-*`), a `trainer_state.json`, or a JSON list of log dicts (e.g. a saved `log_history`).
+            An output directory has a `trainer_state.json` only when the run wrote one: `trainer.save_state()`
+            after training, or a checkpoint (`save_strategy` other than `"no"`).
         output_path: the PNG to write. Default: `training_dynamics.png` in the output directory when `source`
             is a directory or a `Trainer` (its `args.output_dir`), next to the file when `source` is a file;
             required for a list or a `TrainerState`.
@@ -220,8 +222,10 @@ def _history_from_path(path: Path) -> tuple[list[dict], Path]:
             checkpoints = [c for c in checkpoints if (c / "trainer_state.json").is_file()]
             if not checkpoints:
                 raise FileNotFoundError(
-                    f"no trainer_state.json in {path} or in a checkpoint-* directory under it "
-                    "(pass the log history, e.g. trainer.state.log_history, instead)"
+                    f"no trainer_state.json in {path} or in a checkpoint-* directory under it: the run's log history "
+                    "is written there by `trainer.save_state()` (call it after `trainer.train()`) or with every "
+                    "checkpoint (a save_strategy other than 'no'; the CPU recipes set 'no'). Without it, plot from the "
+                    "training script: plot_training_dynamics(trainer), or pass trainer.state.log_history."
                 )
             state_file = max(checkpoints, key=lambda c: int(c.name.split("-")[-1])) / "trainer_state.json"
         return _read_history(state_file), path
