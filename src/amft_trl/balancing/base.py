@@ -73,7 +73,7 @@ class StepMeasurements:
     direction_norm: float | None = None  # |grad L_SFT - grad L_RL| (only with `meta_diagnostics`)
     cosine: float | None = None  # cos(grad U, -(grad L_SFT - grad L_RL)) (only with `meta_diagnostics`)
     val_reward: float | None = None  # mean reward of the validation rollouts (NaN: every reward was None/NaN)
-    sft_weight_mean: float | None = None  # mean effective SFT weight (per token, or per prompt for HPT)
+    sft_weight_mean: float | None = None  # mean effective SFT weight per demonstration token trained
     sft_prompt_fraction: float | None = (
         None  # fraction of the step's RL prompts trained on their demonstration
     )
@@ -112,7 +112,8 @@ class BalancingStrategy(TrainerCallback):
         config_fields: the `AMFTConfig` fields it reads besides the shared ones; the config warns when a field of
             another strategy is set away from its default (it would be ignored).
         sft_source: where demonstrations come from. `"dataset"`: `AMFTTrainer(sft_dataset=...)`, drawn in a seeded
-            stream. `"train_column"`: one demonstration per RL prompt, from a column of `train_dataset` (HPT).
+            stream. `"train_column"`: one demonstration per RL prompt, from a column of `train_dataset` (HPT); which
+            optimizer step trains which is `amft_trl.attached_demonstrations`' rule.
         sft_token_weights_need_entropy / rl_weights_need_entropy: whether `sft_token_weights` / `rl_advantages`
             read entropies (the trainer then computes them in the same forward pass).
     """
@@ -192,8 +193,9 @@ class BalancingStrategy(TrainerCallback):
         return None
 
     def sft_gate(self, rollouts: RolloutBatch) -> torch.Tensor:
-        """(B,) bool: which rollouts' prompts are trained on their own demonstration this micro-step (strategies
-        whose `sft_source` is `"train_column"`; each prompt counts once however many rollouts it has)."""
+        """(B,) bool: which rollouts' prompts are trained on their own demonstration (strategies whose `sft_source`
+        is `"train_column"`), decided once per generation batch; each prompt counts once however many rollouts it
+        has, and is trained at the optimizer step that owns it (`amft_trl.attached_demonstrations`)."""
         raise NotImplementedError(f"{type(self).__name__} takes its demonstrations from sft_dataset.")
 
     def set_target_entropy(self, value: float) -> None:
