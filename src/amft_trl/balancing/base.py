@@ -24,6 +24,7 @@ trainer does not change.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -142,6 +143,18 @@ class BalancingStrategy(TrainerCallback):
         """Validate this strategy's `AMFTConfig` fields; raise a `ValueError` that names the field. Called by the config."""
 
     @classmethod
+    def check_run_length(
+        cls, sft_warmup_steps: int, total_steps: int, source: str, stacklevel: int = 2
+    ) -> None:
+        """Warn when the SFT warm-up covers the whole run: `total_steps` optimizer steps, all of them warm-up, so no
+        rollout is ever generated. Called by `AMFTConfig` when `max_steps` is set, else at `train()` once the step
+        count is known (`source` says where it comes from). `SFTThenRL` refuses a stage longer than the run."""
+        if 0 < total_steps <= sft_warmup_steps:
+            warnings.warn(
+                no_rl_step_message(cls.name, sft_warmup_steps, total_steps, source), stacklevel=stacklevel
+            )
+
+    @classmethod
     def default_sft_warmup_steps(cls) -> int | None:
         """`sft_warmup_steps` when the config leaves it None (None: the strategy needs it set explicitly)."""
         return 0
@@ -211,6 +224,19 @@ class BalancingStrategy(TrainerCallback):
     def update(self, measurements: StepMeasurements) -> None:
         """Update the strategy's state after the optimizer step of a step it planned (not called in warm-up)."""
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # the step count of an epoch-based run is known only now; a set `max_steps` was checked by AMFTConfig
+        if not (args.max_steps > 0 and getattr(args, "sft_warmup_steps", None) == self.sft_warmup_steps):
+            self.check_run_length(
+                self.sft_warmup_steps,
+                state.max_steps,
+                f"the run's length at train(): {args.num_train_epochs} epochs of the training set"
+                if args.max_steps <= 0
+                else "max_steps",
+                stacklevel=3,
+            )
+        return control
+
     def on_step_end(self, args, state, control, **kwargs):
         if self._pending is not None:
             measurements, self._pending = self._pending, None
@@ -260,6 +286,17 @@ class MuStrategy(BalancingStrategy):
             return StepPlan.warmup_step()
         mu = float(self.mu_at(global_step))
         return StepPlan(rl_weight=1.0 - mu, sft_weight=mu, rl=mu < 1.0, sft=mu > 0.0)
+
+
+def no_rl_step_message(name: str, sft_warmup_steps: int, total_steps: int, source: str) -> str:
+    """What `check_run_length` says when the warm-up leaves no step of the strategy (naming both numbers)."""
+    strategy = f"balancing={name!r}" if name else "the strategy"
+    return (
+        f"sft_warmup_steps={sft_warmup_steps} covers the whole run of {total_steps} optimizer steps ({source}): "
+        f"every step is an SFT warm-up step, so {strategy} never runs and no rollout is generated. Set "
+        f"sft_warmup_steps below {total_steps} (amft and fixed default to 50, the paper's W), or train for more "
+        "steps."
+    )
 
 
 def check_fraction(args: Any, name: str) -> None:
