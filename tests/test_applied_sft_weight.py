@@ -187,3 +187,66 @@ def test_hpt_refuses_a_step_that_spans_two_generation_batches(tmp_path, tiny_mod
             steps_per_generation=spg,
             per_device_train_batch_size=4,
         )
+
+
+# ---- a strategy of the attached-demonstrations shape, written outside the package (LUFFY's shape) -------------
+from typing import ClassVar  # noqa: E402
+
+from amft_trl import AMFTTrainer  # noqa: E402
+from amft_trl.balancing import BalancingStrategy, RolloutBatch, StepPlan  # noqa: E402
+
+
+class ImitateEveryOtherPrompt(BalancingStrategy):
+    """Trains the demonstration of every prompt whose rollouts all scored below 1 (here: the odd ones) at weight 0.5,
+    and GRPO on all rollouts: a `train_column` strategy is its gate and its plan, and nothing in the trainer."""
+
+    name: ClassVar[str] = "imitate_odd"
+    sft_source: ClassVar[str] = "train_column"
+    demonstration_column = "demonstration"
+
+    def plan(self, global_step: int) -> StepPlan:
+        return StepPlan(rl_weight=1.0, sft_weight=0.5, rl=True, sft=False)
+
+    def sft_gate(self, rollouts: RolloutBatch) -> torch.Tensor:
+        return (rollouts.group_rewards < 1.0).all(dim=1)
+
+
+class BothPlans(ImitateEveryOtherPrompt):
+    def plan(self, global_step: int) -> StepPlan:
+        return StepPlan(rl_weight=1.0, sft_weight=0.5, rl=True, sft=True)
+
+
+def _custom(tmp_path, tiny_model_dir, tokenizer, strategy, **overrides):
+    from conftest import make_config
+
+    return AMFTTrainer(
+        model=tiny_model_dir,
+        reward_funcs=[parity_reward],
+        args=make_config(tmp_path, **overrides),
+        train_dataset=_prompts_with_demonstrations(),
+        processing_class=tokenizer,
+        strategy=strategy,
+    )
+
+
+def test_a_strategy_attaching_demonstrations_needs_no_trainer_change(tmp_path, tiny_model_dir, tokenizer):
+    trainer = _custom(
+        tmp_path, tiny_model_dir, tokenizer, ImitateEveryOtherPrompt(), max_steps=4, steps_per_generation=2
+    )
+    spy = AppliedWeights(trainer)
+    trainer.add_callback(spy)
+    trainer.train()
+    mu = [h["amft/mu"] for h in trainer.state.log_history if "amft/mu" in h]
+    assert spy.applied == pytest.approx(mu, rel=1e-5, abs=1e-9)
+    assert set(mu) == {0.0, 0.5}, mu  # each step owns one prompt: odd (imitated) or even (not)
+    for step, batches in enumerate(spy.demonstrations):
+        trained = [tokenizer.decode(b.completion_ids[0][b.completion_mask[0].bool()]) for b in batches]
+        assert len(trained) == (1 if mu[step] else 0)
+        if trained:  # the odd operand's answer: "<a + b>. The answer is <a + b>."
+            assert trained[0].startswith(" ") and "The answer is" in trained[0]
+
+
+def test_a_plan_with_both_rollouts_and_an_sft_dataset_batch_is_refused(tmp_path, tiny_model_dir, tokenizer):
+    trainer = _custom(tmp_path, tiny_model_dir, tokenizer, BothPlans(), max_steps=1)
+    with pytest.raises(RuntimeError, match=r"plan sft=False on steps with rollouts"):
+        trainer.train()

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from ._distributed import global_sum
-from .balancing.base import BalancingStrategy, RolloutBatch
+from .balancing.base import BalancingStrategy, RolloutBatch, StepPlan
 from .sft_data import SFTBatch, collate_sft
 
 Example = dict[str, list[int]]
@@ -127,16 +127,28 @@ class AttachedDemonstrations:
         """Raise a `ValueError` unless every optimizer step lies within one generation batch (construction time)."""
         spg, ga = args.steps_per_generation, args.gradient_accumulation_steps
         if spg % ga != 0:
+            name = f"balancing={strategy.name!r}" if strategy.name else type(strategy).__name__
             raise ValueError(
-                f"balancing={strategy.name!r} trains each prompt's own demonstration, so each optimizer step must lie "
-                f"within one generation batch: `steps_per_generation` ({spg}) must be a multiple of "
+                f"{name} trains each prompt's own demonstration, so each optimizer step must lie within one "
+                f"generation batch: `steps_per_generation` ({spg}) must be a multiple of "
                 f"`gradient_accumulation_steps` ({ga}). Leave steps_per_generation unset (it then equals "
                 "gradient_accumulation_steps) or set it to a multiple."
             )
 
+    def check_plan(self, plan: StepPlan, global_step: int) -> None:
+        """A step with rollouts trains the attached demonstrations, not an `sft_dataset` batch: a plan asking for
+        both would drop one of them, so it is refused (`plan.sft` is for the SFT warm-up, which has no rollouts)."""
+        if plan.rl and plan.sft:
+            raise RuntimeError(
+                f"{type(self.strategy).__name__} takes its demonstrations from train_dataset (sft_source="
+                f"'train_column'), but its plan for step {global_step} asks for rollouts and an sft_dataset batch "
+                "(rl=True, sft=True): plan sft=False on steps with rollouts."
+            )
+
     # ---- once per generation batch ---------------------------------------------------------------------------
     def generation(self, inputs: list[dict[str, Any]], out: dict[str, Any]) -> dict[str, Any]:
-        """Plan a new generation batch, after it is scored; returns the per-row keys `RolloutBatch` reads.
+        """Plan a new generation batch, after it is scored; returns the keys to add to TRL's generation output: the
+        per-row `amft_prompt` / `amft_demonstration` (`RolloutBatch` reads them) and `amft_sft_tokens`.
 
         `inputs` are this process's rows (its slice of the global generation batch, in the sampler's order), `out`
         TRL's generation output with AMFT's `amft_reward` / `amft_group_rewards` added.
@@ -186,7 +198,12 @@ class AttachedDemonstrations:
             prompts_to_sft=to_sft,
             placeholder=self._placeholder(examples, prompts, demonstrations),
         )
-        return {"amft_prompt": prompts, "amft_demonstration": demonstrations}
+        return {
+            "amft_prompt": prompts,
+            "amft_demonstration": demonstrations,
+            # the generation batch's demonstration tokens, all processes (read by `amft_trl.compare`'s metering)
+            "amft_sft_tokens": torch.tensor(sum(reduced[:steps]), device=out["advantages"].device),
+        }
 
     def _placeholder(self, examples, prompts, demonstrations) -> Example:
         """A zero-weight row for a micro-step where this process has no demonstration but another has."""

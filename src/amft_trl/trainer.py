@@ -359,6 +359,8 @@ class AMFTTrainer(GRPOTrainer):
                     "plan.measure_entropy": plan.measure_entropy,
                 }
             )
+        if self._attached is not None:
+            self._attached.check_plan(plan, global_step)
         if self.args.reset_optimizer_after_warmup and global_step == self.strategy.sft_warmup_steps > 0:
             self._reset_optimizer_state()
         if plan.measure_target_entropy:
