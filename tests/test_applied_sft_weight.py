@@ -12,12 +12,18 @@ HPT its `hpt_sft_coef` on the token mean of the demonstrations the step owns.
 from __future__ import annotations
 
 import re
+import threading
+from typing import ClassVar
 
 import pytest
 import torch
-from conftest import build_trainer, digit_fraction_reward, make_prompts
+from conftest import build_trainer, digit_fraction_reward, make_config, make_prompts
 from datasets import Dataset
 from transformers import TrainerCallback
+
+from amft_trl import AMFTTrainer
+from amft_trl.attached_demonstrations import AttachedDemonstrations
+from amft_trl.balancing import BalancingStrategy, HPTStrategy, RolloutBatch, StepPlan
 
 
 def _operand(prompt: str) -> int:
@@ -190,10 +196,6 @@ def test_hpt_refuses_a_step_that_spans_two_generation_batches(tmp_path, tiny_mod
 
 
 # ---- a strategy of the attached-demonstrations shape, written outside the package (LUFFY's shape) -------------
-from typing import ClassVar  # noqa: E402
-
-from amft_trl import AMFTTrainer  # noqa: E402
-from amft_trl.balancing import BalancingStrategy, RolloutBatch, StepPlan  # noqa: E402
 
 
 class ImitateEveryOtherPrompt(BalancingStrategy):
@@ -217,8 +219,6 @@ class BothPlans(ImitateEveryOtherPrompt):
 
 
 def _custom(tmp_path, tiny_model_dir, tokenizer, strategy, **overrides):
-    from conftest import make_config
-
     return AMFTTrainer(
         model=tiny_model_dir,
         reward_funcs=[parity_reward],
@@ -250,3 +250,105 @@ def test_a_plan_with_both_rollouts_and_an_sft_dataset_batch_is_refused(tmp_path,
     trainer = _custom(tmp_path, tiny_model_dir, tokenizer, BothPlans(), max_steps=1)
     with pytest.raises(RuntimeError, match=r"plan sft=False on steps with rollouts"):
         trainer.train()
+
+
+# ---- the rule itself, on 1 and on 2 (simulated) processes ------------------------------------------------------
+
+
+class _Board:
+    """What a gloo all-reduce does, for threads standing in for processes."""
+
+    def __init__(self, world):
+        self.values, self.barrier = [None] * world, threading.Barrier(world)
+
+
+class _FakeAccelerator:
+    device = torch.device("cpu")
+
+    def __init__(self, rank, world, board):
+        self.process_index, self.num_processes, self.board = rank, world, board
+
+    def reduce(self, tensor, reduction="sum"):
+        self.board.values[self.process_index] = tensor.clone()
+        self.board.barrier.wait()
+        total = sum(self.board.values)
+        self.board.barrier.wait()
+        return total
+
+
+def _plan_on(world, rows, rewards, accumulation, steps_per_generation, passes, group=4):
+    """Every micro-step of `passes` passes over one generation batch, on each of `world` processes: per micro-step
+    and process, the demonstrations trained (weight 1), whether an SFT forward runs, its normaliser x processes."""
+    board, out = _Board(world), [None] * world
+    local = len(rows) // world
+
+    def process(rank):
+        attached = AttachedDemonstrations(
+            HPTStrategy("demonstration", success_reward=1.0),
+            _FakeAccelerator(rank, world, board),
+            lambda prompt, demonstration: {"prompt_ids": [1], "completion_ids": [2] * len(demonstration)},
+            pad_token_id=0,
+            eos_token_id=3,
+            gradient_accumulation_steps=accumulation,
+            steps_per_generation=steps_per_generation,
+            num_generations=group,
+        )
+        mine = slice(rank * local, (rank + 1) * local)
+        reward = torch.tensor(rewards)
+        attached.generation(
+            rows[mine],
+            {
+                "advantages": torch.zeros(local),
+                "amft_reward": reward[mine],
+                "amft_group_rewards": reward.view(-1, group).repeat_interleave(group, dim=0)[mine],
+                "completion_mask": torch.ones(local, 2),
+            },
+        )
+        seen = []
+        for _ in range(steps_per_generation * passes):
+            micro = attached.micro_step()
+            trained, ran, scale = [], micro.sft is not None, None
+            if ran:
+                lengths = micro.sft.batch.completion_mask.sum(dim=1)
+                trained = [int(n) for n, w in zip(lengths, micro.sft.row_weights, strict=True) if w > 0]
+                scale = micro.sft.normalizer * world
+            seen.append((micro.prompts, micro.prompts_to_sft, trained, ran, scale))
+        out[rank] = seen
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def test_the_rule_deals_each_gated_prompt_to_one_step_the_same_on_one_and_two_processes():
+    """8 prompts x 4 rollouts over K = 2 steps of 2 micro-steps, twice (`num_iterations=2`); the odd prompts fail.
+    Prompt q is trained at step q mod 2 of each pass, each process runs the same forwards, and 2 processes train the
+    same demonstrations per step with the same normaliser as 1. Demonstration q has q + 1 tokens (to tell them apart)."""
+    group, prompts = 4, 8
+    rows = [{"prompt": f"p{q}", "demonstration": "x" * (q + 1)} for q in range(prompts) for _ in range(group)]
+    rewards = [0.0 if q % 2 else 1.0 for q in range(prompts) for _ in range(group)]
+    one = _plan_on(1, rows, rewards, accumulation=2, steps_per_generation=4, passes=2)[0]
+    two = _plan_on(2, rows, rewards, accumulation=2, steps_per_generation=4, passes=2)
+
+    def step_tokens(step):  # step k owns the prompts q = k mod 2; only the odd ones are trained
+        return sum(q + 1 for q in range(prompts) if q % 2 == 1 and q % 2 == step % 2)
+
+    for step in range(4):  # two passes of two steps
+        micro = (2 * step, 2 * step + 1)
+        assert sum(one[m][0] for m in micro) == 4  # the prompts it owns
+        assert sum(one[m][1] for m in micro) == (4 if step % 2 else 0)  # of them sent to SFT
+        trained = sorted(t for m in micro for t in one[m][2])
+        assert trained == ([2, 4, 6, 8] if step % 2 else [])  # demonstrations of q = 1, 3, 5, 7
+        assert trained == sorted(t for r in range(2) for m in micro for t in two[r][m][2])
+        assert sum(two[r][m][0] for r in range(2) for m in micro) == 4
+        for m in micro:
+            assert one[m][3] == two[0][m][3] == two[1][m][3] == bool(step % 2)  # the same forwards everywhere
+            if one[m][3]:
+                assert one[m][4] == two[0][m][4] == two[1][m][4] == step_tokens(step)
+    # dealt in prompt order to the step's micro-steps in turn: q = 1, 5 then q = 3, 7 on one process
+    assert (one[2][2], one[3][2]) == ([2, 6], [4, 8])
+    # on two, each deals its own: process 0 holds q = 0..3, process 1 q = 4..7
+    assert (two[0][2][2], two[0][3][2], two[1][2][2], two[1][3][2]) == ([2], [4], [6], [8])
