@@ -71,7 +71,7 @@ def test_generation_output_and_its_extra_keys_survive_trls_shuffle_and_split(tra
     for key in _trl_compat.GENERATION_KEYS:
         assert key in out, f"TRL's generation no longer returns {key!r}"
     assert out["advantages"].dim() == 1 and len(out["advantages"]) == 8
-    for key in ("amft_reward", "amft_group_rewards", "amft_group_first"):
+    for key in ("amft_reward", "amft_group_rewards"):
         assert len(out[key]) == 8, key
     torch.manual_seed(0)
     chunks = split_tensor_dict(shuffle_sequence_dict(out), 2)

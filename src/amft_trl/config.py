@@ -352,6 +352,10 @@ class AMFTConfig(GRPOConfig):
                 )
         self._validate_shared_fields()
         strategy.check_config(self)
+        if (
+            isinstance(self.max_steps, int) and self.max_steps > 0
+        ):  # else known at train(): the strategy checks it
+            strategy.check_run_length(self.sft_warmup_steps, self.max_steps, "max_steps", stacklevel=4)
         self._warn_about_other_strategies_fields()
         if self.bf16 is None and not self.fp16 and not _bf16_accelerator_available():
             # TRL defaults bf16 to True, which transformers refuses on a machine without a bf16 accelerator: train

@@ -55,6 +55,7 @@ from ._distributed import (
 )
 from ._meta_step import MetaStep, validation_backward
 from ._reward_columns import check_reward_columns
+from .attached_demonstrations import AttachedDemonstrations, DemonstrationMicroBatch
 from .balancing import BalancingStrategy, RolloutBatch, StepMeasurements, StepPlan, build_strategy
 from .balancing.amft import MuController
 from .config import AMFTConfig
@@ -88,9 +89,7 @@ class _StepState:
     rl_backward_weight: float = 1.0  # the weight the current RL backward is taken with
     sft_follows: bool = False  # an SFT backward follows the RL one in the current micro-step
     restore_sync: bool = False
-    gated: tuple[SFTBatch, torch.Tensor, float] | None = (
-        None  # this micro-step's demonstrations (train_column)
-    )
+    gated: DemonstrationMicroBatch | None = None  # this micro-step's attached demonstrations (train_column)
     sft_nll_sum: float = 0.0  # unweighted NLL summed over the step's demonstration tokens
     sft_token_count: float = 0.0  # demonstration tokens the NLL was summed over
     sft_weight_sum: float = 0.0  # effective SFT weight summed over those tokens
@@ -170,6 +169,8 @@ class AMFTTrainer(GRPOTrainer):
         check_parallel_setup(
             args, strategy.needs_val_dataset, args.world_size, launcher_deepspeed_config(args)
         )
+        if strategy.sft_source == "train_column":
+            AttachedDemonstrations.check_layout(args, strategy)
         self.strategy = strategy
         super().__init__(
             model=model,
@@ -205,6 +206,19 @@ class AMFTTrainer(GRPOTrainer):
         if val_dataset is not None:
             self._val_stream = InfiniteStream(len(val_dataset), seed=args.seed + 1)
         self._sft_batch_size = args.sft_per_device_train_batch_size or args.per_device_train_batch_size
+        self._attached: AttachedDemonstrations | None = None
+        if strategy.sft_source == "train_column":
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+            self._attached = AttachedDemonstrations(
+                strategy,
+                self.accelerator,
+                self._tokenize_demonstration,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=self.processing_class.eos_token_id,
+                gradient_accumulation_steps=args.gradient_accumulation_steps,
+                steps_per_generation=args.steps_per_generation,
+                num_generations=self.num_generations,
+            )
         self._step_state: _StepState | None = None  # set for the duration of one optimizer step
         self._captured_rewards: torch.Tensor | None = None
         self._last_generation_unscorable = False
@@ -345,6 +359,8 @@ class AMFTTrainer(GRPOTrainer):
                     "plan.measure_entropy": plan.measure_entropy,
                 }
             )
+        if self._attached is not None:
+            self._attached.check_plan(plan, global_step)
         if self.args.reset_optimizer_after_warmup and global_step == self.strategy.sft_warmup_steps > 0:
             self._reset_optimizer_state()
         if plan.measure_target_entropy:
@@ -385,8 +401,10 @@ class AMFTTrainer(GRPOTrainer):
             weight = 1.0 if plan.warmup else plan.sft_weight
             display += self._sft_micro_step(model, step.sft_batches[step.micro], weight, step)
         elif step.gated is not None:
-            batch, row_weights, normalizer = step.gated
-            display += self._sft_micro_step(model, batch, plan.sft_weight, step, row_weights, normalizer)
+            gated = step.gated
+            display += self._sft_micro_step(
+                model, gated.batch, plan.sft_weight, step, gated.row_weights, gated.normalizer
+            )
         return display
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -399,8 +417,11 @@ class AMFTTrainer(GRPOTrainer):
         inputs = dict(inputs)
         rollouts = self._rollout_batch(inputs)
         step.unscorable |= self._last_generation_unscorable
-        if self.strategy.sft_source == "train_column":
-            step.gated = self._gated_demonstrations(inputs, step)
+        if self._attached is not None:
+            attached = self._attached.micro_step()
+            step.prompts += attached.prompts
+            step.prompts_to_sft += attached.prompts_to_sft
+            step.gated = attached.sft
             step.sft_follows = step.gated is not None
         if self.strategy.rl_weights_need_entropy:
 
@@ -453,8 +474,9 @@ class AMFTTrainer(GRPOTrainer):
 
         The loss is `sum of weighted NLL over completion tokens / completion tokens of the whole step (all
         processes)`, times the process count (DDP averages gradients), so summing micro-steps gives the token mean.
-        `row_weights` / `normalizer`: per-demonstration weights, and the loss's divisor on this process instead (HPT:
-        `dapo`'s normaliser for its demonstration tokens). Returns this micro-batch's share of the step's weighted loss.
+        `row_weights` / `normalizer`: per-demonstration weights, and the loss's divisor on this process instead (the
+        attached demonstrations' own, `amft_trl.attached_demonstrations`). Returns this micro-batch's share of the
+        step's weighted loss.
         """
         plan = step.plan
         batch = batch.to(self.accelerator.device)
@@ -639,48 +661,9 @@ class AMFTTrainer(GRPOTrainer):
         groups = total.view(-1, g).repeat_interleave(g, dim=0)
         out["amft_reward"] = total[local]
         out["amft_group_rewards"] = groups[local]
-        out["amft_group_first"] = (torch.arange(len(total), device=total.device) % g == 0)[local]
-        if self.strategy.sft_source == "train_column":
-            out.update(self._demonstrations_of_generation(inputs, out))
+        if self._attached is not None:
+            out.update(self._attached.generation(inputs, out))
         return out
-
-    def _demonstrations_of_generation(
-        self, inputs: list[dict[str, Any]], out: dict[str, Any]
-    ) -> dict[str, Any]:
-        """The demonstrations a `train_column` strategy (HPT) trains on, decided once per generation batch.
-
-        Each prompt counts once: its demonstration rides on its group's first rollout (`amft_sft_ids`, tokenised
-        here), whichever micro-step and process that rollout lands on after TRL's shuffle. `amft_sft_tokens` is their
-        completion tokens over all processes: the SFT term is normalised by it the way TRL's `dapo` loss is by
-        `num_items_in_batch`, so that it does not depend on how the batch is split into micro-steps or processes.
-        """
-        column = self.strategy.demonstration_column
-        prompts = [row["prompt"] for row in inputs]
-        demonstrations = [row[column] for row in inputs]
-        rollouts = RolloutBatch(
-            advantages=out["advantages"],
-            rewards=out["amft_reward"],
-            group_rewards=out["amft_group_rewards"],
-            completion_mask=out["completion_mask"],
-            prompts=prompts,
-            demonstrations=demonstrations,
-        )
-        carries = (self.strategy.sft_gate(rollouts).cpu() & out["amft_group_first"].cpu()).tolist()
-        ids: list[dict[str, list[int]] | None] = []
-        for prompt, demonstration, chosen in zip(prompts, demonstrations, carries, strict=True):
-            example = None
-            if chosen and demonstration:
-                example = self._tokenize_demonstration(prompt, demonstration)
-            ids.append(example)
-        tokens = global_sum(
-            self.accelerator, float(sum(len(e["completion_ids"]) for e in ids if e is not None))
-        )
-        return {
-            "amft_prompt": prompts,
-            "amft_demonstration": demonstrations,
-            "amft_sft_ids": ids,
-            "amft_sft_tokens": torch.tensor(tokens, device=out["advantages"].device),
-        }
 
     def _rollout_batch(self, inputs: dict[str, Any]) -> RolloutBatch:
         return RolloutBatch(
@@ -692,38 +675,6 @@ class AMFTTrainer(GRPOTrainer):
             demonstrations=inputs.get("amft_demonstration"),
         )
 
-    def _gated_demonstrations(
-        self, inputs: dict[str, Any], step: _StepState
-    ) -> tuple[SFTBatch, torch.Tensor, float] | None:
-        """This micro-step's demonstrations (HPT: those of the prompts sent to SFT), as an SFT micro-batch.
-
-        Returns the batch, its per-row weights and the normaliser of its loss (TRL's `dapo` normaliser for the
-        generation batch's demonstration tokens); None when no process has a demonstration in this micro-step. Every
-        process then runs the same number of SFT forwards (DDP and ZeRO-3 need it): a process without one runs a
-        zero-weight row.
-        """
-        first = inputs["amft_group_first"].cpu()
-        examples = [e for e in inputs["amft_sft_ids"] if e is not None]
-        step.prompts += float(first.sum())
-        step.prompts_to_sft += float(
-            sum(1 for e, f in zip(inputs["amft_sft_ids"], first, strict=True) if f and e is not None)
-        )
-        if global_sum(self.accelerator, float(len(examples))) == 0:
-            return None
-        row_weights = torch.ones(len(examples))
-        if not examples:  # this process has none: a zero-weight row keeps the forward counts equal
-            examples = [next(e for e in self._any_demonstration(inputs))]
-            row_weights = torch.zeros(1)
-        world = self.accelerator.num_processes
-        normalizer = (
-            float(inputs["amft_sft_tokens"])
-            / world
-            * self.current_gradient_accumulation_steps
-            / self.args.steps_per_generation
-        )
-        pad = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
-        return collate_sft(examples, pad), row_weights, normalizer
-
     def _tokenize_demonstration(self, prompt: Any, demonstration: Any) -> dict[str, list[int]] | None:
         """A prompt's demonstration tokenised like the SFT data; None when truncation leaves no completion token."""
         example = tokenize_prompt_completion(
@@ -734,17 +685,6 @@ class AMFTTrainer(GRPOTrainer):
             chat_template=self.chat_template,
         )
         return example if example["completion_ids"] else None
-
-    def _any_demonstration(self, inputs: dict[str, Any]):
-        """Tokenised demonstrations of this micro-batch's rows (for a zero-weight placeholder row)."""
-        for prompt, demonstration in zip(inputs["amft_prompt"], inputs["amft_demonstration"], strict=True):
-            example = self._tokenize_demonstration(prompt, demonstration) if demonstration else None
-            if example is not None:
-                yield example
-        yield {
-            "prompt_ids": [self.processing_class.eos_token_id],
-            "completion_ids": [self.processing_class.eos_token_id],
-        }
 
     # ------------------------------------------------------------------------------------------------------
     # SFT data
