@@ -2,8 +2,8 @@
 
 Only new parameters live here: everything else (loss_type, num_generations, beta, gradient accumulation, vLLM, PEFT,
 logging) is TRL's `GRPOConfig`, unchanged. Each strategy validates its own fields (`check_config` in its module of
-`amft_trl.balancing`); this class checks the shared ones and dispatches. The README's configuration tables list the
-fields with the paper symbols they stand for.
+`amft_trl.balancing`); this class checks the shared ones and dispatches. The class docstring's `Parameters:` section (rendered in
+`docs/source/amft_trainer.md`) lists every field with the paper symbol it stands for.
 """
 
 from __future__ import annotations

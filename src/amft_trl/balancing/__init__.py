@@ -12,7 +12,7 @@ Choose one with `AMFTConfig(balancing=...)`:
 | `hpt`         | `hpt.py`         | HPT's per-prompt switch: SFT when the prompt's rollouts mostly fail     |
 
 The interface is `base.BalancingStrategy`. A new strategy is one module here, one line in `STRATEGIES`, its fields in
-`AMFTConfig`, and its tests (the README's "Adding a strategy" shows one end to end).
+`AMFTConfig`, and its tests (`docs/source/strategies.md`, "Adding a strategy", shows one end to end).
 """
 
 from __future__ import annotations

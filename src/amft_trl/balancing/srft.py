@@ -21,7 +21,7 @@ gradients everywhere it appears:
 - Eq. 9-10, off-policy RL on the demonstrations, is **not implemented**: it needs each demonstration inside its own
   prompt's rollout group (Eq. 6-7 normalise advantages over that augmented group), and the demonstrations here come
   from the shared `sft_dataset` stream, not aligned with the RL prompts, so that every strategy trains on the same
-  data path. This is the one term of the paper we leave out; the README says so.
+  data path. This is the one term of the paper we leave out; `docs/source/strategies.md` says so.
 
 Where the paper is silent we follow the public reimplementation (TsinghuaC3I/Unify-Post-Training, `mix_actor.py`):
 H is **per sequence**, the detached mean token entropy of that demonstration or rollout over its own tokens (the
