@@ -44,7 +44,8 @@ class AMFTConfig(GRPOConfig):
         metadata={
             "help": "How the SFT and RL losses are weighed: 'amft' (Eq. 6 + Eq. 25, the default), 'fixed' (mu = "
             "mu_init), 'sft_then_rl' (SFT for sft_warmup_steps, then GRPO only), 'chord' (CHORD's mu schedule, "
-            "optional phi), 'srft' (SRFT's entropy-aware weights), 'hpt' (HPT's per-prompt SFT/RL switch).",
+            "optional phi), 'srft' (SRFT's entropy-aware weights), 'hpt' (HPT's per-prompt SFT/RL switch), 'luffy' (LUFFY: the demonstration as an off-policy rollout in "
+            "each GRPO group).",
             "choices": list(STRATEGIES),
         },
     )
@@ -53,7 +54,7 @@ class AMFTConfig(GRPOConfig):
         metadata={
             "help": "W: optimizer steps of pure SFT before the strategy starts; no rollouts are generated during "
             "them. They count inside max_steps. None: the strategy's default (amft and fixed: 50, the paper's W; "
-            "chord, srft and hpt: 0; sft_then_rl must set it: it is the length of its SFT stage)."
+            "chord, srft, hpt and luffy: 0; sft_then_rl must set it: it is the length of its SFT stage)."
         },
     )
     sft_warmup_learning_rate: float | None = field(
@@ -205,6 +206,30 @@ class AMFTConfig(GRPOConfig):
         default=1.0,
         metadata={
             "help": "HPT's beta: the weight of the demonstrations' NLL (reference scripts: 1.0 for 7B, 0.3 for 1.5B)."
+        },
+    )
+
+    # ---- balancing="luffy" (arXiv 2504.14945; reference github ElliottYan/LUFFY) ----
+    luffy_demonstration_column: str = field(
+        default="demonstration",
+        metadata={
+            "help": "LUFFY: the column of train_dataset that holds each prompt's demonstration (a string for "
+            "standard prompts; a string or assistant messages for conversational ones), used as an off-policy "
+            "rollout of the prompt's group. OpenR1-Math's is 'target'."
+        },
+    )
+    luffy_num_off_policy: int = field(
+        default=1,
+        metadata={
+            "help": "LUFFY: how many of each prompt's num_generations rollouts are its demonstration instead of a "
+            "generation (the paper: 1 of 8). 0: plain GRPO."
+        },
+    )
+    luffy_shaping_gamma: float = field(
+        default=0.1,
+        metadata={
+            "help": "LUFFY: gamma of the policy shaping f(p) = p / (p + gamma) on the demonstration tokens (the "
+            "reference's off_policy_reshape='p_div_p_0.1')."
         },
     )
 
