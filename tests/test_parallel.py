@@ -314,6 +314,8 @@ STRATEGY_FAMILIES = {
     "srft": {},
     # a per-prompt gate: demonstrations from the RL batch, a different number on each process
     "hpt": {"hpt_success_reward": 0.3},
+    # demonstrations as off-policy rows of the groups (generation of the other rows only), shaped loss
+    "luffy": {"luffy_num_off_policy": 1},
 }
 
 
@@ -329,7 +331,7 @@ def test_strategies_give_the_one_process_trajectory_on_two(tiny_model_dir, tmp_p
     one = _run(tiny_model_dir, tmp_path / "one" / "r.json", *extra)
     two = _run(tiny_model_dir, tmp_path / "two" / "r.json", *extra, processes=2)
     assert two["world_size"] == 2
-    assert len(one["mu"]) == 4 and len(set(one["mu"][1:])) > 1 or balancing == "srft", one["mu"]
+    assert len(one["mu"]) == 4 and len(set(one["mu"][1:])) > 1 or balancing in ("srft", "luffy"), one["mu"]
     assert _close(one["mu"], two["mu"], 1e-6), (one["mu"], two["mu"])
     assert _close(one["sft_loss"], two["sft_loss"], 1e-6), (one["sft_loss"], two["sft_loss"])
     assert _close(one["rl_loss"], two["rl_loss"], 1e-5), (one["rl_loss"], two["rl_loss"])
@@ -339,6 +341,11 @@ def test_strategies_give_the_one_process_trajectory_on_two(tiny_model_dir, tmp_p
             f"the gate must split the prompts for the check to bite: {fractions}"
         )
         assert _close(one["hpt_sft_fraction"], two["hpt_sft_fraction"], 1e-9)
+    if balancing == "luffy":
+        weights = one["luffy_importance_weight"][1:]
+        assert len(weights) == 3 and all(0 < w < 1 for w in weights), one["luffy_importance_weight"]
+        assert _close(one["luffy_importance_weight"], two["luffy_importance_weight"], 1e-6)
+        assert _close(one["luffy_off_policy_fraction"], two["luffy_off_policy_fraction"], 1e-6)
     assert math.isclose(one["param_checksum"], two["param_checksum"], rel_tol=1e-9)
 
 

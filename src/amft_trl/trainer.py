@@ -772,6 +772,9 @@ class AMFTTrainer(GRPOTrainer):
         self._luffy: LUFFYStrategy | None = None
         self._luffy_demonstrations: list[list[int] | None] | None = None
         self._luffy_logps_hook = None
+        self._luffy_sums = [
+            0.0
+        ] * 4  # this step's off-policy f(p), p and token sums, and all completion tokens
         strategy = self.strategy
         if not isinstance(strategy, LUFFYStrategy) or strategy.num_off_policy == 0:
             return
@@ -910,23 +913,20 @@ class AMFTTrainer(GRPOTrainer):
             num_processes=self.accelerator.num_processes,
             steps_per_generation=self.args.steps_per_generation,
         )
-        with torch.no_grad():
+        with torch.no_grad():  # the step's sums: logged as ratios of sums over the step and every process
             p = logps.detach().exp()
             weight = p / (p + self._luffy.shaping_gamma)
-            sums = global_sum(
-                self.accelerator,
-                [
-                    float((weight * off_mask).sum()),
-                    float((p * off_mask).sum()),
-                    float(off_mask.sum()),
-                    float(mask.sum()),
-                ],
-            )
-        metrics = _trl_compat.train_metrics(self)
-        metrics["amft/luffy_off_policy_fraction"].append(sums[2] / max(sums[3], 1.0))
-        if sums[2] > 0:
-            metrics["amft/luffy_importance_weight"].append(sums[0] / sums[2])
-            metrics["amft/luffy_off_policy_prob"].append(sums[1] / sums[2])
+            local = [(weight * off_mask).sum(), (p * off_mask).sum(), off_mask.sum(), mask.sum()]
+            self._luffy_sums = [a + float(b) for a, b in zip(self._luffy_sums, local, strict=True)]
+        step = self._step_state
+        if step is None or step.micro == self.current_gradient_accumulation_steps - 1:
+            weight_sum, prob_sum, off_tokens, tokens = global_sum(self.accelerator, self._luffy_sums)
+            self._luffy_sums = [0.0] * 4
+            metrics = _trl_compat.train_metrics(self)
+            metrics["amft/luffy_off_policy_fraction"].append(off_tokens / max(tokens, 1.0))
+            if off_tokens > 0:
+                metrics["amft/luffy_importance_weight"].append(weight_sum / off_tokens)
+                metrics["amft/luffy_off_policy_prob"].append(prob_sum / off_tokens)
         return loss
 
     # ------------------------------------------------------------------------------------------------------

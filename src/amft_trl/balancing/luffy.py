@@ -33,9 +33,11 @@ divided by the padded response length, not by the token count) is TRL's `loss_ty
 paper's configuration. TRL's KL term (`beta > 0`) and entropy bonus (`entropy_coef`) cover every token, the
 demonstrations' included, as the reference's entropy bonus does (its run had no KL term).
 
-Logged per micro-step (reduced over processes): `amft/luffy_off_policy_fraction` (the demonstrations' share of the
-completion tokens), `amft/luffy_importance_weight` (mean f(p) over those tokens: the reference's `off_ratio_mean`),
-`amft/luffy_off_policy_prob` (mean p), and per generation `amft/luffy_off_policy_reward` (their mean reward).
+Logged per optimizer step (ratios of sums over its micro-steps and processes):
+- `amft/luffy_off_policy_fraction`: the demonstrations' share of the completion tokens;
+- `amft/luffy_importance_weight`: mean f(p) over those tokens (the reference's `off_ratio_mean`);
+- `amft/luffy_off_policy_prob`: mean p over those tokens;
+- per generation, `amft/luffy_off_policy_reward`: their mean reward.
 """
 
 from __future__ import annotations
