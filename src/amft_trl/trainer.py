@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -65,6 +65,7 @@ from .balancing.luffy import (
     off_policy_rows,
     off_policy_token_loss,
 )
+from .balancing.relift import ReLIFTStrategy, all_failed
 from .config import AMFTConfig
 from .sft_data import (
     InfiniteStream,
@@ -220,6 +221,7 @@ class AMFTTrainer(GRPOTrainer):
         self._rl_entropy_hook = None
         self._num_skipped_rl_steps = 0
         self._luffy_setup()  # LUFFY (balancing="luffy"): demonstrations as off-policy rollouts
+        self._relift_setup()  # ReLIFT (balancing="relift"): a buffer of all-failed prompts
 
     @property
     def mu_controller(self) -> BalancingStrategy:
@@ -364,7 +366,13 @@ class AMFTTrainer(GRPOTrainer):
             )
         step = _StepState(plan)
         if plan.sft:
-            step.sft_batches = self._draw_sft_batches(self.current_gradient_accumulation_steps)
+            buffered = self.strategy.buffered_demonstrations()  # ReLIFT's buffer, else the sft_dataset stream
+            if buffered is None:
+                step.sft_batches = self._draw_sft_batches(self.current_gradient_accumulation_steps)
+            else:
+                step.sft_batches = self._relift_sft_batches(
+                    buffered, self.current_gradient_accumulation_steps
+                )
             step.sft_tokens = int(
                 global_sum(self.accelerator, float(sum(b.num_tokens for b in step.sft_batches)))
             )
@@ -646,6 +654,8 @@ class AMFTTrainer(GRPOTrainer):
             self._luffy_mark(out, demonstrations, rewards)
         if self._generating_validation or not self.model.training or rewards is None:
             return out
+        if self._relift is not None:
+            self._relift_fill(inputs, rewards)
         total = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
         unscorable = torch.isnan(rewards).all(dim=1)
         total[unscorable] = float("nan")
@@ -931,6 +941,76 @@ class AMFTTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------------------------------------------
     # LUFFY. End.
+    # ------------------------------------------------------------------------------------------------------
+
+    # ------------------------------------------------------------------------------------------------------
+    # ReLIFT (balancing="relift", `amft_trl.balancing.relift`): the buffer of all-failed prompts. Begin.
+    # ------------------------------------------------------------------------------------------------------
+    def _relift_setup(self) -> None:
+        self._relift: ReLIFTStrategy | None = None
+        if not isinstance(self.strategy, ReLIFTStrategy):
+            return
+        world, accumulation = self.accelerator.num_processes, self.args.gradient_accumulation_steps
+        if self.strategy.buffer_size % (world * accumulation) != 0:
+            raise ValueError(
+                f"`relift_buffer_size` ({self.strategy.buffer_size}) must be divisible by processes x "
+                f"gradient_accumulation_steps ({world} x {accumulation}): each SFT step splits the buffer evenly "
+                "over them."
+            )
+        self._relift = self.strategy
+
+    def _relift_demonstration_ids(self, prompt: Any, demonstration: Any) -> dict[str, list[int]] | None:
+        """A buffered pair tokenised like the SFT data (`max_sft_length`); None when no completion token is left."""
+        if isinstance(demonstration, str) and is_conversational({"prompt": prompt}):
+            demonstration = [{"role": "assistant", "content": demonstration}]
+        if not demonstration:
+            return None
+        example = tokenize_prompt_completion(
+            self.processing_class,
+            prompt,
+            demonstration,
+            self.args.max_sft_length,
+            chat_template=self.chat_template,
+        )
+        return example if example["completion_ids"] else None
+
+    def _relift_fill(self, inputs: list[dict[str, Any]], rewards: torch.Tensor) -> None:
+        """Buffer the generation batch's all-failed prompts with their demonstrations, in global row order, on every
+        process (each group's first row carries it; the buffer is the same everywhere)."""
+        total = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
+        total[torch.isnan(rewards).all(dim=1)] = float("nan")
+        g = self.num_generations
+        failed = all_failed(total.view(-1, g), self._relift.fail_reward).repeat_interleave(g).cpu().tolist()
+        first = self.accelerator.process_index * len(inputs)
+        column = self._relift.demonstration_column
+        local = [
+            (row["prompt"], row.get(column))
+            for i, row in enumerate(inputs)
+            if (first + i) % g == 0 and failed[first + i]
+        ]
+        gathered = gather_object(local) if self.accelerator.num_processes > 1 else local
+        kept = [(p, d) for p, d in gathered if self._relift_demonstration_ids(p, d) is not None]
+        if len(kept) < len(gathered):
+            logger.warning(
+                "ReLIFT: %d all-failed prompt(s) not buffered: their demonstration (train_dataset[%r]) is empty or "
+                "truncated away by max_sft_length.",
+                len(gathered) - len(kept),
+                column,
+            )
+        self._relift.add_failed(kept)
+
+    def _relift_sft_batches(self, examples: list[tuple[Any, Any]], num_micro: int) -> list[SFTBatch]:
+        """The SFT step's micro-batches: this process's equal share of the buffered pairs, split over micro-steps."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        per_process = len(examples) // world
+        local = examples[rank * per_process : (rank + 1) * per_process]
+        per_micro = per_process // num_micro
+        pad = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
+        tokenised = [self._relift_demonstration_ids(p, d) for p, d in local]
+        return [collate_sft(tokenised[m * per_micro : (m + 1) * per_micro], pad) for m in range(num_micro)]
+
+    # ------------------------------------------------------------------------------------------------------
+    # ReLIFT. End.
     # ------------------------------------------------------------------------------------------------------
 
     # ------------------------------------------------------------------------------------------------------

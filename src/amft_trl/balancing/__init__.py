@@ -11,6 +11,7 @@ Choose one with `AMFTConfig(balancing=...)`:
 | `srft`        | `srft.py`        | SRFT's entropy-aware weights on demonstrations and positive rollouts    |
 | `hpt`         | `hpt.py`         | HPT's per-prompt switch: SFT when the prompt's rollouts mostly fail     |
 | `luffy`       | `luffy.py`       | LUFFY: the demonstration as an off-policy rollout in the GRPO group     |
+| `relift`      | `relift.py`      | ReLIFT: GRPO, and an SFT step on the buffered all-failed prompts        |
 
 The interface is `base.BalancingStrategy`. A new strategy is one module here, one line in `STRATEGIES`, its fields in
 `AMFTConfig`, and its tests (the README's "Adding a strategy" shows one end to end).
@@ -26,6 +27,7 @@ from .chord import ChordStrategy
 from .fixed import FixedMu
 from .hpt import HPTStrategy
 from .luffy import LUFFYStrategy
+from .relift import ReLIFTStrategy
 from .sft_then_rl import SFTThenRL
 from .srft import SRFTStrategy
 
@@ -37,6 +39,7 @@ STRATEGIES: dict[str, type[BalancingStrategy]] = {
     "srft": SRFTStrategy,
     "hpt": HPTStrategy,
     "luffy": LUFFYStrategy,
+    "relift": ReLIFTStrategy,
 }
 
 
@@ -62,6 +65,7 @@ __all__ = [
     "LUFFYStrategy",
     "MuController",
     "MuStrategy",
+    "ReLIFTStrategy",
     "RolloutBatch",
     "SFTThenRL",
     "SRFTStrategy",
