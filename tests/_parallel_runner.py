@@ -156,7 +156,8 @@ def main() -> None:
     if cli.balancing in (
         "hpt",
         "luffy",
-    ):  # HPT and LUFFY read each prompt's demonstration from the RL dataset
+        "relift",
+    ):  # they read each prompt's demonstration from the RL dataset
         train_dataset = train_dataset.map(
             lambda row: {"demonstration": f" {row['answer']}. The answer is {row['answer']}."}
         )
@@ -196,6 +197,8 @@ def main() -> None:
             "hpt_sft_fraction": [h.get("amft/hpt_sft_fraction") for h in logs],
             "luffy_importance_weight": [h.get("amft/luffy_importance_weight") for h in logs],
             "luffy_off_policy_fraction": [h.get("amft/luffy_off_policy_fraction") for h in logs],
+            "relift_sft_step": [h.get("amft/relift_sft_step") for h in logs],
+            "relift_buffer_fill": [h.get("amft/relift_buffer_fill") for h in logs],
             "target_entropy": [h.get("amft/target_entropy") for h in logs],
             "param_checksum": checksum,
         }

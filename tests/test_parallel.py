@@ -316,6 +316,8 @@ STRATEGY_FAMILIES = {
     "hpt": {"hpt_success_reward": 0.3},
     # demonstrations as off-policy rows of the groups (generation of the other rows only), shaped loss
     "luffy": {"luffy_num_off_policy": 1},
+    # a buffer of all-failed prompts gathered from every process, and an SFT step on it when it is full
+    "relift": {"relift_buffer_size": 4, "relift_fail_reward": 0.2},
 }
 
 
@@ -346,6 +348,10 @@ def test_strategies_give_the_one_process_trajectory_on_two(tiny_model_dir, tmp_p
         assert len(weights) == 3 and all(0 < w < 1 for w in weights), one["luffy_importance_weight"]
         assert _close(one["luffy_importance_weight"], two["luffy_importance_weight"], 1e-6)
         assert _close(one["luffy_off_policy_fraction"], two["luffy_off_policy_fraction"], 1e-6)
+    if balancing == "relift":
+        assert 1.0 in one["relift_sft_step"], f"no SFT step: the check would be vacuous {one['relift_sft_step']}"
+        assert one["relift_sft_step"] == two["relift_sft_step"]
+        assert one["relift_buffer_fill"] == two["relift_buffer_fill"]
     assert math.isclose(one["param_checksum"], two["param_checksum"], rel_tol=1e-9)
 
 
