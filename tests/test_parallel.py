@@ -349,7 +349,9 @@ def test_strategies_give_the_one_process_trajectory_on_two(tiny_model_dir, tmp_p
         assert _close(one["luffy_importance_weight"], two["luffy_importance_weight"], 1e-6)
         assert _close(one["luffy_off_policy_fraction"], two["luffy_off_policy_fraction"], 1e-6)
     if balancing == "relift":
-        assert 1.0 in one["relift_sft_step"], f"no SFT step: the check would be vacuous {one['relift_sft_step']}"
+        assert 1.0 in one["relift_sft_step"], (
+            f"no SFT step: the check would be vacuous {one['relift_sft_step']}"
+        )
         assert one["relift_sft_step"] == two["relift_sft_step"]
         assert one["relift_buffer_fill"] == two["relift_buffer_fill"]
     assert math.isclose(one["param_checksum"], two["param_checksum"], rel_tol=1e-9)
