@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_trainer, digit_fraction_reward, make_prompts
+from conftest import build_trainer, digit_fraction_reward, make_config, make_prompts
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from amft_trl import _trl_compat
+from amft_trl import AMFTTrainer, _trl_compat
 from amft_trl._completions import completion_to_text
 from amft_trl.balancing.luffy import (
     aggregate_token_loss,
@@ -118,6 +118,38 @@ def test_demonstrations_cost_no_generation_and_sit_first_in_each_group(
         text = tokenizer.decode(ids, skip_special_tokens=True)
         assert text == trainer.train_dataset[index]["demonstration"]
         assert ids[-1] == tokenizer.eos_token_id
+
+
+def test_conversational_demonstration_ends_with_the_templates_end_of_turn(
+    tmp_path, tiny_model_dir, tokenizer
+):
+    rows = [
+        {**r, "demonstration": DEMO.format(answer=r["answer"])}
+        for r in make_prompts(8, seed=1, conversational=True)
+    ]
+    trainer = build(
+        tmp_path, tiny_model_dir, tokenizer, max_completion_length=32, train_dataset=Dataset.from_list(rows)
+    )
+    out = _batch(trainer, 2)
+    ids = out["completion_ids"][0][out["completion_mask"][0].bool()].tolist()
+    assert tokenizer.decode(ids) == rows[0]["demonstration"] + "<|end|>"
+
+
+def test_multi_turn_generation_is_refused(tmp_path, tiny_model_dir, tokenizer):
+    def rollout_func(prompts, trainer):
+        raise AssertionError("never called")
+
+    with pytest.raises(
+        ValueError, match="cannot be combined with `tools`, `environment_factory` or `rollout_func`"
+    ):
+        AMFTTrainer(
+            model=tiny_model_dir,
+            reward_funcs=[digit_fraction_reward],
+            args=make_config(tmp_path, balancing="luffy"),
+            train_dataset=luffy_prompts(8),
+            processing_class=tokenizer,
+            rollout_func=rollout_func,
+        )
 
 
 def answer_reward(completions, answer, **kwargs):
@@ -295,8 +327,6 @@ def test_resume_is_exact(tmp_path, tiny_model_dir, tokenizer):
     ],
 )
 def test_bad_fields_are_named_at_construction(tmp_path, overrides, message):
-    from conftest import make_config
-
     with pytest.raises(ValueError, match=message):
         make_config(tmp_path, balancing="luffy", **overrides)
 

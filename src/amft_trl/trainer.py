@@ -844,9 +844,16 @@ class AMFTTrainer(GRPOTrainer):
         luffy_num_off_policy` completions per prompt, in every generation mode). With images, every row is generated
         and the off-policy ones then replaced (a wasted generation per demonstration)."""
         demonstrations = self._luffy_demonstrations
-        if demonstrations is None or len(demonstrations) != len(prompt_ids):
+        if demonstrations is None:
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+            )
+        if len(demonstrations) != len(
+            prompt_ids
+        ):  # TRL generated for other rows than the batch's: never train so
+            raise RuntimeError(
+                f"balancing='luffy': TRL asked for {len(prompt_ids)} completions of a generation batch of "
+                f"{len(demonstrations)} rows; the demonstrations cannot be placed."
             )
         on = [i for i, d in enumerate(demonstrations) if d is None]
         if images is None and not multimodal_fields:
