@@ -782,9 +782,8 @@ class AMFTTrainer(GRPOTrainer):
         self._luffy: LUFFYStrategy | None = None
         self._luffy_demonstrations: list[list[int] | None] | None = None
         self._luffy_logps_hook = None
-        self._luffy_sums = [
-            0.0
-        ] * 4  # this step's off-policy f(p), p and token sums, and all completion tokens
+        # this step's sums: f(p) and p over the off-policy tokens, their count, and all completion tokens
+        self._luffy_sums = [0.0] * 4
         strategy = self.strategy
         if not isinstance(strategy, LUFFYStrategy) or strategy.num_off_policy == 0:
             return
@@ -848,9 +847,7 @@ class AMFTTrainer(GRPOTrainer):
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
             )
-        if len(demonstrations) != len(
-            prompt_ids
-        ):  # TRL generated for other rows than the batch's: never train so
+        if len(demonstrations) != len(prompt_ids):  # TRL generates for other rows than the batch's: refuse
             raise RuntimeError(
                 f"balancing='luffy': TRL asked for {len(prompt_ids)} completions of a generation batch of "
                 f"{len(demonstrations)} rows; the demonstrations cannot be placed."
