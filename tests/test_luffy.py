@@ -76,16 +76,23 @@ def test_demonstration_is_cut_like_a_generation():
     assert demonstration_completion_ids([5, 6, 7, 8], [2], 3) == [5, 6, 7]  # truncated: no EOS
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo", "sapo"])
 def test_aggregate_token_loss_is_trls_normaliser(tmp_path, tiny_model_dir, tokenizer, loss_type):
-    """With the ratio at 1 TRL's per-token loss is -A: its loss must equal `aggregate_token_loss(-A)`."""
+    """With the ratio at 1 TRL's per-token loss is -A (SAPO's: -2 A / tau, tau its temperature for A's sign): its
+    loss must equal `aggregate_token_loss` of that."""
     trainer = build(tmp_path, tiny_model_dir, tokenizer, luffy_num_off_policy=0, loss_type=loss_type)
     inputs = _batch(trainer, 3)
     assert inputs["advantages"].abs().sum() > 0
     trainer.loss_type = loss_type
     trl_loss = GRPOTrainer._compute_loss(trainer, trainer.model, dict(inputs))
+    advantages = inputs["advantages"]
+    if loss_type == "sapo":
+        tau = torch.where(
+            advantages > 0, trainer.args.sapo_temperature_pos, trainer.args.sapo_temperature_neg
+        )
+        advantages = advantages * 2 / tau
     ours = aggregate_token_loss(
-        -inputs["advantages"].unsqueeze(1).expand(inputs["completion_mask"].shape),
+        -advantages.unsqueeze(1).expand(inputs["completion_mask"].shape),
         inputs["completion_mask"],
         loss_type,
         accumulation_steps=1,
