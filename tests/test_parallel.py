@@ -357,6 +357,25 @@ def test_strategies_give_the_one_process_trajectory_on_two(tiny_model_dir, tmp_p
     assert math.isclose(one["param_checksum"], two["param_checksum"], rel_tol=1e-9)
 
 
+@needs_deepspeed
+@pytest.mark.parametrize("balancing", ["luffy", "relift"])
+def test_luffy_and_relift_under_zero2_single_process_match_plain(tiny_model_dir, tmp_path, balancing):
+    """LUFFY's added off-policy term and ReLIFT's SFT step on the buffer under ZeRO-2: the same losses as without
+    DeepSpeed (float32 Adam: rounding only)."""
+    extra = (
+        "--max_steps=4",
+        f"--balancing={balancing}",
+        f"--strategy_args={json.dumps(STRATEGY_FAMILIES[balancing])}",
+    )
+    plain, zero = _plain_and_zero(tiny_model_dir, tmp_path, 2, *extra)
+    assert _close(plain["rl_loss"], zero["rl_loss"], 1e-3), (plain["rl_loss"], zero["rl_loss"])
+    assert _close(plain["sft_loss"], zero["sft_loss"], 1e-3), (plain["sft_loss"], zero["sft_loss"])
+    if balancing == "relift":
+        assert 1.0 in plain["relift_sft_step"] and plain["relift_sft_step"] == zero["relift_sft_step"]
+    else:
+        assert _close(plain["luffy_importance_weight"], zero["luffy_importance_weight"], 1e-3)
+
+
 @pytest.mark.parametrize("samples", [1, 2, 3])
 def test_target_entropy_with_fewer_samples_than_processes_does_not_hang(tiny_model_dir, tmp_path, samples):
     """H* on 2 processes from 1, 2 or 3 demonstrations: every rank runs the same number of forwards (a rank without
