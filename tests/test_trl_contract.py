@@ -9,6 +9,7 @@ trainer's attributes before and after one, so a container TRL adds would be caug
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import time
 from collections import deque
@@ -50,6 +51,19 @@ def test_private_members_exist_with_the_assumed_signatures():
     params = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
     assert list(params)[1:5] == ["model", "input_ids", "attention_mask", "logits_to_keep"]
     assert "compute_entropy" in params
+    # LUFFY generates the on-policy rows only, through TRL's own single-turn generation
+    assert list(inspect.signature(GRPOTrainer._generate_single_turn).parameters)[1:5] == [
+        "prompt_ids",
+        "images",
+        "multimodal_fields",
+        "num_generations",
+    ]
+    assert "self._generate_single_turn(" in inspect.getsource(GRPOTrainer._generate)
+    assert "[::num_generations]" in inspect.getsource(
+        importlib.import_module("trl.generation.vllm_generation").VLLMGeneration.generate
+    )
+    for name in ("grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo", "luspo"):  # LUFFY's normalisers
+        assert f'"{name}"' in inspect.getsource(GRPOTrainer._compute_loss), name
     assert list(inspect.signature(GRPOTrainer._calculate_rewards).parameters)[1:] == [
         "inputs",
         "prompts",

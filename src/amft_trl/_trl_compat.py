@@ -7,7 +7,9 @@ function names the member it relies on and what it assumes:
 |---|---|---|
 | `GRPOTrainer._generate_and_score_completions(inputs)` | validation rollouts; `AMFTTrainer` wraps it | rows in, a dict out with `prompt_ids`, `prompt_mask`, `completion_ids`, `completion_mask`, `advantages` (B,); extra keys survive TRL's shuffle and split |
 | `GRPOTrainer._calculate_rewards(...)` | `AMFTTrainer` wraps it | returns the rewards of every process, (N_global, num_funcs), NaN for None |
-| `GRPOTrainer._compute_loss(model, inputs)` | per-rollout advantages (`rl_advantages`) | reads `inputs["advantages"]` after its one call of `_get_per_token_logps_and_entropies(..., compute_entropy=True)` |
+| `GRPOTrainer._compute_loss(model, inputs)` | per-rollout advantages (`rl_advantages`); `AMFTTrainer` wraps it for LUFFY | reads `inputs["advantages"]` after its one call of `_get_per_token_logps_and_entropies(..., compute_entropy=True)`, whose log-probs (at `args.temperature`) carry the graph; its policy term is zero on rows with advantage 0; its normaliser per `loss_type` is what `balancing.luffy.aggregate_token_loss` reproduces |
+| `GRPOTrainer._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, ...)` | `AMFTTrainer` wraps it for LUFFY (generates the on-policy rows only) | one completion per entry of `prompt_ids`, as `(completion_ids, logprobs or None)`; the vLLM server takes every `num_generations`-th entry as a group's prompt; `_generate` decodes, scores and pads whatever it returns |
+| `GRPOTrainer.eos_token_ids`, `tools`, `rollout_func`, `environment_factories`, `max_completion_length`, `loss_type` | LUFFY | the generation's stop tokens; the multi-turn paths LUFFY refuses; the loss settings |
 | `GRPOTrainer._get_per_token_logps_and_entropies` | SFT log-probs and entropies, the validation surrogate | `(logps, entropies, aux)` at `args.temperature` |
 | `GRPOTrainer._metrics`, `_logs`, `_pending_extra_logs`, `_pending_metrics` | `isolated_generation` | every log container generation writes to |
 | `GRPOTrainer._metrics["train"]["step_time"]` | whole-step timing | one value appended per optimizer step by `GRPOTrainer.training_step` |
