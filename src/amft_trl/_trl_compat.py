@@ -30,6 +30,21 @@ from trl.data_utils import _tokenize as tokenize  # noqa: F401  (re-exported for
 # Names of the generation output keys AMFT reads (the contract test checks TRL still produces them).
 GENERATION_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
 
+# The multimodal keys of TRL's generation output that `GRPOTrainer._compute_loss` hands to
+# `_get_per_token_logps_and_entropies` (all optional; `num_images` / `num_tiles` are per-row lists).
+MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
 
 def train_metrics(trainer: Any) -> dict[str, list[float]]:
     """The training metrics TRL averages and logs at each `log` call (`GRPOTrainer._metrics["train"]`)."""
@@ -43,11 +58,13 @@ def per_token_logps_and_entropies(
     attention_mask: torch.Tensor,
     logits_to_keep: int,
     compute_entropy: bool = False,
+    **multimodal: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """TRL's fused log-prob head: per-token log-probs (and entropies) of the last `logits_to_keep` tokens, at the
-    sampling temperature `args.temperature`, without materialising the logits."""
+    sampling temperature `args.temperature`, without materialising the logits. `multimodal`: a VLM's other inputs
+    as TRL's generation output holds them (`MULTIMODAL_KEYS`)."""
     logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
-        model, input_ids, attention_mask, logits_to_keep, compute_entropy=compute_entropy
+        model, input_ids, attention_mask, logits_to_keep, compute_entropy=compute_entropy, **multimodal
     )
     return logps, entropies
 

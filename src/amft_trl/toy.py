@@ -117,3 +117,149 @@ def digit_fraction_reward(completions: list, **kwargs) -> list[float]:
         text = completion_to_text(completion)
         out.append(sum(ch.isdigit() for ch in text) / max(len(text), 1))
     return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A tiny vision-language model (LLaVA layout) with its processor, built offline
+# ------------------------------------------------------------------------------------------------------------------
+IMAGE_TOKEN = "<image>"
+
+#: A chat template with image parts (`{"type": "image"}` renders as the processor's `<image>` token, which the
+#: processor expands to one token per image patch) and text parts; plain-string contents are accepted too.
+VLM_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>"
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for part in m['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_vlm_processor(vocab_size: int = 300, image_size: int = 16, patch_size: int = 8):
+    """A LLaVA processor: `build_tokenizer`'s tokenizer plus an `<image>` token, and the PIL CLIP image processor.
+
+    Needs no torchvision and no hub. Each image becomes `(image_size / patch_size) ** 2` `<image>` tokens (4 at the
+    defaults): the processor expands the one `<image>` the chat template writes per image part.
+    """
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+
+    tokenizer = build_tokenizer(vocab_size)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    tokenizer.chat_template = VLM_CHAT_TEMPLATE
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",  # the CLS feature is dropped: one token per patch
+        num_additional_image_tokens=1,
+        chat_template=VLM_CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+    )
+
+
+def build_vlm(processor, seed: int = 0, hidden_size: int = 32, num_layers: int = 2):
+    """A tiny random LLaVA sized to `processor`: a 1-layer CLIP vision tower and a small Llama language model."""
+    import torch
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    image_size = processor.image_processor.crop_size["height"]
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=processor.patch_size,
+        projection_dim=hidden_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        projector_hidden_act="gelu",
+        tie_word_embeddings=True,
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def toy_image(seed: int, size: int = 16):
+    """A small deterministic RGB image (PIL) of random coloured blocks."""
+    from PIL import Image
+
+    rng = random.Random(seed)
+    image = Image.new("RGB", (size, size))
+    block = max(size // 4, 1)
+    for x in range(0, size, block):
+        for y in range(0, size, block):
+            colour = (rng.randrange(256), rng.randrange(256), rng.randrange(256))
+            image.paste(colour, (x, y, x + block, y + block))
+    return image
+
+
+def image_addition_prompts(n: int, seed: int, max_operand: int = 20):
+    """Conversational addition prompts each with one image (`image` column), gold sum in `answer`."""
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"Compute {a} + {b} ="}],
+                "image": toy_image(seed * 100_003 + i),
+                "answer": str(a + b),
+            }
+        )
+    return Dataset.from_list(rows)
+
+
+def image_addition_demos(n: int, seed: int, layout: str = "prompt_completion", max_operand: int = 20):
+    """Image demonstrations in TRL's VLM SFT formats: `prompt`/`completion` (or `messages`) plus `images`."""
+    from datasets import Dataset
+
+    if layout not in ("prompt_completion", "messages"):
+        raise ValueError(f"layout must be 'prompt_completion' or 'messages', got {layout!r}")
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+        user = {
+            "role": "user",
+            "content": [{"type": "image"}, {"type": "text", "text": f"Compute {a} + {b} ="}],
+        }
+        answer = {
+            "role": "assistant",
+            "content": [{"type": "text", "text": f" {a + b}. The answer is {a + b}."}],
+        }
+        images = [toy_image(seed * 100_003 + i)]
+        if layout == "messages":
+            rows.append({"messages": [user, answer], "images": images})
+        else:
+            rows.append({"prompt": [user], "completion": [answer], "images": images})
+    return Dataset.from_list(rows)

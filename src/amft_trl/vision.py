@@ -1,0 +1,173 @@
+"""Construction-time checks for vision-language training: images reach the model, or the trainer refuses to start.
+
+RL prompts with images go through TRL's `GRPOTrainer` path unchanged (an `images` / `image` column, a processor as
+`processing_class`); image demonstrations through `amft_trl.sft_data.prepare_vision_sft_dataset`. These checks make
+every way of training on the text alone an error at construction, naming the dataset, the column and the row:
+
+- an image column with a text-only model, or with a tokenizer (no image processor) as `processing_class`;
+- an image that cannot be opened;
+- rows with and rows without images in one dataset, when the processor cannot take such a batch;
+- demonstrations whose messages hold image parts but no image column carries the images.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from .sft_data import _vision_example, image_column, row_images, vision_collator
+
+
+def is_vision_model(model: Any, trust_remote_code: bool = False) -> bool:
+    """Whether `model` (a model, or a path / hub id read for its config only) takes images: its config has a vision
+    tower (`vision_config`), as every transformers VLM's does (LLaVA, Qwen2-VL / 2.5-VL, Mllama, Gemma 3, Idefics,
+    ...). Looks through PEFT and DDP wrappers."""
+    if isinstance(model, str):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    else:
+        config = getattr(getattr(model, "module", model), "config", None)
+    return config is not None and getattr(config, "vision_config", None) is not None
+
+
+def _model_name(model: Any) -> str:
+    return model if isinstance(model, str) else type(getattr(model, "module", model)).__name__
+
+
+def check_image_inputs(
+    model: Any, processing_class: Any, datasets: dict[str, Any], trust_remote_code: bool = False
+) -> None:
+    """Raise a ValueError if a dataset's images would not reach the model (see the module docstring).
+
+    `model`: the model or its path (only its config is read); `processing_class`: None skips the processor checks
+    (the trainer checks again once it has loaded the model's own).
+    """
+    for name, dataset in datasets.items():
+        if dataset is None or not hasattr(dataset, "column_names"):
+            continue
+        column = image_column(dataset)
+        if column is None:
+            if name == "sft_dataset":
+                _check_no_orphan_image_parts(dataset, name)
+            continue
+        if processing_class is not None and getattr(processing_class, "image_processor", None) is None:
+            raise ValueError(
+                f"`{name}` has an `{column}` column, but `processing_class` is a {type(processing_class).__name__} "
+                "with no image processor, so its images would be dropped and the model trained on the text alone. "
+                "Pass the model's processor (`AutoProcessor.from_pretrained(...)`) as `processing_class`."
+            )
+        if not is_vision_model(model, trust_remote_code):
+            raise ValueError(
+                f"`{name}` has an `{column}` column, but the model ({_model_name(model)}) is text-only (its config has no "
+                "`vision_config`), so the images would be dropped. Load a vision-language model (e.g. with "
+                "`AutoModelForImageTextToText`), or remove the column to train on text."
+            )
+        _check_images_open(dataset, name, column)
+        if processing_class is not None:
+            _check_mixed_rows(dataset, name, column, processing_class)
+
+
+def _image_cells(dataset: Any, column: str) -> Any:
+    """The column's rows without decoding images (`Image(decode=False)`: `{"bytes", "path"}` per image)."""
+    from datasets import Image, LargeList, List, Sequence
+
+    feature = dataset.features[column]
+    if isinstance(feature, Image):
+        return dataset.cast_column(column, Image(decode=False))[column]
+    if isinstance(feature, (List, LargeList, Sequence)) and isinstance(feature.feature, Image):
+        return dataset.cast_column(column, List(Image(decode=False)))[column]
+    return dataset[column]
+
+
+def _open(cell: Any) -> None:
+    """Open one image's header (no pixels decoded): raises when the file is missing or not an image."""
+    from PIL import Image
+
+    if isinstance(cell, dict):
+        if cell.get("bytes") is not None:
+            Image.open(io.BytesIO(cell["bytes"])).close()
+            return
+        cell = cell.get("path")
+    if isinstance(cell, str):
+        if cell.startswith(("http://", "https://")):  # fetched by the processor at use; not checked here
+            return
+        Image.open(cell).close()
+        return
+    if cell is not None and not isinstance(cell, Image.Image):
+        raise TypeError(f"{type(cell).__name__} is not an image, a path or image bytes")
+
+
+def _check_images_open(dataset: Any, name: str, column: str) -> None:
+    cells = _image_cells(dataset, column)
+    for row, value in enumerate(cells):
+        for image in [value] if column == "image" else list(value or []):
+            try:
+                _open(image)
+            except Exception as error:
+                raise ValueError(
+                    f"`{name}` row {row}: an image in column `{column}` cannot be loaded "
+                    f"({type(error).__name__}: {error})."
+                ) from error
+
+
+def _check_mixed_rows(dataset: Any, name: str, column: str, processor: Any) -> None:
+    """Rows with and without images in one dataset: fine if the processor takes a batch of both, else an error."""
+    cells = _image_cells(dataset, column)
+    counts = [(1 if v is not None else 0) if column == "image" else len(v or []) for v in cells]
+    with_images = next((i for i, n in enumerate(counts) if n), None)
+    without = next((i for i, n in enumerate(counts) if not n), None)
+    if with_images is None:
+        raise ValueError(
+            f"`{name}` has an `{column}` column but no row holds an image: remove the column to train on text."
+        )
+    if without is None:
+        return
+    rows = [dataset[with_images], dataset[without]]
+    try:
+        if {"prompt", "completion"} <= set(dataset.column_names) or "messages" in dataset.column_names:
+            if "completion" in dataset.column_names or "messages" in dataset.column_names:
+                vision_collator(processor, None)([_vision_example(r, column) for r in rows])
+                return
+        _probe_prompts(processor, rows, column)
+    except Exception as error:
+        raise ValueError(
+            f"`{name}` mixes rows with images (row {with_images}) and rows without (row {without}) in column "
+            f"`{column}`, and this model's processor cannot take such a batch ({type(error).__name__}: {error}). "
+            "Give every row an image, or split the data into a dataset with images and one without."
+        ) from error
+
+
+def _probe_prompts(processor: Any, rows: list[dict[str, Any]], column: str) -> None:
+    """Process two prompts the way GRPOTrainer does for generation (chat template, then the processor)."""
+    from trl.data_utils import apply_chat_template, prepare_multimodal_messages
+
+    images = [row_images(r, column) or None for r in rows]
+    texts = [
+        apply_chat_template({"prompt": prepare_multimodal_messages(r["prompt"], images=im)}, processor)[
+            "prompt"
+        ]
+        for r, im in zip(rows, images, strict=True)
+    ]
+    processor(images=images, text=texts, padding=True, return_tensors="pt")
+
+
+def _check_no_orphan_image_parts(dataset: Any, name: str) -> None:
+    """Demonstrations whose messages have `{"type": "image"}` parts need an image column to carry the images."""
+    for column in ("prompt", "messages"):
+        if column not in (dataset.column_names or []):
+            continue
+        feature = dataset.features[column]
+        inner = getattr(feature, "feature", None)
+        content = inner.get("content") if isinstance(inner, dict) else None
+        if not (isinstance(getattr(content, "feature", None), dict) and "type" in content.feature):
+            continue  # string contents: no image parts
+        for row, messages in enumerate(dataset[column]):
+            for message in messages or []:
+                for part in message.get("content") or []:
+                    if isinstance(part, dict) and part.get("type") == "image":
+                        raise ValueError(
+                            f"`{name}` row {row}: column `{column}` has an image part, but the dataset has no "
+                            "`images` (or `image`) column to carry the images, so it would train on the text "
+                            "alone. Put each row's images in an `images` column (TRL's vision SFT format)."
+                        )

@@ -1,0 +1,325 @@
+"""Vision-language models: AMFTTrainer trains a tiny LLaVA (CLIP vision tower + Llama) wherever GRPOTrainer does.
+
+The model and its processor are built offline (`amft_trl.toy.build_vlm`, no torchvision, no hub) and saved once per
+module, so every trainer loads identical weights by path. Images are 16x16, each 4 `<image>` tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_config
+from transformers import AutoProcessor, TrainerCallback
+
+from amft_trl import AMFTTrainer
+from amft_trl.toy import (
+    build_tokenizer,
+    build_vlm,
+    build_vlm_processor,
+    digit_fraction_reward,
+    image_addition_demos,
+    image_addition_prompts,
+)
+
+COMMON = dict(
+    per_device_train_batch_size=4,
+    num_generations=4,
+    max_completion_length=6,
+    max_steps=2,
+    learning_rate=1e-2,
+    report_to="none",
+    use_cpu=True,
+    bf16=False,
+    save_strategy="no",
+    seed=7,
+    disable_tqdm=True,
+)
+PINNED = dict(mu_min=0.0, mu_max=1.0, meta_learning_rate=0.0, entropy_learning_rate=0.0)
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-llava")
+    processor = build_vlm_processor()
+    build_vlm(processor).save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def processor(vlm_dir):
+    return AutoProcessor.from_pretrained(vlm_dir)
+
+
+def history(trainer, key):
+    return [h[key] for h in trainer.state.log_history if key in h]
+
+
+def amft(tmp_path, vlm_dir, processor, reward_funcs=None, callbacks=None, model=None, **overrides):
+    datasets = {
+        k: overrides.pop(k) for k in ("train_dataset", "sft_dataset", "val_dataset") if k in overrides
+    }
+    datasets.setdefault("train_dataset", image_addition_prompts(16, seed=1))
+    return AMFTTrainer(
+        model=model or vlm_dir,
+        reward_funcs=reward_funcs or [digit_fraction_reward],
+        args=make_config(tmp_path, **{**COMMON, **overrides}),
+        processing_class=processor,
+        callbacks=callbacks,
+        **datasets,
+    )
+
+
+def vision_params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "vision_tower" in n}
+
+
+# ---- 1. image prompts: GRPOTrainer's path, bit for bit -----------------------------------------------------------
+def test_image_prompts_mu_zero_equals_grpo(tmp_path, vlm_dir, processor):
+    from trl import GRPOConfig, GRPOTrainer
+
+    prompts = image_addition_prompts(16, seed=1)
+    ours = amft(
+        tmp_path / "amft", vlm_dir, processor, train_dataset=prompts, mu_init=0.0, **{**PINNED, "mu_max": 0.0}
+    )
+    before = vision_params(ours.model)
+    ours.train()
+    grpo = GRPOTrainer(
+        model=vlm_dir,
+        reward_funcs=[digit_fraction_reward],
+        args=GRPOConfig(output_dir=str(tmp_path / "grpo"), **COMMON),
+        train_dataset=prompts,
+        processing_class=processor,
+    )
+    grpo.train()
+    for (name, a), (_, b) in zip(ours.model.named_parameters(), grpo.model.named_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} differs from GRPOTrainer")
+    # the images reached the model: its vision tower was trained
+    assert any(not torch.equal(before[n], p) for n, p in vision_params(ours.model).items())
+
+
+# ---- 2. image demonstrations: TRL SFTTrainer's completion-only loss and gradient -------------------------------
+class GradientsBeforeStep(TrainerCallback):
+    def __init__(self):
+        self.grads = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_image_demonstrations_mu_one_match_sft_trainer(tmp_path, vlm_dir, processor):
+    from transformers import AutoModelForImageTextToText
+    from trl import SFTConfig, SFTTrainer
+
+    demos = image_addition_demos(12, seed=2)
+    grads = GradientsBeforeStep()
+    ours = amft(
+        tmp_path / "amft",
+        vlm_dir,
+        processor,
+        callbacks=[grads],
+        sft_dataset=demos,
+        mu_init=1.0,
+        **{**PINNED, "mu_min": 1.0},
+        max_steps=1,
+        max_grad_norm=0.0,
+        max_sft_length=64,
+    )
+    used = []
+    collate = ours._collate_sft
+    ours._collate_sft = lambda indices: used.extend(indices) or collate(indices)
+    ours.train()
+    assert len(used) == 4 and grads.grads
+
+    sft = SFTTrainer(
+        model=AutoModelForImageTextToText.from_pretrained(vlm_dir),
+        args=SFTConfig(
+            output_dir=str(tmp_path / "sft"), max_length=64, report_to="none", use_cpu=True, bf16=False
+        ),
+        train_dataset=demos,
+        processing_class=processor,
+    )
+    assert sft.completion_only_loss
+    batch = sft.data_collator([copy.deepcopy(demos[i]) for i in used])
+    assert (batch["labels"] == -100).sum() > 4 * 4, "prompt and image tokens are masked"
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert not (batch["labels"] == image_token).any()
+    sft.model.train()
+    loss = sft.compute_loss(sft.model, dict(batch))
+    loss.backward()
+    assert history(ours, "amft/sft_loss")[0] == pytest.approx(float(loss.detach()), rel=1e-5)
+    reference = {n: p.grad for n, p in sft.model.named_parameters() if p.grad is not None}
+    assert set(reference) == set(grads.grads)
+    assert any("vision_tower" in n for n in reference), "the image path carries a gradient"
+    for name, g in grads.grads.items():
+        torch.testing.assert_close(g, reference[name], rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
+
+
+def test_messages_layout_gives_the_prompt_completion_batch(tmp_path, vlm_dir, processor):
+    from amft_trl.sft_data import collate_vision_sft
+
+    rows = [image_addition_demos(3, seed=5, layout=layout) for layout in ("prompt_completion", "messages")]
+    a, b = (collate_vision_sft(list(r), processor, 64, "images") for r in rows)
+    for field in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask"):
+        assert torch.equal(getattr(a, field), getattr(b, field))
+    assert torch.equal(a.model_inputs["pixel_values"], b.model_inputs["pixel_values"])
+    assert a.model_inputs["num_images"] == [1, 1, 1]
+
+
+def test_truncation_never_cuts_image_tokens(tmp_path, vlm_dir, processor, caplog):
+    from datasets import Dataset
+
+    from amft_trl.sft_data import prepare_vision_sft_dataset
+
+    demos = image_addition_demos(12, seed=2)
+    rows = demos.to_list()
+    for i, row in enumerate(rows):  # prompts of three lengths
+        row["prompt"][0]["content"][1]["text"] *= 1 + i % 3
+    demos = Dataset.from_list(rows, features=demos.features)
+    full, _ = prepare_vision_sft_dataset(demos, processor, None)
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    prompts = [len(b.prompt_ids[0]) for b in (amft_batch(processor, [r]) for r in full)]
+    limit = sorted(prompts)[len(prompts) // 2]  # about half the prompts leave no room for a completion token
+    expected_dropped = sum(1 for n in prompts if n >= limit)
+    assert 0 < expected_dropped < len(prompts)
+    kept, dropped = prepare_vision_sft_dataset(demos, processor, limit)
+    assert dropped == expected_dropped and len(kept) == len(demos) - dropped
+    assert "max_sft_length" in caplog.text
+    batch = amft_batch(processor, list(kept), limit)
+    assert ((batch.prompt_ids == image_token).sum(1) == 4).all(), "every kept prompt has all its image tokens"
+    assert (batch.prompt_mask.sum(1) + batch.completion_mask.sum(1) <= limit).all()
+    assert (batch.completion_mask.sum(1) >= 1).all()
+    with pytest.raises(ValueError, match=r"sft_dataset.*max_sft_length=8.*never cuts image tokens"):
+        prepare_vision_sft_dataset(demos, processor, 8)
+
+
+def amft_batch(processor, rows, max_length=None):
+    from amft_trl.sft_data import collate_vision_sft
+
+    return collate_vision_sft(rows, processor, max_length, "images")
+
+
+# ---- 3. bad input: one clear error at construction -------------------------------------------------------------
+def test_image_column_with_a_tokenizer(tmp_path, vlm_dir, processor):
+    with pytest.raises(
+        ValueError, match=r"`train_dataset` has an `image` column.*TokenizersBackend with no image processor"
+    ):
+        amft(tmp_path, vlm_dir, processor.tokenizer, mu_init=0.0, **{**PINNED, "mu_max": 0.0})
+
+
+def test_image_demonstrations_with_a_tokenizer(tmp_path, vlm_dir, processor):
+    from conftest import make_prompts
+
+    with pytest.raises(ValueError, match=r"`sft_dataset` has an `images` column.*no image processor"):
+        amft(
+            tmp_path,
+            vlm_dir,
+            processor.tokenizer,
+            train_dataset=make_prompts(8, seed=1),
+            sft_dataset=image_addition_demos(4, seed=2),
+            meta_learning_rate=0.0,
+        )
+
+
+def test_image_column_with_a_text_only_model(tmp_path, processor):
+    from amft_trl.toy import build_model
+
+    with pytest.raises(
+        ValueError, match=r"`train_dataset` has an `image` column.*Qwen2ForCausalLM.*text-only"
+    ):
+        amft(
+            tmp_path,
+            None,
+            processor,
+            model=build_model(build_tokenizer()),
+            mu_init=0.0,
+            **{**PINNED, "mu_max": 0.0},
+        )
+
+
+def test_an_image_that_cannot_be_loaded_names_its_row(tmp_path, vlm_dir, processor):
+    from datasets import Dataset, Image
+
+    rows = image_addition_prompts(4, seed=1).cast_column("image", Image(decode=False)).to_list()
+    rows[2]["image"] = {"bytes": b"not an image", "path": None}
+    prompts = Dataset.from_list(rows).cast_column("image", Image())
+    with pytest.raises(
+        ValueError, match=r"`train_dataset` row 2: an image in column `image` cannot be loaded"
+    ):
+        amft(tmp_path, vlm_dir, processor, train_dataset=prompts, mu_init=0.0, **{**PINNED, "mu_max": 0.0})
+    demos = image_addition_demos(4, seed=2)
+    rows = demos.to_list()
+    rows[3]["images"] = [{"bytes": None, "path": str(tmp_path / "missing.png")}]
+    demos = Dataset.from_list(rows, features=demos.features)
+    with pytest.raises(
+        ValueError, match=r"`sft_dataset` row 3: an image in column `images` cannot be loaded"
+    ):
+        amft(tmp_path, vlm_dir, processor, sft_dataset=demos, meta_learning_rate=0.0)
+
+
+def test_image_parts_without_an_image_column(tmp_path, vlm_dir, processor):
+    demos = image_addition_demos(4, seed=2).remove_columns("images")
+    with pytest.raises(
+        ValueError, match=r"`sft_dataset` row 0: column `prompt` has an image part.*no `images`"
+    ):
+        amft(tmp_path, vlm_dir, processor, sft_dataset=demos, meta_learning_rate=0.0)
+
+
+def _mixed_demos():
+    from datasets import Dataset
+
+    demos = image_addition_demos(8, seed=2)
+    rows = demos.to_list()
+    for row in rows[1::2]:  # every other demonstration is text-only
+        row["images"] = []
+        row["prompt"][0]["content"] = [part for part in row["prompt"][0]["content"] if part["type"] == "text"]
+    return Dataset.from_list(rows, features=demos.features)
+
+
+def test_rows_with_and_without_images_train_when_the_model_takes_them(tmp_path, vlm_dir, processor):
+    trainer = amft(
+        tmp_path, vlm_dir, processor, sft_dataset=_mixed_demos(), meta_learning_rate=0.0, max_steps=2
+    )
+    trainer.train()
+    assert len(history(trainer, "amft/sft_loss")) == 2
+
+
+class RefusesMixedBatches:
+    """A processor that, like Mllama's, refuses a batch where some rows have images and others none."""
+
+    def __init__(self, processor):
+        self._processor = processor
+
+    def __getattr__(self, name):
+        return getattr(self._processor, name)
+
+    def __call__(self, images=None, text=None, **kwargs):
+        if images is not None and any(not im for im in images) and any(im for im in images):
+            raise ValueError(
+                "If a batch of text is provided, there should be either no images or one per sample"
+            )
+        return self._processor(images=images, text=text, **kwargs)
+
+
+def test_rows_with_and_without_images_refused_when_the_processor_cannot(tmp_path, vlm_dir, processor):
+    from transformers import AutoModelForImageTextToText
+
+    from amft_trl.vision import check_image_inputs
+
+    model = AutoModelForImageTextToText.from_pretrained(vlm_dir)
+    with pytest.raises(
+        ValueError, match=r"`sft_dataset` mixes rows with images \(row 0\) and rows without \(row 1\)"
+    ):
+        check_image_inputs(model, RefusesMixedBatches(processor), {"sft_dataset": _mixed_demos()})
+    from datasets import Dataset
+
+    prompts = image_addition_prompts(4, seed=1)
+    rows = prompts.to_list()
+    rows[2]["image"] = None
+    prompts = Dataset.from_list(rows, features=prompts.features)
+    with pytest.raises(
+        ValueError, match=r"`train_dataset` mixes rows with images \(row 0\) and rows without \(row 2\)"
+    ):
+        check_image_inputs(model, RefusesMixedBatches(processor), {"train_dataset": prompts})
