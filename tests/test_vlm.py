@@ -58,9 +58,8 @@ def history(trainer, key):
 
 
 def amft(tmp_path, vlm_dir, processor, reward_funcs=None, callbacks=None, model=None, **overrides):
-    datasets = {
-        k: overrides.pop(k) for k in ("train_dataset", "sft_dataset", "val_dataset") if k in overrides
-    }
+    names = ("train_dataset", "sft_dataset", "val_dataset", "peft_config")
+    datasets = {k: overrides.pop(k) for k in names if k in overrides}
     datasets.setdefault("train_dataset", image_addition_prompts(16, seed=1))
     return AMFTTrainer(
         model=model or vlm_dir,
@@ -323,3 +322,250 @@ def test_rows_with_and_without_images_refused_when_the_processor_cannot(tmp_path
         ValueError, match=r"`train_dataset` mixes rows with images \(row 0\) and rows without \(row 2\)"
     ):
         check_image_inputs(model, RefusesMixedBatches(processor), {"train_dataset": prompts})
+
+
+# ---- 4. the rest of the step with images: Eq. 25, H_t and H*, every strategy, resume ----------------------------
+ALPHA = 1e-4
+
+
+def test_meta_gradient_with_images_matches_finite_differences(tmp_path, vlm_dir, processor):
+    """Eq. 25 on the VLM (float64): the logged g_mu against a central difference of the validation surrogate after
+    one SGD step `theta(mu) = theta_0 - alpha ((1 - mu) grad L_RL + mu grad L_SFT)`, all inputs carrying images."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(vlm_dir, dtype=torch.float64)
+    theta0 = copy.deepcopy(model.state_dict())
+    trainer = amft(
+        tmp_path,
+        vlm_dir,
+        processor,
+        model=model,
+        sft_dataset=image_addition_demos(8, seed=2),
+        val_dataset=image_addition_prompts(4, seed=3),
+        max_steps=1,
+        learning_rate=ALPHA,
+        lr_scheduler_type="constant",
+        optim="sgd",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        mu_init=0.3,
+        meta_learning_rate=0.1,
+        meta_gradient_form="raw",
+        entropy_learning_rate=0.0,
+        meta_update_steps=1,
+        meta_val_batch_size=2,
+        target_entropy_num_samples=4,
+        max_completion_length=4,
+    )
+    rollouts, sft_batches = [], []
+    generate, sft_step = trainer._generate_and_score_completions, trainer._sft_micro_step
+
+    def spy_generate(inputs):
+        rollouts.append(generate(inputs))
+        return rollouts[-1]
+
+    def spy_sft(model, batch, weight, step, *args):
+        sft_batches.append((batch, step.sft_tokens))
+        return sft_step(model, batch, weight, step, *args)
+
+    trainer._generate_and_score_completions, trainer._sft_micro_step = spy_generate, spy_sft
+    trainer.train()
+    val_out, rl_inputs = rollouts
+    assert "pixel_values" in val_out and "pixel_values" in rl_inputs
+    assert sft_batches[0][0].model_inputs["pixel_values"].shape[0] == 4
+    logged = [h for h in trainer.state.log_history if "amft/meta_gradient" in h][0]
+    mu = logged["amft/mu"]
+    assert mu == pytest.approx(0.3)
+
+    def losses():
+        l_rl = trainer._compute_loss(trainer.model, rl_inputs)
+        l_sft = 0.0
+        for batch, tokens in sft_batches:
+            logps, _ = trainer._sft_token_stats(trainer.model, batch, compute_entropy=False)
+            l_sft = l_sft - (logps * batch.completion_mask).sum() / tokens
+        return l_rl, l_sft
+
+    def utility() -> (
+        torch.Tensor
+    ):  # a plain forward with the validation images, independent of TRL's fused head
+        ids = torch.cat([val_out["prompt_ids"], val_out["completion_ids"]], 1)
+        mask = torch.cat([val_out["prompt_mask"], val_out["completion_mask"]], 1)
+        c = val_out["completion_ids"].size(1)
+        logits = trainer.model(
+            input_ids=ids, attention_mask=mask, pixel_values=val_out["pixel_values"]
+        ).logits
+        logps = torch.log_softmax(logits[:, -c - 1 : -1].double(), -1)
+        logps = logps.gather(-1, val_out["completion_ids"].unsqueeze(-1)).squeeze(-1)
+        cmask = val_out["completion_mask"]
+        return (val_out["advantages"].unsqueeze(1) * logps * cmask).sum() / cmask.sum()
+
+    names = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    trainer.model.load_state_dict(theta0)
+    l_rl, l_sft = losses()
+    # CLIP's post-layernorm feeds only its pooled output, which LLaVA does not use: no gradient there
+    g_rl = torch.autograd.grad(l_rl, trainable, allow_unused=True, materialize_grads=True)
+    g_sft = torch.autograd.grad(l_sft, trainable, allow_unused=True, materialize_grads=True)
+
+    def utility_after_sgd_step(m: float) -> float:
+        with torch.no_grad():
+            for p, name, gr, gs in zip(trainable, names, g_rl, g_sft, strict=True):
+                p.copy_(theta0[name] - ALPHA * ((1 - m) * gr + m * gs))
+            return float(utility())
+
+    eps = 0.25
+    fd = (utility_after_sgd_step(mu + eps) - utility_after_sgd_step(mu - eps)) / (2 * eps)
+    assert abs(fd) > 1e-9, "degenerate check: the surrogate does not depend on mu"
+    assert logged["amft/meta_gradient"] == pytest.approx(fd, rel=2e-3)
+
+
+def test_target_entropy_is_measured_on_image_demonstrations(tmp_path, vlm_dir, processor):
+    """H* on image demonstrations equals the mean completion-token entropy of a plain forward of TRL's collated
+    batch, images included, at the initial parameters (H* is measured before step 0's update)."""
+    from transformers import AutoModelForImageTextToText
+
+    from amft_trl.sft_data import InfiniteStream, _vision_example, vision_collator
+
+    demos = image_addition_demos(8, seed=2)
+    trainer = amft(
+        tmp_path,
+        vlm_dir,
+        processor,
+        sft_dataset=demos,
+        meta_learning_rate=0.0,
+        target_entropy_num_samples=4,
+        max_steps=1,
+    )
+    trainer.train()
+    logged = history(trainer, "amft/target_entropy")[0]
+    indices = InfiniteStream(len(demos), seed=trainer.args.seed + 2).take(4)
+    batch = vision_collator(processor, None)([_vision_example(demos[i], "images") for i in indices])
+    labels = batch.pop("labels")
+    model = AutoModelForImageTextToText.from_pretrained(vlm_dir).eval()
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(**batch).logits[:, :-1].double(), -1)
+    entropy = -(logprobs.exp() * logprobs).sum(-1)
+    mask = labels[:, 1:] != -100
+    assert logged == pytest.approx(float(entropy[mask].mean()), rel=1e-5)
+    with torch.no_grad():  # and the images matter: without them (image tokens read as text) it differs
+        blind = model.get_input_embeddings()(batch["input_ids"])
+        logprobs = torch.log_softmax(
+            model(inputs_embeds=blind, attention_mask=batch["attention_mask"]).logits[:, :-1].double(), -1
+        )
+    assert abs(float((-(logprobs.exp() * logprobs).sum(-1))[mask].mean()) - logged) > 1e-2
+
+
+STRATEGIES = {
+    "amft": dict(balancing="amft", meta_update_steps=1),
+    "fixed": dict(balancing="fixed", mu_init=0.4),
+    "sft_then_rl": dict(balancing="sft_then_rl", sft_warmup_steps=1),
+    "chord": dict(balancing="chord", chord_mu_warmup_steps=1, chord_mu_decay_steps=2),
+    "chord_phi": dict(
+        balancing="chord", chord_mu_warmup_steps=1, chord_mu_decay_steps=2, chord_enable_phi_function=True
+    ),
+    "srft": dict(balancing="srft"),
+}
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_every_strategy_trains_with_images(tmp_path, vlm_dir, processor, name):
+    trainer = amft(
+        tmp_path,
+        vlm_dir,
+        processor,
+        sft_dataset=image_addition_demos(8, seed=2),
+        val_dataset=image_addition_prompts(4, seed=3),
+        meta_val_batch_size=2,
+        target_entropy_num_samples=4,
+        **STRATEGIES[name],
+    )
+    before = vision_params(trainer.model)
+    trainer.train()
+    assert len(history(trainer, "amft/mu")) == 2
+    # sft_then_rl: step 0 is the SFT stage, step 1 RL; chord: mu reaches 0 after its decay
+    assert history(trainer, "amft/sft_loss"), "no step trained on image demonstrations"
+    assert history(trainer, "reward"), "no step trained on image rollouts"
+    if name in ("amft", "fixed", "srft"):
+        assert len(history(trainer, "amft/sft_loss")) == len(history(trainer, "reward")) == 2
+    if name == "amft":
+        assert len(history(trainer, "amft/meta_gradient")) == 2
+    assert any(not torch.equal(before[n], p) for n, p in vision_params(trainer.model).items())
+
+
+def test_hpt_refuses_image_prompts(tmp_path, vlm_dir, processor):
+    prompts = image_addition_prompts(8, seed=1).add_column("solution", ["1"] * 8)
+    with pytest.raises(ValueError, match=r"balancing='hpt'.*`image` column.*not supported"):
+        amft(
+            tmp_path,
+            vlm_dir,
+            processor,
+            train_dataset=prompts,
+            balancing="hpt",
+            hpt_demonstration_column="solution",
+        )
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def test_resume_with_images(tmp_path, vlm_dir, processor):
+    def trainer(folder, callbacks=None):
+        return amft(
+            tmp_path / folder,
+            vlm_dir,
+            processor,
+            callbacks=callbacks,
+            sft_dataset=image_addition_demos(8, seed=2),
+            balancing="fixed",
+            mu_init=0.4,
+            max_steps=3,
+            save_strategy="steps",
+            save_steps=2,
+        )
+
+    straight = trainer("a")
+    straight.train()
+    first = trainer("b", [StopAt(2)])
+    first.train()
+    second = trainer("b")
+    second.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-2"))
+    assert history(second, "amft/sft_loss")[-1] == pytest.approx(
+        history(straight, "amft/sft_loss")[-1], rel=1e-5
+    )
+    for (name, x), (_, y) in zip(
+        straight.model.named_parameters(), second.model.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---- 5. LoRA on the language model, vision tower frozen ----------------------------------------------------------
+def test_lora_on_the_language_model_leaves_the_vision_tower_unchanged(tmp_path, vlm_dir, processor):
+    from peft import LoraConfig
+
+    lora = LoraConfig(
+        r=4, lora_alpha=8, target_modules=r".*language_model.*\.(q_proj|v_proj)", task_type="CAUSAL_LM"
+    )
+    trainer = amft(
+        tmp_path,
+        vlm_dir,
+        processor,
+        peft_config=lora,
+        sft_dataset=image_addition_demos(8, seed=2),
+        balancing="fixed",
+        mu_init=0.5,
+    )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if "vision_tower" in n)
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    vision = [n for n in before if "vision_tower" in n or "multi_modal_projector" in n]
+    assert vision and all(torch.equal(before[n], after[n]) for n in vision)
+    lora_names = [n for n in before if "lora_" in n]
+    assert lora_names and all("language_model" in n for n in lora_names)
+    assert any(not torch.equal(before[n], after[n]) for n in lora_names), "LoRA did not train"

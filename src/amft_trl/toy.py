@@ -162,8 +162,11 @@ def build_vlm_processor(vocab_size: int = 300, image_size: int = 16, patch_size:
     )
 
 
-def build_vlm(processor, seed: int = 0, hidden_size: int = 32, num_layers: int = 2):
-    """A tiny random LLaVA sized to `processor`: a 1-layer CLIP vision tower and a small Llama language model."""
+def build_vlm(processor, seed: int = 0, hidden_size: int = 32, num_layers: int = 2, init_std: float = 0.2):
+    """A tiny random LLaVA sized to `processor`: a 1-layer CLIP vision tower and a small Llama language model.
+
+    `init_std` (the configs' `initializer_range`) is larger than transformers' 0.02 so that, untrained, the images
+    visibly change the model's outputs (with 0.02 the policy is almost uniform and blind to them)."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -178,6 +181,7 @@ def build_vlm(processor, seed: int = 0, hidden_size: int = 32, num_layers: int =
         image_size=image_size,
         patch_size=processor.patch_size,
         projection_dim=hidden_size,
+        initializer_range=init_std,
     )
     text = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -191,6 +195,7 @@ def build_vlm(processor, seed: int = 0, hidden_size: int = 32, num_layers: int =
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
+        initializer_range=init_std,
     )
     config = LlavaConfig(
         vision_config=vision,

@@ -69,7 +69,7 @@ from .sft_data import (
     tokenize_prompt_completion,
     tokenize_sft_dataset,
 )
-from .vision import check_image_inputs
+from .vision import check_image_inputs, reload_converted_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -181,6 +181,13 @@ class AMFTTrainer(GRPOTrainer):
             "val_dataset": val_dataset,
         }
         check_image_inputs(model, processing_class, image_datasets, args.trust_remote_code)
+        if strategy.sft_source == "train_column" and image_column(train_dataset) is not None:
+            raise ValueError(
+                f"balancing={strategy.name!r} attaches each prompt's demonstration to its rollouts, but train_dataset "
+                f"has an `{image_column(train_dataset)}` column and demonstrations of image prompts are not supported "
+                "by this strategy yet (they would be trained on without their images). Use image prompts with another "
+                "strategy, or text prompts with this one."
+            )
         self.strategy = strategy
         super().__init__(
             model=model,
@@ -893,6 +900,14 @@ class AMFTTrainer(GRPOTrainer):
             )
             with open(os.path.join(folder, AMFT_STATE_NAME), "w") as f:
                 json.dump(self.amft_state_dict(), f)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # transformers' resume loads VLM checkpoints (saved under their original names) into nothing
+        if reload_converted_checkpoint(self.model if model is None else model, resume_from_checkpoint):
+            logger.info(
+                "AMFT: %s reloaded with transformers' weight-name conversion.", resume_from_checkpoint
+            )
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -171,3 +171,44 @@ def _check_no_orphan_image_parts(dataset: Any, name: str) -> None:
                             "`images` (or `image`) column to carry the images, so it would train on the text "
                             "alone. Put each row's images in an `images` column (TRL's vision SFT format)."
                         )
+
+
+def reload_converted_checkpoint(model: Any, checkpoint: str) -> bool:
+    """Load a checkpoint's weights into `model` through `from_pretrained` when their names are not the model's.
+
+    `save_pretrained` writes the weights of a model with a checkpoint conversion mapping (LLaVA, Qwen2-VL, Mllama,
+    ... in transformers 5) under their original hub names, and transformers' `Trainer` resumes by loading that file
+    with `load_state_dict`, which then matches nothing: the run would resume from the initial weights with only a
+    warning (transformers issue 43701). `from_pretrained` applies the mapping. Returns whether it reloaded (False when
+    the names already match, as for every text-only model here, or for PEFT adapters).
+    """
+    import json
+    import os
+
+    import torch
+
+    model = getattr(model, "module", model)
+    single = os.path.join(checkpoint, "model.safetensors")
+    index = os.path.join(checkpoint, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as f:
+            saved = set(f.keys())
+    elif os.path.isfile(index):
+        with open(index) as f:
+            saved = set(json.load(f)["weight_map"])
+    else:
+        return False
+    if saved <= set(model.state_dict()):
+        return False
+    dtype = next(model.parameters()).dtype
+    loaded = type(model).from_pretrained(checkpoint, dtype=dtype)
+    with torch.no_grad():
+        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{checkpoint}: the saved weights do not fit the model even after transformers' name conversion "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]})."
+        )
+    return True
