@@ -53,6 +53,24 @@ def processor(vlm_dir):
     return AutoProcessor.from_pretrained(vlm_dir)
 
 
+@pytest.fixture(scope="module")
+def qwen2vl(tmp_path_factory) -> tuple[str, object]:
+    """A tiny Qwen2-VL (image_grid_thw, mm_token_type_ids, M-RoPE) and its image-only processor object."""
+    from amft_trl.toy import build_qwen2vl, build_qwen2vl_processor
+
+    path = tmp_path_factory.mktemp("tiny-qwen2vl")
+    processor = build_qwen2vl_processor()
+    build_qwen2vl(processor).save_pretrained(path)
+    return str(path), processor
+
+
+@pytest.fixture(params=["llava", "qwen2vl"])
+def family(request, vlm_dir, processor) -> tuple[str, object]:
+    if request.param == "llava":
+        return vlm_dir, processor
+    return request.getfixturevalue("qwen2vl")
+
+
 def history(trainer, key):
     return [h[key] for h in trainer.state.log_history if key in h]
 
@@ -71,14 +89,19 @@ def amft(tmp_path, vlm_dir, processor, reward_funcs=None, callbacks=None, model=
     )
 
 
+def is_vision(name: str) -> bool:
+    return "vision_tower" in name or ".visual." in name  # LLaVA's CLIP tower; Qwen2-VL's ViT
+
+
 def vision_params(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "vision_tower" in n}
+    return {n: p.detach().clone() for n, p in model.named_parameters() if is_vision(n)}
 
 
 # ---- 1. image prompts: GRPOTrainer's path, bit for bit -----------------------------------------------------------
-def test_image_prompts_mu_zero_equals_grpo(tmp_path, vlm_dir, processor):
+def test_image_prompts_mu_zero_equals_grpo(tmp_path, family):
     from trl import GRPOConfig, GRPOTrainer
 
+    vlm_dir, processor = family
     prompts = image_addition_prompts(16, seed=1)
     ours = amft(
         tmp_path / "amft", vlm_dir, processor, train_dataset=prompts, mu_init=0.0, **{**PINNED, "mu_max": 0.0}
@@ -108,10 +131,11 @@ class GradientsBeforeStep(TrainerCallback):
         self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_image_demonstrations_mu_one_match_sft_trainer(tmp_path, vlm_dir, processor):
+def test_image_demonstrations_mu_one_match_sft_trainer(tmp_path, family):
     from transformers import AutoModelForImageTextToText
     from trl import SFTConfig, SFTTrainer
 
+    vlm_dir, processor = family
     demos = image_addition_demos(12, seed=2)
     grads = GradientsBeforeStep()
     ours = amft(
@@ -143,7 +167,8 @@ def test_image_demonstrations_mu_one_match_sft_trainer(tmp_path, vlm_dir, proces
     assert sft.completion_only_loss
     batch = sft.data_collator([copy.deepcopy(demos[i]) for i in used])
     assert (batch["labels"] == -100).sum() > 4 * 4, "prompt and image tokens are masked"
-    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    image_token = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<image>"))
+    assert (batch["input_ids"] == image_token).sum() >= 4 * 4
     assert not (batch["labels"] == image_token).any()
     sft.model.train()
     loss = sft.compute_loss(sft.model, dict(batch))
@@ -151,7 +176,7 @@ def test_image_demonstrations_mu_one_match_sft_trainer(tmp_path, vlm_dir, proces
     assert history(ours, "amft/sft_loss")[0] == pytest.approx(float(loss.detach()), rel=1e-5)
     reference = {n: p.grad for n, p in sft.model.named_parameters() if p.grad is not None}
     assert set(reference) == set(grads.grads)
-    assert any("vision_tower" in n for n in reference), "the image path carries a gradient"
+    assert any(is_vision(n) for n in reference), "the image path carries a gradient"
     for name, g in grads.grads.items():
         torch.testing.assert_close(g, reference[name], rtol=1e-4, atol=1e-6, msg=f"gradient of {name}")
 

@@ -268,3 +268,89 @@ def image_addition_demos(n: int, seed: int, layout: str = "prompt_completion", m
         else:
             rows.append({"prompt": [user], "completion": [answer], "images": images})
     return Dataset.from_list(rows)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A tiny Qwen2-VL (the family most VLM users train), offline
+# ------------------------------------------------------------------------------------------------------------------
+QWEN2VL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_qwen2vl_processor(vocab_size: int = 300):
+    """A Qwen2-VL processor for images only: `build_tokenizer`'s tokenizer plus Qwen2-VL's vision tokens, and the PIL
+    Qwen2-VL image processor fixed at 56x56 pixels (4 patches of 14 after 2x2 merging: 4 `<|image_pad|>` tokens).
+
+    `Qwen2VLProcessor` insists on a video processor, which transformers only has with torchvision. This subclass
+    accepts none (videos are then unsupported); with torchvision installed, use `AutoProcessor` as usual. It is not
+    reloadable with `AutoProcessor.from_pretrained`: pass the object itself.
+    """
+    from transformers import Qwen2VLImageProcessorPil, Qwen2VLProcessor
+
+    class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument_name == "video_processor" and argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    tokenizer = build_tokenizer(vocab_size)
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN2VL_TOKENS})
+    template = VLM_CHAT_TEMPLATE.replace(IMAGE_TOKEN, "<|vision_start|><|image_pad|><|vision_end|>")
+    tokenizer.chat_template = template
+    pixels = 56 * 56
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels)
+    return Qwen2VLImageOnlyProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=None, chat_template=template
+    )
+
+
+def build_qwen2vl(
+    processor, seed: int = 0, hidden_size: int = 32, num_layers: int = 2, init_std: float = 0.2
+):
+    """A tiny random Qwen2-VL sized to `processor` (1-layer vision tower, 2-layer text model, M-RoPE)."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    tokenizer = processor.tokenizer
+    ids = tokenizer.convert_tokens_to_ids
+    torch.manual_seed(seed)
+    config = Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            initializer_range=init_std,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+        ),
+        vision_config=dict(
+            depth=1,
+            embed_dim=hidden_size,
+            hidden_size=hidden_size,
+            num_heads=4,
+            mlp_ratio=2,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            initializer_range=init_std,
+        ),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = None
+    return model
