@@ -594,3 +594,55 @@ def test_lora_on_the_language_model_leaves_the_vision_tower_unchanged(tmp_path, 
     lora_names = [n for n in before if "lora_" in n]
     assert lora_names and all("language_model" in n for n in lora_names)
     assert any(not torch.equal(before[n], after[n]) for n in lora_names), "LoRA did not train"
+
+
+# ---- the example script and its recipes -------------------------------------------------------------------------
+def test_vlm_example_script_trains_the_tiny_vlm(tmp_path, vlm_dir):
+    import sys
+    from pathlib import Path
+
+    from datasets import DatasetDict
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "vlm"
+    sys.path.insert(0, str(examples))
+    import train_vlm
+
+    prompts = image_addition_prompts(8, seed=1).rename_column("answer", "solution")
+    demos = [f"\\boxed{{{s}}}" if i % 2 == 0 else "" for i, s in enumerate(prompts["solution"])]
+    data = DatasetDict(
+        {
+            "train": prompts.add_column("completion", demos),
+            "validation": image_addition_prompts(4, 3).rename_column("answer", "solution"),
+        }
+    )
+    data.save_to_disk(tmp_path / "data")
+    argv = ["--config", str(examples / "qwen2_5_vl_3b_1gpu.yaml"), "--model_name_or_path", vlm_dir]
+    argv += [
+        "--dataset_name",
+        str(tmp_path / "data"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--dtype",
+        "float32",
+    ]
+    argv += ["--bf16", "false", "--use_cpu", "true", "--gradient_checkpointing", "false", "--max_steps", "2"]
+    argv += ["--sft_warmup_steps", "1", "--meta_update_steps", "1", "--per_device_train_batch_size", "4"]
+    argv += ["--gradient_accumulation_steps", "1", "--num_generations", "4", "--max_completion_length", "4"]
+    argv += ["--meta_val_batch_size", "2", "--target_entropy_num_samples", "4", "--save_strategy", "no"]
+    trainer = train_vlm.main(*train_vlm.parse_args(argv))
+    assert trainer.state.global_step == 2 and len(trainer.sft_dataset) == 4
+    assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if is_vision(n))
+    for recipe in ("llama32_vision_11b_paper.yaml",):
+        script_args, training_args, _ = train_vlm.parse_args(
+            [
+                "--config",
+                str(examples / recipe),
+                "--dataset_name",
+                "x",
+                "--use_cpu",
+                "true",
+                "--output_dir",
+                str(tmp_path),
+            ]
+        )
+        assert training_args.max_steps == 500 and training_args.num_generations == 8
