@@ -7,6 +7,8 @@ module, so every trainer loads identical weights by path. Images are 16x16, each
 from __future__ import annotations
 
 import copy
+import importlib.util
+import math
 
 import pytest
 import torch
@@ -646,3 +648,56 @@ def test_vlm_example_script_trains_the_tiny_vlm(tmp_path, vlm_dir):
             ]
         )
         assert training_args.max_steps == 500 and training_args.num_generations == 8
+
+
+# ---- DDP and ZeRO with images (tests/_parallel_runner.py --vlm; subprocesses, slow) -------------------------------
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_trajectory_with_images(tmp_path, vlm_dir):
+    """The same global batch on 1 and 2 CPU processes (float64, SGD, GA 2, meta steps): same g_mu, mu, losses and
+    parameters. Each process processes its own rows' images; the validation images are split like the prompts."""
+    from test_parallel import _close, _run
+
+    one = _run(vlm_dir, tmp_path / "one" / "r.json", "--float64", "--vlm")
+    two = _run(vlm_dir, tmp_path / "two" / "r.json", "--float64", "--vlm", processes=2)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    meta = [g for g in one["meta_gradient"] if g is not None]
+    assert len(meta) == 2 and all(g != 0 for g in meta)
+    # g_mu is a small inner product (cancellation): 3e-6 relative here, against 1e-6 in the text version
+    assert _close(one["meta_gradient"], two["meta_gradient"], 1e-5), (
+        one["meta_gradient"],
+        two["meta_gradient"],
+    )
+    assert _close(one["mu"], two["mu"], 1e-6)
+    assert _close(one["sft_loss"], two["sft_loss"], 1e-6)
+    # GRPO's loss is near 0 (advantages sum to 0): compared in absolute terms
+    pairs = [
+        (a, b) for a, b in zip(one["rl_loss"], two["rl_loss"], strict=True) if a is not None or b is not None
+    ]
+    assert len(pairs) == 3 and all(abs(a - b) < 1e-7 for a, b in pairs), (
+        one["rl_loss"],
+        two["rl_loss"],
+    )
+    assert math.isclose(one["param_checksum"], two["param_checksum"], rel_tol=1e-9), (
+        one["param_checksum"],
+        two["param_checksum"],
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_meta_gradient_with_images_under_zero_matches_plain(tmp_path, vlm_dir, stage):
+    """ZeRO-2/3, one process, meta steps on (GA 2, SGD), images everywhere: the plain run's g_mu, mu and losses
+    (float32 rounding, as in tests/test_parallel.py's text version)."""
+    from test_parallel import _close, _plain_and_zero
+
+    plain, zero = _plain_and_zero(vlm_dir, tmp_path, stage, "--sgd", "--max_steps=4", "--vlm")
+    meta = [g for g in plain["meta_gradient"] if g is not None]
+    assert len(meta) == 2 and all(g != 0 for g in meta)
+    assert _close(plain["meta_gradient"], zero["meta_gradient"], 2e-2), (
+        plain["meta_gradient"],
+        zero["meta_gradient"],
+    )
+    assert _close(plain["mu"], zero["mu"], 3e-4)
+    assert _close(plain["sft_loss"], zero["sft_loss"], 1e-4), (plain["sft_loss"], zero["sft_loss"])
+    assert _close(plain["rl_loss"], zero["rl_loss"], 1e-4), (plain["rl_loss"], zero["rl_loss"])
