@@ -41,14 +41,18 @@ def check_image_inputs(
     """Raise a ValueError if a dataset's images would not reach the model (see the module docstring).
 
     `model`: the model or its path (only its config is read); `processing_class`: None skips the processor checks
-    (the trainer checks again once it has loaded the model's own).
+    (the trainer checks again once it has loaded the model's own). Map-style datasets are read once, a batch of rows
+    at a time, without decoding images (each image's header is opened); an `IterableDataset` is only checked for
+    its columns (reading it would consume it).
     """
+    from datasets import Dataset
+
     for name, dataset in datasets.items():
         if dataset is None or not hasattr(dataset, "column_names"):
             continue
         column = image_column(dataset)
         if column is None:
-            if name == "sft_dataset":
+            if name == "sft_dataset" and isinstance(dataset, Dataset):
                 _check_no_orphan_image_parts(dataset, name)
             continue
         if processing_class is not None and getattr(processing_class, "image_processor", None) is None:
@@ -59,25 +63,32 @@ def check_image_inputs(
             )
         if not is_vision_model(model, trust_remote_code):
             raise ValueError(
-                f"`{name}` has an `{column}` column, but the model ({_model_name(model)}) is text-only (its config has no "
-                "`vision_config`), so the images would be dropped. Load a vision-language model (e.g. with "
+                f"`{name}` has an `{column}` column, but the model ({_model_name(model)}) is text-only (its config "
+                "has no `vision_config`), so the images would be dropped. Load a vision-language model (e.g. with "
                 "`AutoModelForImageTextToText`), or remove the column to train on text."
             )
-        _check_images_open(dataset, name, column)
-        if processing_class is not None:
-            _check_mixed_rows(dataset, name, column, processing_class)
+        if not isinstance(dataset, Dataset):
+            continue
+        with_images, without = _check_images_open(dataset, name, column)
+        if with_images is None:
+            raise ValueError(
+                f"`{name}` has an `{column}` column but no row holds an image: remove the column to train on text."
+            )
+        if processing_class is not None and without is not None:
+            _check_mixed_rows(dataset, name, column, processing_class, with_images, without)
 
 
-def _image_cells(dataset: Any, column: str) -> Any:
-    """The column's rows without decoding images (`Image(decode=False)`: `{"bytes", "path"}` per image)."""
+def _undecoded(dataset: Any, column: str) -> Any:
+    """The dataset's image column alone, images not decoded (`Image(decode=False)`: `{"bytes", "path"}` each)."""
     from datasets import Image, LargeList, List, Sequence
 
+    dataset = dataset.select_columns([column])
     feature = dataset.features[column]
     if isinstance(feature, Image):
-        return dataset.cast_column(column, Image(decode=False))[column]
+        return dataset.cast_column(column, Image(decode=False))
     if isinstance(feature, (List, LargeList, Sequence)) and isinstance(feature.feature, Image):
-        return dataset.cast_column(column, List(Image(decode=False)))[column]
-    return dataset[column]
+        return dataset.cast_column(column, List(Image(decode=False)))
+    return dataset
 
 
 def _open(cell: Any) -> None:
@@ -98,38 +109,39 @@ def _open(cell: Any) -> None:
         raise TypeError(f"{type(cell).__name__} is not an image, a path or image bytes")
 
 
-def _check_images_open(dataset: Any, name: str, column: str) -> None:
-    cells = _image_cells(dataset, column)
-    for row, value in enumerate(cells):
-        for image in [value] if column == "image" else list(value or []):
-            try:
-                _open(image)
-            except Exception as error:
-                raise ValueError(
-                    f"`{name}` row {row}: an image in column `{column}` cannot be loaded "
-                    f"({type(error).__name__}: {error})."
-                ) from error
+def _check_images_open(dataset: Any, name: str, column: str) -> tuple[int | None, int | None]:
+    """Open every image's header; returns the first row with an image and the first row without (None if none)."""
+    with_images = without = None
+    row = 0
+    for batch in _undecoded(dataset, column).iter(batch_size=256):
+        for value in batch[column]:
+            images = ([] if value is None else [value]) if column == "image" else list(value or [])
+            for image in images:
+                try:
+                    _open(image)
+                except Exception as error:
+                    raise ValueError(
+                        f"`{name}` row {row}: an image in column `{column}` cannot be loaded "
+                        f"({type(error).__name__}: {error})."
+                    ) from error
+            if images and with_images is None:
+                with_images = row
+            if not images and without is None:
+                without = row
+            row += 1
+    return with_images, without
 
 
-def _check_mixed_rows(dataset: Any, name: str, column: str, processor: Any) -> None:
+def _check_mixed_rows(
+    dataset: Any, name: str, column: str, processor: Any, with_images: int, without: int
+) -> None:
     """Rows with and without images in one dataset: fine if the processor takes a batch of both, else an error."""
-    cells = _image_cells(dataset, column)
-    counts = [(1 if v is not None else 0) if column == "image" else len(v or []) for v in cells]
-    with_images = next((i for i, n in enumerate(counts) if n), None)
-    without = next((i for i, n in enumerate(counts) if not n), None)
-    if with_images is None:
-        raise ValueError(
-            f"`{name}` has an `{column}` column but no row holds an image: remove the column to train on text."
-        )
-    if without is None:
-        return
     rows = [dataset[with_images], dataset[without]]
     try:
-        if {"prompt", "completion"} <= set(dataset.column_names) or "messages" in dataset.column_names:
-            if "completion" in dataset.column_names or "messages" in dataset.column_names:
-                vision_collator(processor, None)([_vision_example(r, column) for r in rows])
-                return
-        _probe_prompts(processor, rows, column)
+        if "completion" in dataset.column_names or "messages" in dataset.column_names:  # demonstrations
+            vision_collator(processor, None)([_vision_example(r, column) for r in rows])
+        else:  # prompts, processed the way GRPOTrainer does for generation
+            _probe_prompts(processor, rows, column)
     except Exception as error:
         raise ValueError(
             f"`{name}` mixes rows with images (row {with_images}) and rows without (row {without}) in column "
@@ -157,20 +169,21 @@ def _check_no_orphan_image_parts(dataset: Any, name: str) -> None:
     for column in ("prompt", "messages"):
         if column not in (dataset.column_names or []):
             continue
-        feature = dataset.features[column]
-        inner = getattr(feature, "feature", None)
+        inner = getattr(dataset.features[column], "feature", None)
         content = inner.get("content") if isinstance(inner, dict) else None
         if not (isinstance(getattr(content, "feature", None), dict) and "type" in content.feature):
             continue  # string contents: no image parts
-        for row, messages in enumerate(dataset[column]):
-            for message in messages or []:
-                for part in message.get("content") or []:
-                    if isinstance(part, dict) and part.get("type") == "image":
-                        raise ValueError(
-                            f"`{name}` row {row}: column `{column}` has an image part, but the dataset has no "
-                            "`images` (or `image`) column to carry the images, so it would train on the text "
-                            "alone. Put each row's images in an `images` column (TRL's vision SFT format)."
-                        )
+        row = 0
+        for batch in dataset.select_columns([column]).iter(batch_size=1000):
+            for messages in batch[column]:
+                parts = [p for m in messages or [] for p in (m.get("content") or []) if isinstance(p, dict)]
+                if any(p.get("type") == "image" for p in parts):
+                    raise ValueError(
+                        f"`{name}` row {row}: column `{column}` has an image part, but the dataset has no `images` "
+                        "(or `image`) column to carry the images, so it would train on the text alone. Put each "
+                        "row's images in an `images` column (TRL's vision SFT format)."
+                    )
+                row += 1
 
 
 def reload_converted_checkpoint(model: Any, checkpoint: str) -> bool:
