@@ -14,6 +14,8 @@ function names the member it relies on and what it assumes:
 | `GradientState._set_sync_gradients` | `deferred_boundary` | toggles whether the next backward is at an accumulation boundary |
 | `Accelerator.deepspeed_engine_wrapped` | `swapped_deepspeed_backward` | `accelerator.backward` calls its `.backward(loss, sync_gradients=..., **kwargs)` |
 | `trl.data_utils._tokenize` | `amft_trl.sft_data` | tokenises a prompt or conversation like TRL's SFTTrainer |
+| `GRPOTrainer._get_per_token_logps_and_entropies(..., **MULTIMODAL_KEYS)` | image demonstrations, validation rollouts | takes a VLM's extra inputs as `_compute_loss` passes them |
+| `Trainer._load_from_checkpoint(resume_from_checkpoint, model)` | `AMFTTrainer` wraps it | loads the weights of a resumed run (VLM checkpoints then reloaded by `amft_trl.vision`) |
 | DeepSpeed `safe_get_local_grad` / `safe_set_local_grad`, `param._hp_mapping` | `amft_trl._distributed.ZeroGrads` | the local ZeRO partition of a gradient |
 """
 
