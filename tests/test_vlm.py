@@ -221,6 +221,34 @@ def test_truncation_never_cuts_image_tokens(tmp_path, vlm_dir, processor, caplog
         prepare_vision_sft_dataset(demos, processor, 8)
 
 
+def test_single_image_column_and_sampling_temperature(tmp_path, vlm_dir, processor):
+    """An `image` column (one image per row) gives the `images` batch; at a sampling temperature other than 1 the SFT
+    log-probs (taken at temperature 1 from the logits, not TRL's fused head) still see the images."""
+    demos = image_addition_demos(4, seed=2)
+    single = demos.map(lambda row: {"image": row["images"][0]}, remove_columns="images")
+    a, b = amft_batch(processor, list(demos)), amft_batch_single(processor, list(single))
+    assert torch.equal(a.prompt_ids, b.prompt_ids) and torch.equal(
+        a.model_inputs["pixel_values"], b.model_inputs["pixel_values"]
+    )
+    fused = amft(tmp_path / "t1", vlm_dir, processor, sft_dataset=single, meta_learning_rate=0.0)
+    direct = amft(
+        tmp_path / "t07", vlm_dir, processor, sft_dataset=single, meta_learning_rate=0.0, temperature=0.7
+    )
+    batch = fused._collate_sft([0, 1, 2, 3])
+    with torch.no_grad():
+        logps_fused, entropy_fused = fused._sft_token_stats(fused.model, batch, compute_entropy=True)
+        logps_direct, entropy_direct = direct._sft_token_stats(direct.model, batch, compute_entropy=True)
+    mask = batch.completion_mask.bool()
+    torch.testing.assert_close(logps_direct[mask], logps_fused[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(entropy_direct[mask], entropy_fused[mask], rtol=1e-5, atol=1e-5)
+
+
+def amft_batch_single(processor, rows):
+    from amft_trl.sft_data import collate_vision_sft
+
+    return collate_vision_sft(rows, processor, None, "image")
+
+
 def amft_batch(processor, rows, max_length=None):
     from amft_trl.sft_data import collate_vision_sft
 
