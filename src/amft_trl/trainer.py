@@ -217,9 +217,7 @@ class AMFTTrainer(GRPOTrainer):
             check_image_inputs(self.model, self.processing_class, image_datasets)
         self.sft_dataset, self.sft_num_dropped = None, 0
         self._sft_image_column = image_column(sft_dataset)
-        if (
-            self._sft_image_column is not None
-        ):  # raw rows, turned into pixels batch by batch (TRL's VLM collator)
+        if self._sft_image_column is not None:  # raw rows, processed batch by batch by TRL's VLM collator
             self.sft_dataset, self.sft_num_dropped = prepare_vision_sft_dataset(
                 sft_dataset, self.processing_class, args.max_sft_length
             )
