@@ -263,6 +263,33 @@ def test_image_column_with_a_tokenizer(tmp_path, vlm_dir, processor):
         amft(tmp_path, vlm_dir, processor.tokenizer, mu_init=0.0, **{**PINNED, "mu_max": 0.0})
 
 
+def test_image_parts_in_prompts_with_a_tokenizer(tmp_path, vlm_dir, processor):
+    from datasets import Dataset
+
+    from amft_trl.toy import toy_image
+
+    rows = [
+        {
+            "prompt": [
+                {
+                    "role": "user",
+                    "content": [{"type": "image", "image": toy_image(i)}, {"type": "text", "text": "Hi"}],
+                }
+            ]
+        }
+        for i in range(4)
+    ]
+    with pytest.raises(ValueError, match=r"`train_dataset` has image parts in `prompt`.*no image processor"):
+        amft(
+            tmp_path,
+            vlm_dir,
+            processor.tokenizer,
+            train_dataset=Dataset.from_list(rows),
+            mu_init=0.0,
+            **{**PINNED, "mu_max": 0.0},
+        )
+
+
 def test_image_demonstrations_with_a_tokenizer(tmp_path, vlm_dir, processor):
     from conftest import make_prompts
 

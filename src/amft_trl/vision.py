@@ -4,7 +4,8 @@ RL prompts with images go through TRL's `GRPOTrainer` path unchanged (an `images
 `processing_class`); image demonstrations through `amft_trl.sft_data.prepare_vision_sft_dataset`. These checks make
 every way of training on the text alone an error at construction, naming the dataset, the column and the row:
 
-- an image column with a text-only model, or with a tokenizer (no image processor) as `processing_class`;
+- an image column, or prompts with image parts, with a text-only model or with a tokenizer (no image processor) as
+  `processing_class`;
 - an image that cannot be opened;
 - rows with and rows without images in one dataset, when the processor cannot take such a batch;
 - demonstrations whose messages hold image parts but no image column carries the images.
@@ -52,21 +53,21 @@ def check_image_inputs(
             continue
         column = image_column(dataset)
         if column is None:
-            if name == "sft_dataset" and isinstance(dataset, Dataset):
-                _check_no_orphan_image_parts(dataset, name)
+            if not isinstance(dataset, Dataset):
+                continue
+            row = _first_image_part(dataset)
+            if row is not None and name == "sft_dataset":
+                raise ValueError(
+                    f"`{name}` row {row[0]}: column `{row[1]}` has an image part, but the dataset has no `images` "
+                    "(or `image`) column to carry the images, so it would train on the text alone. Put each "
+                    "row's images in an `images` column (TRL's vision SFT format)."
+                )
+            if row is not None:  # prompts with images inside their messages (GRPOTrainer reads them there)
+                _check_model_takes_images(
+                    model, processing_class, name, f"image parts in `{row[1]}`", trust_remote_code
+                )
             continue
-        if processing_class is not None and getattr(processing_class, "image_processor", None) is None:
-            raise ValueError(
-                f"`{name}` has an `{column}` column, but `processing_class` is a {type(processing_class).__name__} "
-                "with no image processor, so its images would be dropped and the model trained on the text alone. "
-                "Pass the model's processor (`AutoProcessor.from_pretrained(...)`) as `processing_class`."
-            )
-        if not is_vision_model(model, trust_remote_code):
-            raise ValueError(
-                f"`{name}` has an `{column}` column, but the model ({_model_name(model)}) is text-only (its config "
-                "has no `vision_config`), so the images would be dropped. Load a vision-language model (e.g. with "
-                "`AutoModelForImageTextToText`), or remove the column to train on text."
-            )
+        _check_model_takes_images(model, processing_class, name, f"an `{column}` column", trust_remote_code)
         if not isinstance(dataset, Dataset):
             continue
         with_images, without = _check_images_open(dataset, name, column)
@@ -76,6 +77,23 @@ def check_image_inputs(
             )
         if processing_class is not None and without is not None:
             _check_mixed_rows(dataset, name, column, processing_class, with_images, without)
+
+
+def _check_model_takes_images(
+    model: Any, processing_class: Any, name: str, what: str, trust_remote_code: bool
+) -> None:
+    if processing_class is not None and getattr(processing_class, "image_processor", None) is None:
+        raise ValueError(
+            f"`{name}` has {what}, but `processing_class` is a {type(processing_class).__name__} with no image "
+            "processor, so its images would be dropped and the model trained on the text alone. Pass the model's "
+            "processor (`AutoProcessor.from_pretrained(...)`) as `processing_class`."
+        )
+    if not is_vision_model(model, trust_remote_code):
+        raise ValueError(
+            f"`{name}` has {what}, but the model ({_model_name(model)}) is text-only (its config has no "
+            "`vision_config`), so the images would be dropped. Load a vision-language model (e.g. with "
+            "`AutoModelForImageTextToText`), or remove the images to train on text."
+        )
 
 
 def _undecoded(dataset: Any, column: str) -> Any:
@@ -164,8 +182,9 @@ def _probe_prompts(processor: Any, rows: list[dict[str, Any]], column: str) -> N
     processor(images=images, text=texts, padding=True, return_tensors="pt")
 
 
-def _check_no_orphan_image_parts(dataset: Any, name: str) -> None:
-    """Demonstrations whose messages have `{"type": "image"}` parts need an image column to carry the images."""
+def _first_image_part(dataset: Any) -> tuple[int, str] | None:
+    """(row, column) of the first `{"type": "image"}` message part in `prompt` or `messages`, or None. Columns
+    whose message contents are plain strings are skipped without reading them."""
     for column in ("prompt", "messages"):
         if column not in (dataset.column_names or []):
             continue
@@ -178,12 +197,9 @@ def _check_no_orphan_image_parts(dataset: Any, name: str) -> None:
             for messages in batch[column]:
                 parts = [p for m in messages or [] for p in (m.get("content") or []) if isinstance(p, dict)]
                 if any(p.get("type") == "image" for p in parts):
-                    raise ValueError(
-                        f"`{name}` row {row}: column `{column}` has an image part, but the dataset has no `images` "
-                        "(or `image`) column to carry the images, so it would train on the text alone. Put each "
-                        "row's images in an `images` column (TRL's vision SFT format)."
-                    )
+                    return row, column
                 row += 1
+    return None
 
 
 def reload_converted_checkpoint(model: Any, checkpoint: str) -> bool:
