@@ -16,6 +16,8 @@ function names the member it relies on and what it assumes:
 | `GradientState._set_sync_gradients` | `deferred_boundary` | toggles whether the next backward is at an accumulation boundary |
 | `Accelerator.deepspeed_engine_wrapped` | `swapped_deepspeed_backward` | `accelerator.backward` calls its `.backward(loss, sync_gradients=..., **kwargs)` |
 | `trl.data_utils._tokenize` | `amft_trl.sft_data` | tokenises a prompt or conversation like TRL's SFTTrainer |
+| `GRPOTrainer._get_per_token_logps_and_entropies(..., **MULTIMODAL_KEYS)` | image demonstrations, validation rollouts | takes a VLM's extra inputs as `_compute_loss` passes them |
+| `Trainer._load_from_checkpoint(resume_from_checkpoint, model)` | `AMFTTrainer` wraps it | loads the weights of a resumed run (VLM checkpoints then reloaded by `amft_trl.vision`) |
 | DeepSpeed `safe_get_local_grad` / `safe_set_local_grad`, `param._hp_mapping` | `amft_trl._distributed.ZeroGrads` | the local ZeRO partition of a gradient |
 | transformers `Trainer._issue_warnings_after_load` | `quiet_tied_weights_on_resume` | warns `MISSING_KEYS_WARNING` + the list of missing keys on logger `transformers.trainer` |
 """
@@ -33,6 +35,21 @@ from trl.data_utils import _tokenize as tokenize  # noqa: F401  (re-exported for
 # Names of the generation output keys AMFT reads (the contract test checks TRL still produces them).
 GENERATION_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
 
+# The multimodal keys of TRL's generation output that `GRPOTrainer._compute_loss` hands to
+# `_get_per_token_logps_and_entropies` (all optional; `num_images` / `num_tiles` are per-row lists).
+MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
 
 def train_metrics(trainer: Any) -> dict[str, list[float]]:
     """The training metrics TRL averages and logs at each `log` call (`GRPOTrainer._metrics["train"]`)."""
@@ -46,11 +63,13 @@ def per_token_logps_and_entropies(
     attention_mask: torch.Tensor,
     logits_to_keep: int,
     compute_entropy: bool = False,
+    **multimodal: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """TRL's fused log-prob head: per-token log-probs (and entropies) of the last `logits_to_keep` tokens, at the
-    sampling temperature `args.temperature`, without materialising the logits."""
+    sampling temperature `args.temperature`, without materialising the logits. `multimodal`: a VLM's other inputs
+    as TRL's generation output holds them (`MULTIMODAL_KEYS`)."""
     logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
-        model, input_ids, attention_mask, logits_to_keep, compute_entropy=compute_entropy
+        model, input_ids, attention_mask, logits_to_keep, compute_entropy=compute_entropy, **multimodal
     )
     return logps, entropies
 
