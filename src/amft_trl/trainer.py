@@ -20,8 +20,8 @@ the target H*, the meta-gradient of Eq. 25). This module only wires TRL's flow t
 - `_end_step` reduces the step's measurements over processes, hands them to the strategy and logs them; the strategy
   updates itself in `on_step_end`, after the optimizer step.
 
-Where gradients live under DDP and DeepSpeed is `amft_trl._distributed`; every private TRL member touched is in
-`amft_trl._trl_compat`.
+Where gradients live under DDP and DeepSpeed is `amft_trl._distributed`; every private member of TRL, transformers,
+Accelerate and DeepSpeed touched is listed in `amft_trl._trl_compat` (the private methods overridden here included).
 
 Simplification, documented: the strategy's state after step t (AMFT's mu) is used from step t + 1 on (Algorithm 2
 applies mu to step t's own loss, which would need the entropy before the backward, i.e. a second forward).
@@ -41,7 +41,6 @@ import torch
 from accelerate.utils import DistributedType
 from datasets import Dataset
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.import_utils import is_vllm_available
 
@@ -136,7 +135,7 @@ class AMFTTrainer(GRPOTrainer):
         **kwargs: Any,
     ):
         if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
+            name = model if isinstance(model, str) else model.config.name_or_path
             args = AMFTConfig(f"{str(name).split('/')[-1]}-AMFT")
         if not isinstance(args, AMFTConfig):
             raise TypeError(
@@ -300,7 +299,7 @@ class AMFTTrainer(GRPOTrainer):
         self.lr_scheduler = LambdaLR(
             optimizer, lambda step: factor * first(step) if step < warmup else second(step - warmup)
         )
-        self._created_lr_scheduler = True
+        _trl_compat.mark_lr_scheduler_created(self)
         return self.lr_scheduler
 
     def _reset_optimizer_state(self) -> None:
@@ -552,7 +551,7 @@ class AMFTTrainer(GRPOTrainer):
             step.meta = None
             if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
                 # every backward of this step was kept from stepping the engine (`_meta_backwards`): step it once
-                engine = self.accelerator.deepspeed_engine_wrapped.engine
+                engine = _trl_compat.deepspeed_engine(self.accelerator)
                 engine.set_gradient_accumulation_boundary(True)
                 engine.step()
         nll, tokens, weight_sum, entropy, rl_loss, prompts, to_sft = global_sum(
@@ -858,9 +857,7 @@ class AMFTTrainer(GRPOTrainer):
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
+            folder = _trl_compat.checkpoint_dir(self, trial, self.state.global_step)
             with open(os.path.join(folder, AMFT_STATE_NAME), "w") as f:
                 json.dump(self.amft_state_dict(), f)
 
