@@ -70,6 +70,10 @@ logger = logging.getLogger(__name__)
 
 AMFT_STATE_NAME = "amft_state.json"
 AMFT_STATE_VERSION = 2
+#: The cumulative token counts logged as `amft/<key>_tokens`: `sft`, the demonstration (completion) tokens trained on
+#: (the SFT batches, and HPT's demonstrations of the prompts sent to SFT); `completion`, the completion tokens of the
+#: training rollouts; `val_completion`, those of AMFT's validation rollouts (meta steps). Summed over processes.
+TOKEN_COUNTS = ("sft", "completion", "val_completion")
 
 
 @dataclass
@@ -210,6 +214,8 @@ class AMFTTrainer(GRPOTrainer):
         self._generating_validation = False
         self._rl_entropy_hook = None
         self._num_skipped_rl_steps = 0
+        # what the run has trained on and generated, cumulative over the run (logged as amft/<key>_tokens)
+        self._token_counts = dict.fromkeys(TOKEN_COUNTS, 0.0)
 
     @property
     def mu_controller(self) -> BalancingStrategy:
@@ -358,6 +364,7 @@ class AMFTTrainer(GRPOTrainer):
             step.sft_tokens = int(
                 global_sum(self.accelerator, float(sum(b.num_tokens for b in step.sft_batches)))
             )
+            self._token_counts["sft"] += step.sft_tokens
         if plan.meta:
             step.meta = MetaStep(
                 self._trainable_params,
@@ -625,6 +632,9 @@ class AMFTTrainer(GRPOTrainer):
         self._captured_rewards = None
         out = super()._generate_and_score_completions(inputs)
         rewards, self._captured_rewards = self._captured_rewards, None
+        if self._generating_validation or self.model.training:
+            key = "val_completion" if self._generating_validation else "completion"
+            self._token_counts[key] += global_sum(self.accelerator, float(out["completion_mask"].sum()))
         if self._generating_validation or not self.model.training or rewards is None:
             return out
         total = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
@@ -641,6 +651,7 @@ class AMFTTrainer(GRPOTrainer):
         out["amft_group_first"] = (torch.arange(len(total), device=total.device) % g == 0)[local]
         if self.strategy.sft_source == "train_column":
             out.update(self._demonstrations_of_generation(inputs, out))
+            self._token_counts["sft"] += float(out["amft_sft_tokens"])  # each demonstration counted once
         return out
 
     def _demonstrations_of_generation(
@@ -828,6 +839,8 @@ class AMFTTrainer(GRPOTrainer):
             metrics = _trl_compat.train_metrics(self)
             for key, values in self.strategy.log_values().items():
                 metrics[f"amft/{key}"].extend(values)
+            for key, value in self._token_counts.items():  # cumulative: the latest value, not a mean
+                metrics[f"amft/{key}_tokens"] = [value]
         super().log(logs, start_time)
 
     def amft_state_dict(self) -> dict[str, Any]:
@@ -837,6 +850,7 @@ class AMFTTrainer(GRPOTrainer):
             "balancing": self.strategy.name,
             "strategy": self.strategy.state_dict(),
             "skipped_rl_steps": self._num_skipped_rl_steps,
+            "token_counts": dict(self._token_counts),
         }
         if self.sft_dataset is not None:
             state["sft_stream"] = self._sft_stream.state_dict()
@@ -849,6 +863,7 @@ class AMFTTrainer(GRPOTrainer):
             state = {**state, "balancing": "amft", "strategy": state["controller"]}
         self.strategy.load_state_dict(state["strategy"])
         self._num_skipped_rl_steps = int(state.get("skipped_rl_steps", 0))
+        self._token_counts.update({k: float(v) for k, v in state.get("token_counts", {}).items()})
         if "sft_stream" in state and self.sft_dataset is not None:
             self._sft_stream.load_state_dict(state["sft_stream"])
         if "val_stream" in state and self.val_dataset is not None:
@@ -898,6 +913,15 @@ def read_amft_state(path: str, strategy: BalancingStrategy) -> dict[str, Any]:
     body = state.get("strategy", state.get("controller"))
     if not isinstance(body, dict):
         raise ValueError(f"{path}: its 'strategy' entry must be an object, found {type(body).__name__}.")
+    counts = state.get("token_counts", {})
+    if not (
+        isinstance(counts, dict)
+        and set(counts) <= set(TOKEN_COUNTS)
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in counts.values())
+    ):
+        raise ValueError(
+            f"{path}: 'token_counts' must be an object mapping some of {list(TOKEN_COUNTS)} to numbers, found {counts!r}."
+        )
     for key in ("sft_stream", "val_stream"):
         stream = state.get(key)
         if stream is not None and not (
