@@ -152,11 +152,15 @@ def test_validation_generation_leaves_every_training_attribute_untouched(trainer
     trainer.model.train()
     trainer._metrics["train"]["reward"].append(0.25)  # pending, not yet logged
     before, position = _snapshot(trainer), trainer._val_stream.state_dict()
+    counts = dict(trainer._token_counts)
     reward = trainer._validation_backward(trainer.model)
     trainer.model.zero_grad(set_to_none=True)
     after = _snapshot(trainer)
     changed = sorted(k for k in before if before[k] != after[k])
-    assert changed == [], f"validation generation changed {changed}"
+    # the one count it adds to is its own (amft/val_completion_tokens)
+    assert changed == ["_token_counts"], f"validation generation changed {changed}"
+    grown = {k for k in counts if trainer._token_counts[k] != counts[k]}
+    assert grown == {"val_completion"} and trainer._token_counts["val_completion"] > counts["val_completion"]
     assert (
         trainer._val_stream.state_dict() != position
     )  # the one change it makes: the validation stream moved
@@ -226,11 +230,12 @@ def _foreign_private_names() -> set[str]:
     the instance attributes their code assigns (`self._x = ...`)."""
     from accelerate import Accelerator
     from accelerate.state import GradientState
-    from transformers import Trainer
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer
     from trl import SFTTrainer
 
     names: set[str] = set(_trl_compat.READ["deepspeed"])
-    for cls in (GRPOTrainer, SFTTrainer, Trainer, Accelerator, GradientState):
+    classes = (GRPOTrainer, SFTTrainer, Trainer, Accelerator, GradientState)
+    for cls in (*classes, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase):
         for base in cls.__mro__:
             if base.__module__.split(".")[0] in ("trl", "transformers", "accelerate"):
                 names |= {n for n in vars(base) if n.startswith("_") and not n.startswith("__")}
@@ -305,7 +310,13 @@ class _Touches(ast.NodeVisitor):
 def test_no_private_member_is_touched_outside_the_compat_module():
     foreign = _foreign_private_names() | {n for names in _trl_compat.READ.values() for n in names}
     overridden = {n for members in _trl_compat.OVERRIDDEN.values() for n in members}
-    assert {"_metrics", "_save_checkpoint", "_created_lr_scheduler", "_set_sync_gradients"} <= foreign
+    assert {
+        "_metrics",
+        "_save_checkpoint",
+        "_created_lr_scheduler",
+        "_set_sync_gradients",
+        "_name_or_path",
+    } <= foreign
     problems = {}
     for path in sorted(SRC.rglob("*.py")):
         if path.name == "_trl_compat.py":

@@ -295,7 +295,7 @@ def _model_identity(model: Any) -> tuple[str, str, dict[str, Any]]:
             }
             return os.path.basename(path.rstrip("/")), path, {"path": path, "files": stamps}
         return name, name, {"hub_id": name}
-    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+    name = str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
     return (
         os.path.basename(name.rstrip("/")) or name,
         name,
