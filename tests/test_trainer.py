@@ -99,8 +99,8 @@ def test_warmup_generates_nothing_and_sft_loss_falls(tmp_path, tiny_model_dir, t
     sft = history(trainer, "amft/sft_loss")
     assert sft[5] < sft[0] - 0.5, f"SFT loss did not fall during warm-up: {sft[:6]}"
     # H* is measured after the warm-up, on the warmed-up policy
-    assert trainer.mu_controller.target_entropy is not None
-    assert history(trainer, "amft/target_entropy")[0] == pytest.approx(trainer.mu_controller.target_entropy)
+    assert trainer.strategy.target_entropy is not None
+    assert history(trainer, "amft/target_entropy")[0] == pytest.approx(trainer.strategy.target_entropy)
 
 
 def test_all_metrics_logged_and_validation_isolated(tmp_path, tiny_model_dir, tokenizer, demos):
@@ -132,7 +132,7 @@ def test_all_metrics_logged_and_validation_isolated(tmp_path, tiny_model_dir, to
 
 def _trajectory(trainer):
     return {
-        "mu": [h["mu"] for h in trainer.mu_controller.state.history],
+        "mu": [h["mu"] for h in trainer.strategy.state.history],
         "sft_loss": history(trainer, "amft/sft_loss"),
         "rl_loss": history(trainer, "amft/rl_loss"),
         "entropy": history(trainer, "amft/entropy"),
@@ -363,14 +363,14 @@ def test_conversational_end_to_end(tmp_path, tiny_model_dir, tokenizer):
 def test_non_finite_entropy_is_skipped_counted_and_logged(tmp_path, tiny_model_dir, tokenizer, demos, caplog):
     args = make_config(tmp_path, max_steps=3, meta_learning_rate=0.0, entropy_learning_rate=0.1)
     trainer = build(tmp_path, tiny_model_dir, tokenizer, args, sft_dataset=demos)
-    record = trainer.mu_controller.record
+    record = trainer.strategy.record
 
     def corrupt(measurements):
         measurements.entropy = float("nan")
         record(measurements)
 
-    trainer.mu_controller.record = corrupt
+    trainer.strategy.record = corrupt
     trainer.train()
-    assert [h["mu"] for h in trainer.mu_controller.state.history] == [0.5, 0.5, 0.5]
+    assert [h["mu"] for h in trainer.strategy.state.history] == [0.5, 0.5, 0.5]
     assert history(trainer, "amft/skipped_nonfinite")[-1] == 3.0
     assert "non-finite entropy" in caplog.text

@@ -55,7 +55,6 @@ from ._distributed import (
 from ._meta_step import MetaStep, validation_backward
 from ._reward_columns import check_reward_columns
 from .balancing import BalancingStrategy, RolloutBatch, StepMeasurements, StepPlan, build_strategy
-from .balancing.amft import MuController
 from .config import AMFTConfig
 from .sft_data import (
     InfiniteStream,
@@ -115,7 +114,6 @@ class AMFTTrainer(GRPOTrainer):
         val_dataset: prompts plus reward columns for AMFT's meta-objective U (Eq. 4). Required when the
             meta-gradient is on (`balancing="amft"`, `meta_learning_rate > 0` and mu not pinned).
         strategy: a `BalancingStrategy` to use instead of the one `args.balancing` names (e.g. a subclass).
-        mu_controller: the same, under its earlier name (a `MuController`).
         **kwargs: passed to `GRPOTrainer` (`reward_processing_classes`, `callbacks`, `optimizers`, `peft_config`, ...).
     """
 
@@ -134,7 +132,6 @@ class AMFTTrainer(GRPOTrainer):
         sft_dataset: Dataset | None = None,
         val_dataset: Dataset | None = None,
         strategy: BalancingStrategy | None = None,
-        mu_controller: MuController | None = None,
         callbacks: list[TrainerCallback] | None = None,
         **kwargs: Any,
     ):
@@ -153,9 +150,7 @@ class AMFTTrainer(GRPOTrainer):
                 "`use_vllm=True` but vLLM is not installed: install it with `pip install 'amft-trl[vllm]'` (training "
                 "and validation rollouts both go through it), or set `use_vllm=False` to generate with transformers."
             )
-        if strategy is not None and mu_controller is not None:
-            raise ValueError("Pass `strategy` or `mu_controller` (its earlier name), not both.")
-        strategy = strategy or mu_controller or build_strategy(args)
+        strategy = strategy or build_strategy(args)
         if not isinstance(strategy, BalancingStrategy):
             raise TypeError(f"`strategy` must be a BalancingStrategy, got {type(strategy).__name__}.")
         self._check_datasets(strategy, train_dataset, sft_dataset, val_dataset)
@@ -217,11 +212,6 @@ class AMFTTrainer(GRPOTrainer):
         # what the run has trained on and generated, cumulative over the run (logged as amft/<key>_tokens)
         self._token_counts = dict.fromkeys(TOKEN_COUNTS, 0.0)
 
-    @property
-    def mu_controller(self) -> BalancingStrategy:
-        """The balancing strategy (its earlier name, from when AMFT's controller was the only one)."""
-        return self.strategy
-
     # ------------------------------------------------------------------------------------------------------
     # construction-time checks
     # ------------------------------------------------------------------------------------------------------
@@ -258,13 +248,6 @@ class AMFTTrainer(GRPOTrainer):
         if val_dataset is not None and "prompt" not in (val_dataset.column_names or []):
             raise ValueError(f"`val_dataset` must have a `prompt` column; it has {val_dataset.column_names}.")
         strategy.check_datasets(train_dataset=train_dataset, sft_dataset=sft_dataset, val_dataset=val_dataset)
-
-    @staticmethod
-    def _check_parallel_setup(
-        args: AMFTConfig, strategy: BalancingStrategy, world: int, deepspeed_config
-    ) -> None:
-        """`amft_trl._distributed.check_parallel_setup` for `strategy` (`deepspeed_config`: None without DeepSpeed)."""
-        check_parallel_setup(args, strategy.needs_val_dataset, world, deepspeed_config)
 
     # ------------------------------------------------------------------------------------------------------
     # the learning-rate schedule (sft_warmup_learning_rate, reset_optimizer_after_warmup)
@@ -859,8 +842,6 @@ class AMFTTrainer(GRPOTrainer):
         return state
 
     def load_amft_state_dict(self, state: dict[str, Any]) -> None:
-        if "controller" in state and "strategy" not in state:  # written before strategies existed (AMFT's)
-            state = {**state, "balancing": "amft", "strategy": state["controller"]}
         self.strategy.load_state_dict(state["strategy"])
         self._num_skipped_rl_steps = int(state.get("skipped_rl_steps", 0))
         self._token_counts.update({k: float(v) for k, v in state.get("token_counts", {}).items()})
@@ -899,18 +880,18 @@ def read_amft_state(path: str, strategy: BalancingStrategy) -> dict[str, Any]:
         raise ValueError(
             f"{path} must hold a JSON object, found {type(state).__name__}; the checkpoint is corrupt."
         )
-    if "strategy" not in state and "controller" not in state:
+    if "strategy" not in state:
         raise ValueError(
             f"{path} has no 'strategy' entry (found keys {sorted(state)}): the checkpoint is corrupt or was not "
             "written by AMFTTrainer."
         )
-    written_by = state.get("balancing", "amft" if "controller" in state else None)
+    written_by = state.get("balancing")
     if written_by != strategy.name:
         raise ValueError(
             f"{path} was written with balancing={written_by!r}, but this run uses balancing={strategy.name!r}: "
             "resume with the same strategy, or start a new run from the checkpoint's weights."
         )
-    body = state.get("strategy", state.get("controller"))
+    body = state["strategy"]
     if not isinstance(body, dict):
         raise ValueError(f"{path}: its 'strategy' entry must be an object, found {type(body).__name__}.")
     counts = state.get("token_counts", {})
