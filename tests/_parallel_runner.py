@@ -22,12 +22,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
+from trl import GRPOTrainer  # noqa: E402
 
 from amft_trl import AMFTConfig, AMFTTrainer  # noqa: E402
 from amft_trl.toy import addition_demos, addition_prompts, digit_fraction_reward  # noqa: E402
 
 
-class DeterministicRolloutTrainer(AMFTTrainer):
+class DeterministicGeneration(GRPOTrainer):
     """Completions are pseudo-random token strings seeded by the prompt, the row's rank in its group and the step."""
 
     def _generate_single_turn(
@@ -49,6 +50,11 @@ class DeterministicRolloutTrainer(AMFTTrainer):
                 tokens.append(eos)
             completions.append(tokens)
         return completions, None
+
+
+class DeterministicRolloutTrainer(AMFTTrainer, DeterministicGeneration):
+    """AMFTTrainer over the deterministic generation: `AMFTTrainer._generate_single_turn` (LUFFY's, which generates
+    the on-policy rows only) comes first in the MRO and its `super()` reaches `DeterministicGeneration`'s."""
 
 
 class PerturbMu(TrainerCallback):
@@ -147,7 +153,11 @@ def main() -> None:
         **{"target_entropy_num_samples": 8, **json.loads(cli.strategy_args)},
     )
     train_dataset = addition_prompts(32, seed=1)
-    if cli.balancing == "hpt":  # HPT reads each prompt's demonstration from the RL dataset
+    if cli.balancing in (
+        "hpt",
+        "luffy",
+        "relift",
+    ):  # they read each prompt's demonstration from the RL dataset
         train_dataset = train_dataset.map(
             lambda row: {"demonstration": f" {row['answer']}. The answer is {row['answer']}."}
         )
@@ -181,10 +191,14 @@ def main() -> None:
             "mu": [r["mu"] for r in history] or [h["amft/mu"] for h in logs],
             "meta_term": [r["meta_term"] for r in history],
             "meta_gradient": [h.get("amft/meta_gradient") for h in logs],
-            "sft_loss": [h["amft/sft_loss"] for h in logs],
+            "sft_loss": [h.get("amft/sft_loss") for h in logs],
             "rl_loss": [h.get("amft/rl_loss") for h in logs],
             "val_reward": [h.get("amft/val_reward") for h in logs],
             "hpt_sft_fraction": [h.get("amft/hpt_sft_fraction") for h in logs],
+            "luffy_importance_weight": [h.get("amft/luffy_importance_weight") for h in logs],
+            "luffy_off_policy_fraction": [h.get("amft/luffy_off_policy_fraction") for h in logs],
+            "relift_sft_step": [h.get("amft/relift_sft_step") for h in logs],
+            "relift_buffer_fill": [h.get("amft/relift_buffer_fill") for h in logs],
             "target_entropy": [h.get("amft/target_entropy") for h in logs],
             "param_checksum": checksum,
         }

@@ -66,6 +66,34 @@ def test_srft_weights_on_a_hand_built_batch():
     torch.testing.assert_close(adv, torch.tensor([0.1 * math.exp(2.0), -1.0, 0.0, -1.0]))
 
 
+def test_srft_rollout_weight_cap(tmp_path):
+    # H = 5.7 nats per token: 0.1 exp(H) = 29.9, the weight a high-entropy model's positive rollouts get
+    rewards = torch.tensor([1.0, 1.0, 0.0, float("nan")])
+    ent = torch.tensor([[5.7, 5.7], [1.0, 1.0], [5.7, 5.7], [5.7, 5.7]])
+    mask = torch.ones(4, 2)
+    uncapped = srft_rollout_advantages(rewards, ent, mask, coef=0.1)
+    assert uncapped[0].item() == pytest.approx(0.1 * math.exp(5.7)) and uncapped[0].item() > 29
+    capped = srft_rollout_advantages(rewards, ent, mask, coef=0.1, max_weight=2.0)
+    # the cap takes the high-entropy positive rollout down to 2; a weight below it and the negatives are unchanged
+    torch.testing.assert_close(capped, torch.tensor([2.0, 0.1 * math.exp(1.0), -1.0, 0.0]))
+
+    # from the config, through the strategy the trainer builds
+    from amft_trl.balancing.base import RolloutBatch
+
+    batch = RolloutBatch(
+        advantages=torch.zeros(4),
+        rewards=rewards,
+        group_rewards=rewards.repeat(4, 1),
+        completion_mask=mask,
+        entropies=ent,
+    )
+    default = build_strategy(config(tmp_path, balancing="srft"))
+    assert default.rl_weight_max is None  # the paper's rule by default
+    torch.testing.assert_close(default.rl_advantages(batch), uncapped)
+    strategy = build_strategy(config(tmp_path, balancing="srft", srft_rl_weight_max=2.0))
+    torch.testing.assert_close(strategy.rl_advantages(batch), capped)
+
+
 # ---- HPT --------------------------------------------------------------------------------------------------------
 def test_hpt_gate_counts_correct_rollouts_with_at_most():
     group = torch.tensor(
@@ -98,18 +126,19 @@ def test_mu_family_plans():
 
 # ---- registry and config -----------------------------------------------------------------------------------------
 def test_registry_names_the_choices(tmp_path):
-    assert set(STRATEGIES) == {"amft", "fixed", "sft_then_rl", "chord", "srft", "hpt"}
+    assert set(STRATEGIES) == {"amft", "fixed", "sft_then_rl", "chord", "srft", "hpt", "luffy", "relift"}
     with pytest.raises(ValueError, match=r"`balancing` must be one of \['amft', 'chord'"):
-        get_strategy_class("luffy")
+        get_strategy_class("grpo")
     with pytest.raises(ValueError, match="balancing"):
-        config(tmp_path, balancing="luffy")
+        config(tmp_path, balancing="grpo")
     for name in STRATEGIES:
         extra = {"sft_warmup_steps": 2} if name == "sft_then_rl" else {}
         assert build_strategy(config(tmp_path, balancing=name, **extra)).name == name
 
 
 @pytest.mark.parametrize(
-    "balancing, expected", [("amft", 50), ("fixed", 50), ("chord", 0), ("srft", 0), ("hpt", 0)]
+    "balancing, expected",
+    [("amft", 50), ("fixed", 50), ("chord", 0), ("srft", 0), ("hpt", 0), ("luffy", 0), ("relift", 0)],
 )
 def test_warmup_default_is_the_strategys(tmp_path, balancing, expected):
     assert config(tmp_path, balancing=balancing).sft_warmup_steps == expected
@@ -126,6 +155,10 @@ def test_warmup_default_is_the_strategys(tmp_path, balancing, expected):
         ({"balancing": "chord", "chord_mu_decay_steps": -1}, "chord_mu_decay_steps"),
         ({"balancing": "srft", "srft_sft_coef": -0.5}, "srft_sft_coef"),
         ({"balancing": "srft", "srft_rl_coef": float("inf")}, "srft_rl_coef"),
+        ({"balancing": "srft", "srft_rl_weight_max": 0.0}, "srft_rl_weight_max"),
+        ({"balancing": "srft", "srft_rl_weight_max": float("nan")}, "srft_rl_weight_max"),
+        ({"learning_rate": -1.0}, "learning_rate"),
+        ({"learning_rate": float("nan")}, "learning_rate"),
         ({"balancing": "hpt", "hpt_demonstration_column": ""}, "hpt_demonstration_column"),
         ({"balancing": "hpt", "hpt_accuracy_threshold": 1.0}, "hpt_accuracy_threshold"),
         ({"balancing": "hpt", "hpt_sft_coef": -1.0}, "hpt_sft_coef"),
@@ -140,11 +173,25 @@ def test_bad_strategy_fields_are_named(tmp_path, overrides, field):
         config(tmp_path, **overrides)
 
 
+def test_sft_then_rl_without_its_stage_length_says_what_it_needs(tmp_path):
+    # the user never set sft_warmup_steps: the error says what is needed, not "got None"
+    with pytest.raises(ValueError) as error:
+        config(tmp_path, balancing="sft_then_rl")
+    assert "`sft_then_rl` needs `sft_warmup_steps` >= 1" in str(error.value)
+    assert "None" not in str(error.value)
+
+
 def test_fields_of_another_strategy_are_reported_as_ignored(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="amft_trl.config"):
         config(tmp_path, balancing="chord", meta_learning_rate=0.3, chord_mu_peak=0.7)
     assert "meta_learning_rate=0.3 (amft)" in caplog.text
     assert "chord_mu_peak" not in caplog.text
+    caplog.clear()
+    # mu_init is read by amft and by fixed: named once, with both strategies
+    with caplog.at_level(logging.WARNING, logger="amft_trl.config"):
+        config(tmp_path, balancing="chord", mu_init=0.3)
+    assert caplog.text.count("mu_init") == 1
+    assert "mu_init=0.3 (amft, fixed)" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="amft_trl.config"):
         config(tmp_path, balancing="amft")

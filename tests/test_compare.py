@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -307,6 +308,24 @@ def test_finished_grid_is_skipped_and_never_overwritten(smoke, tmp_path):
     assert result.exists()
 
 
+class _TrainerWarnings(logging.Handler):
+    """What transformers' Trainer logs (its logger does not propagate to pytest's caplog)."""
+
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger("transformers.trainer").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("transformers.trainer").removeHandler(self)
+
+
 def test_interrupted_grid_resumes_to_the_same_result(tmp_path, monkeypatch):
     grid = parse_grid(_grid(methods=["amft"], budget={"max_steps": 4, "warmup_steps": 1, "eval_every": 2}))
     straight = run_grid(grid, tmp_path / "straight", progress=False)
@@ -325,7 +344,11 @@ def test_interrupted_grid_resumes_to_the_same_result(tmp_path, monkeypatch):
     assert (half / "seed-0" / "result.json").exists() and not (half / "seed-1" / "result.json").exists()
     assert (half / "seed-1" / "train" / "checkpoint-2").is_dir()
     monkeypatch.setattr(runner_module._Recorder, "on_step_end", original)
-    run_grid(grid, tmp_path / "resumed", progress=False)
+    warnings = _TrainerWarnings()
+    with warnings:
+        run_grid(grid, tmp_path / "resumed", progress=False)
+    # the toy model ties lm_head to the embedding, saved once: resuming must not warn that lm_head.weight is missing
+    assert not [m for m in warnings.messages if "missing keys" in m]  # (the handler sees it without the fix)
 
     for seed in (0, 1):
         a = json.loads((straight / "runs" / "amft" / f"seed-{seed}" / "result.json").read_text())
@@ -389,12 +412,17 @@ def test_gpu_recipe_smoke_on_the_tiny_model(tmp_path):
         max_completion_length=8,
         max_sft_length=128,
     )
-    raw["methods"] = {m: {"args": raw["methods"][m].get("args", {})} for m in ("two_stage", "amft", "hpt")}
+    raw["methods"] = {
+        m: {"args": raw["methods"][m].get("args", {})}
+        for m in ("two_stage", "amft", "hpt", "luffy", "relift")
+    }
     raw["methods"]["amft"]["args"].update(meta_update_steps=1, meta_val_batch_size=2)
     out = run_grid(parse_grid(raw), tmp_path / "math", progress=False)
     rows = _rows(out / "results.csv")
     assert {(r["method"], r["eval_set"], r["group"]) for r in rows} == {
-        (m, s, g) for m in ("two_stage", "amft", "hpt") for s, g in (("math500", "ID"), ("arc_c", "OOD"))
+        (m, s, g)
+        for m in ("two_stage", "amft", "hpt", "luffy", "relift")
+        for s, g in (("math500", "ID"), ("arc_c", "OOD"))
     }
 
 
@@ -480,3 +508,169 @@ def test_a_changed_starting_model_stops_a_resumed_grid(smoke, tmp_path):
     with pytest.raises(GridError, match="starting model .* is not the one this grid's runs"):
         run_grid(load_grid(path), grid_dir, progress=False)
     assert not (grid_dir / "runs" / "amft" / "seed-1").exists()
+
+
+# ------------------------------------------------------------------------------------------------ the report
+
+
+def _hand_built_report(tmp_path, scores: dict[str, list[float]], base_score: float) -> str:
+    """table.md from hand-built results: `scores[method]` is the `id` score of each seed."""
+    from amft_trl.compare.report import SPENT_COLUMNS, markdown, summarize
+
+    grid = parse_grid(_grid(methods=list(scores)))
+    runs = {
+        method: {
+            seed: {"final": {"id": value}, "spent": dict.fromkeys(SPENT_COLUMNS, 0.0)}
+            for seed, value in enumerate(values)
+        }
+        for method, values in scores.items()
+    }
+    base = {"test": {"id": base_score}, "val": base_score, "groups": {"id": "ID"}}
+    rows = summarize(grid, tmp_path, runs, base)
+    return markdown(grid, tmp_path, rows, ["id"], base)
+
+
+def test_report_no_gain_is_no_separation(tmp_path):
+    # every method scores 0 on every seed, like the starting model: std 0, gain 0 -- not "a ratio of inf"
+    text = _hand_built_report(tmp_path, {"sft_only": [0.0, 0.0], "fixed": [0.0, 0.0]}, 0.0)
+    assert "inf" not in text and "it separates" not in text
+    assert "Separation: none" in text and "gains 0.0 points" in text
+    # a loss is no separation either, however small its spread
+    text = _hand_built_report(tmp_path, {"fixed": [0.40, 0.41, 0.40]}, 0.5)
+    assert "Separation: none" in text and "it separates" not in text
+    # a real gain with agreeing seeds still separates; a gain inside 3 std does not
+    text = _hand_built_report(tmp_path, {"fixed": [0.6, 0.6]}, 0.5)
+    assert "gains 10.0 points" in text and "at least 3: it separates" in text
+    text = _hand_built_report(tmp_path, {"fixed": [0.5, 0.7]}, 0.5)  # gain 10, std 14.1
+    assert "a ratio of 0.7 (below 3: no method separates at this budget)" in text
+
+
+def test_report_ties_print_as_ties(tmp_path):
+    text = _hand_built_report(tmp_path, {"sft_only": [0.0, 0.0], "fixed": [0.0, 0.0]}, 0.0)
+    assert "Ranking on `id` (mean): all 2 methods tie at 0.0" in text
+    assert ">" not in text.split("Ranking on")[1].splitlines()[0]
+    scores = {"sft_only": [0.5, 0.5], "fixed": [0.4, 0.6], "amft": [0.7, 0.7], "chord": [0.2, 0.2]}
+    text = _hand_built_report(tmp_path, scores, 0.1)
+    assert "(mean): `amft` 70.0 > `sft_only` 50.0 = `fixed` 50.0 > `chord` 20.0" in text
+    # two methods tied at the top: the separation sentence names both
+    text = _hand_built_report(tmp_path, {"fixed": [0.6, 0.6], "amft": [0.6, 0.6]}, 0.5)
+    assert "the best method, `fixed` (tied with `amft`), gains 10.0 points" in text
+
+
+@pytest.mark.parametrize(
+    "methods, training, message",
+    [
+        (
+            {"sft_only": {}, "fixed": {"args": {"learning_rate": -1}}},
+            {},
+            "method 'fixed': `learning_rate` must be",
+        ),
+        (
+            {"sft_only": {}, "two_stage": {"args": {"sft_learning_rate": -1}}},
+            {},
+            "method 'two_stage': `sft_learning_rate` must be",
+        ),
+        (
+            {"sft_only": {}, "fixed": {"tune": {"learning_rate": [1e-3, -1e-3]}}},
+            {},
+            "method 'fixed' (trial {'learning_rate': -0.001}): `learning_rate` must be",
+        ),
+        ({"grpo_only": {}}, {"adam_beta2": 1.0}, "method 'grpo_only': the optimizer"),
+        (
+            {"grpo_only": {}},
+            {"lr_scheduler_type": "cosine_with_min_lr"},
+            "lr_scheduler_type='cosine_with_min_lr'",
+        ),
+    ],
+)
+def test_values_torch_would_refuse_stop_the_grid_before_it_runs(tmp_path, methods, training, message):
+    # `learning_rate: -1` used to pass the grid check: sft_only trained, then fixed died mid-grid in torch's optimizer
+    grid = parse_grid(_grid(methods=methods, training={**SMOKE["training"], **training}))
+    with pytest.raises(GridError) as error:
+        run_grid(grid, tmp_path / "out", progress=False)
+    assert message in str(error.value)
+    assert not (tmp_path / "out").exists()  # refused before anything was written or trained
+
+
+def test_trl_stage_configs_get_the_optimizer_check():
+    # SFTConfig / GRPOConfig accept what torch refuses; the grid check builds their optimizer and schedule too
+    from trl import SFTConfig
+
+    from amft_trl.config import check_optimizer_settings
+
+    config = SFTConfig(output_dir="/nonexistent", learning_rate=-1.0, report_to=[], use_cpu=True, bf16=False)
+    with pytest.raises(ValueError, match=r"optimizer .*learning_rate=-1.0.*Invalid learning rate"):
+        check_optimizer_settings(config, 10)
+
+
+# ------------------------------------------------------------------------------------------------ a grid's directory
+
+
+def _recorded(tmp_path, raw):
+    """An output directory holding the results of grid `raw` (its record and one finished run)."""
+    out = tmp_path / "out"
+    runner_module.prepare_output_dir(parse_grid(raw), out, overwrite=False)
+    (out / "runs" / "amft" / "seed-0").mkdir(parents=True)
+    (out / "runs" / "amft" / "seed-0" / "result.json").write_text("{}")
+    return out
+
+
+def test_added_seeds_extend_a_grid_and_keep_its_runs(tmp_path):
+    import yaml
+
+    out = _recorded(tmp_path, _grid())
+    runner_module.prepare_output_dir(parse_grid(_grid(seeds=[0, 1, 2])), out, overwrite=False)
+    assert yaml.safe_load((out / "grid.yaml").read_text())["seeds"] == [0, 1, 2]  # the record is the grid now
+    assert (out / "runs" / "amft" / "seed-0" / "result.json").exists()
+    # writing a default out is the same grid
+    same = _grid(seeds=[0, 1, 2], budget={**SMOKE["budget"], "eval_every": 2}, reference="two_stage")
+    runner_module.prepare_output_dir(parse_grid(same), out, overwrite=False)
+
+
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"seeds": [0]}, "(`seeds` differs; seeds [0, 1] there, [0] here: seeds can be added to a grid"),
+        (
+            {"seeds": [0, 1, 2], "budget": {**SMOKE["budget"], "max_steps": 6}},
+            "(`seeds`, `budget.max_steps` differ",
+        ),
+        ({"training": {**SMOKE["training"], "learning_rate": 0.1}}, "(`training.learning_rate` differs"),
+        ({"methods": ["two_stage", "amft", "fixed"]}, "(`methods.fixed` differs"),
+    ],
+)
+def test_a_different_grid_is_refused_naming_what_differs(tmp_path, changes, named):
+    out = _recorded(tmp_path, _grid())
+    with pytest.raises(GridError) as error:
+        runner_module.prepare_output_dir(parse_grid(_grid(**changes)), out, overwrite=False)
+    assert named in str(error.value) and "--overwrite" in str(error.value)
+    assert (out / "runs" / "amft" / "seed-0" / "result.json").exists()
+
+
+def test_added_seeds_that_move_the_default_tuning_seed_say_how_to_keep_it(tmp_path):
+    tuned = {"two_stage": {}, "fixed": {"tune": {"mu_init": [0.2, 0.4]}}}
+    out = _recorded(tmp_path, _grid(methods=tuned))  # tuning seed: max(seeds) + 1 = 2
+    with pytest.raises(
+        GridError, match=r"`tuning.seed` defaults to max\(seeds\) \+ 1: set `tuning: \{seed: 2\}`"
+    ):
+        runner_module.prepare_output_dir(
+            parse_grid(_grid(methods=tuned, seeds=[0, 1, 2])), out, overwrite=False
+        )
+    kept = _grid(methods=tuned, seeds=[0, 1, 2], tuning={"seed": 2})
+    runner_module.prepare_output_dir(parse_grid(kept), out, overwrite=False)
+
+
+def test_cli_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
+    path = tmp_path / "grid.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(SMOKE))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner_module, "run_grid", interrupted)
+    assert compare_main([str(path), "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 130
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "amft-compare: interrupted; run the same command again to resume."
+    assert "Traceback" not in captured.out + captured.err

@@ -27,6 +27,21 @@ from amft_trl import AMFTConfig, AMFTTrainer
         ({"sft_per_device_train_batch_size": 0}, "sft_per_device_train_batch_size"),
         ({"max_sft_length": 1}, "max_sft_length"),
         ({"meta_val_batch_size": 0}, "meta_val_batch_size"),
+        # accepted by TrainingArguments, refused by torch only when the trainer builds the optimizer / schedule
+        ({"learning_rate": -1.0}, "learning_rate"),
+        ({"adam_beta1": 1.5}, "adam_beta1=1.5"),
+        ({"adam_epsilon": -1.0}, "adam_epsilon=-1.0"),
+        ({"lr_scheduler_type": "cosine_with_min_lr"}, "lr_scheduler_type='cosine_with_min_lr'"),
+        (  # refused by AMFTTrainer.create_scheduler at train time before: now at construction
+            {
+                "sft_warmup_steps": 2,
+                "sft_warmup_learning_rate": 1e-3,
+                "lr_scheduler_type": "reduce_lr_on_plateau",
+                "eval_strategy": "steps",
+                "eval_steps": 1,
+            },
+            "cannot be split into a warm-up phase",
+        ),
     ],
 )
 def test_bad_config_values_name_the_field(tmp_path, overrides, field):

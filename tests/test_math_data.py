@@ -199,3 +199,25 @@ def test_build_math_datasets_from_a_path(conversational):
 def test_build_math_datasets_checks_columns_before_splitting(plain):
     with pytest.raises(ValueError, match="'solution'"):
         build_math_datasets(plain.remove_columns("solution"), validation_size=1)
+
+
+def test_one_row_file_with_wrong_columns_reports_the_columns_first(tmp_path):
+    # a user's one-row file with its own column names: the column error, not "validation_size must be between 1
+    # and 0"; `check_math_columns` is what a script calls on its source before splitting it
+    from amft_trl.data import check_math_columns
+
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"question": "1 + 1?", "answer": "2"}\n')
+    source = load_math_dataset(str(path))
+    with pytest.raises(ValueError, match=r"missing the column 'problem'.*\['question', 'answer'\]"):
+        check_math_columns(source)
+    with pytest.raises(ValueError, match=r"missing the column 'problem'"):
+        build_math_datasets(str(path), validation_size=500)
+    # the split of a one-row file says what is wrong with it, not "between 1 and 0"
+    with pytest.raises(ValueError, match="The dataset has 1 row: a validation split needs at least 2"):
+        split_validation(source, 500)
+    # the roles: RL prompts need only the problem (and a gold answer); SFT pairs need the worked solution too
+    plain = Dataset.from_list([{"problem": "1 + 1?", "answer": "2"}])
+    assert check_math_columns(plain, roles=("rl",)) == "problem_solution"
+    with pytest.raises(ValueError, match="'solution'"):
+        check_math_columns(plain)

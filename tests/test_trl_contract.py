@@ -57,6 +57,19 @@ def test_private_members_exist_with_the_assumed_signatures():
     params = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
     assert list(params)[1:5] == ["model", "input_ids", "attention_mask", "logits_to_keep"]
     assert "compute_entropy" in params
+    # LUFFY generates the on-policy rows only, through TRL's own single-turn generation
+    assert list(inspect.signature(GRPOTrainer._generate_single_turn).parameters)[1:5] == [
+        "prompt_ids",
+        "images",
+        "multimodal_fields",
+        "num_generations",
+    ]
+    assert "self._generate_single_turn(" in inspect.getsource(GRPOTrainer._generate)
+    assert "[::num_generations]" in inspect.getsource(
+        importlib.import_module("trl.generation.vllm_generation").VLLMGeneration.generate
+    )
+    for name in ("grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo", "luspo"):  # LUFFY's normalisers
+        assert f'"{name}"' in inspect.getsource(GRPOTrainer._compute_loss), name
     assert list(inspect.signature(GRPOTrainer._calculate_rewards).parameters)[1:] == [
         "inputs",
         "prompts",
@@ -78,7 +91,7 @@ def test_generation_output_and_its_extra_keys_survive_trls_shuffle_and_split(tra
     for key in _trl_compat.GENERATION_KEYS:
         assert key in out, f"TRL's generation no longer returns {key!r}"
     assert out["advantages"].dim() == 1 and len(out["advantages"]) == 8
-    for key in ("amft_reward", "amft_group_rewards", "amft_group_first"):
+    for key in ("amft_reward", "amft_group_rewards"):
         assert len(out[key]) == 8, key
     torch.manual_seed(0)
     chunks = split_tensor_dict(shuffle_sequence_dict(out), 2)
@@ -344,3 +357,43 @@ def test_the_scan_catches_a_private_read():
     visitor = _Touches(foreign | {"_set_sync_gradients"}, set())
     visitor.visit(ast.parse(code))
     assert len(visitor.found) == 4, visitor.found
+
+
+def test_resume_warns_about_tied_weights_in_the_form_the_filter_reads(caplog):
+    """transformers' Trainer warns "There were missing keys ... ['lm_head.weight']" when it resumes a model with tied
+    weights (saved without the tied copy); `quiet_tied_weights_on_resume` drops exactly that warning."""
+    import logging
+    from types import SimpleNamespace
+
+    from transformers import Trainer
+
+    from amft_trl import toy
+
+    model = toy.build_model(toy.build_tokenizer(), seed=0)
+    assert model.get_parameter("lm_head.weight") is model.get_parameter("model.embed_tokens.weight")
+    trainer_logger = logging.getLogger("transformers.trainer")
+    propagate, trainer_logger.propagate = (
+        trainer_logger.propagate,
+        True,
+    )  # transformers' loggers do not propagate
+
+    def warn(missing):
+        result = SimpleNamespace(missing_keys=missing, unexpected_keys=[])
+        Trainer._issue_warnings_after_load(SimpleNamespace(model=model), result)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="transformers.trainer"):
+            warn(["lm_head.weight"])
+            assert caplog.records[-1].getMessage().startswith(_trl_compat.MISSING_KEYS_WARNING)
+            assert "['lm_head.weight']" in caplog.records[-1].getMessage()
+            caplog.clear()
+            with _trl_compat.quiet_tied_weights_on_resume(model):
+                warn(["lm_head.weight"])  # the tied copy: nothing is missing
+                assert not caplog.records
+                warn(["lm_head.weight", "model.norm.weight"])  # a real missing key is still reported
+                assert "model.norm.weight" in caplog.text
+            caplog.clear()
+            warn(["lm_head.weight"])  # the filter is gone after the block
+            assert caplog.records
+    finally:
+        trainer_logger.propagate = propagate

@@ -16,7 +16,9 @@ Two kinds of use:
 |---|---|---|---|
 | `GRPOTrainer._generate_and_score_completions(inputs)` | TRL | overridden by `AMFTTrainer` (per-rollout rewards, groups, demonstrations), by `compare`'s metered `GRPOTrainer` (generated tokens); called for validation rollouts (`generate_and_score`) | rows in, a dict out with `prompt_ids`, `prompt_mask`, `completion_ids`, `completion_mask`, `advantages` (B,); extra keys survive TRL's shuffle and split |
 | `GRPOTrainer._calculate_rewards(inputs, prompts, completions, completion_ids_list)` | TRL | overridden by `AMFTTrainer` | returns the rewards of every process, (N_global, num_funcs), NaN for None |
-| `GRPOTrainer._compute_loss(model, inputs)` | TRL | behind `compute_loss` (per-rollout advantages, `rl_advantages`) | reads `inputs["advantages"]` after its one call of `_get_per_token_logps_and_entropies(..., compute_entropy=True)` |
+| `GRPOTrainer._compute_loss(model, inputs)` | TRL | behind `compute_loss` (per-rollout advantages, `rl_advantages`); overridden by `AMFTTrainer` for LUFFY | reads `inputs["advantages"]` after its one call of `_get_per_token_logps_and_entropies(..., compute_entropy=True)`, whose log-probs (at `args.temperature`) carry the graph; its policy term is zero on rows with advantage 0; its normaliser per `loss_type` is what `balancing.luffy.aggregate_token_loss` reproduces |
+| `GRPOTrainer._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, ...)` | TRL | overridden by `AMFTTrainer` for LUFFY (generates the on-policy rows only) | one completion per entry of `prompt_ids`, as `(completion_ids, logprobs or None)`; the vLLM server takes every `num_generations`-th entry as a group's prompt; `_generate` decodes, scores and pads whatever it returns |
+| `GRPOTrainer.eos_token_ids`, `tools`, `rollout_func`, `environment_factories`, `max_completion_length`, `loss_type` | TRL (public, undocumented) | LUFFY | the generation's stop tokens; the multi-turn paths LUFFY refuses; the loss settings |
 | `GRPOTrainer._get_per_token_logps_and_entropies` | TRL | overridden by `AMFTTrainer` (SRFT's entropy hook); called for SFT log-probs and entropies and the validation surrogate (`per_token_logps_and_entropies`) | `(logps, entropies, aux)` at `args.temperature` |
 | `GRPOTrainer._metrics`, `_logs`, `_pending_extra_logs`, `_pending_metrics` | TRL | `isolated_generation`, `train_metrics` | every log container generation writes to; `_metrics["train"]` is averaged and logged at each `log` |
 | `GRPOTrainer._metrics["train"]["step_time"]` | TRL | `replace_last_step_time` | one value appended per optimizer step by `GRPOTrainer.training_step` |
@@ -25,6 +27,7 @@ Two kinds of use:
 | `Trainer._save_checkpoint(model, trial)` | transformers | overridden by `AMFTTrainer` | writes `amft_state.json` into the checkpoint folder it has just written |
 | `Trainer._load_optimizer_and_scheduler(checkpoint)` | transformers | overridden by `AMFTTrainer` | the one place of a resume that sees the checkpoint path (reads `amft_state.json`) |
 | `Trainer._get_output_dir(trial)` | transformers | `checkpoint_dir` | the run's output directory, under which `_save_checkpoint` writes `checkpoint-<step>` |
+| `Trainer._issue_warnings_after_load` (logger `transformers.trainer`) | transformers | `quiet_tied_weights_on_resume` | warns `MISSING_KEYS_WARNING` + the list of missing keys; only its message is matched |
 | `Trainer._created_lr_scheduler` | transformers | `mark_lr_scheduler_created` | set by `create_scheduler` so that the Trainer recreates the schedule (e.g. after DeepSpeed) as its own |
 | `GradientState._set_sync_gradients` | Accelerate | `set_sync_gradients` | toggles whether the next backward is at an accumulation boundary |
 | `Accelerator.deepspeed_engine_wrapped` | Accelerate | `deepspeed_engine`, `swapped_deepspeed_backward` | `accelerator.backward` calls its `.backward(loss, sync_gradients=..., **kwargs)`; `.engine` is the DeepSpeed engine |
@@ -53,6 +56,8 @@ OVERRIDDEN: dict[str, dict[str, tuple[str, ...] | None]] = {
         "_generate_and_score_completions": ("inputs",),
         "_calculate_rewards": ("inputs", "prompts", "completions", "completion_ids_list"),
         "_get_per_token_logps_and_entropies": ("model", "input_ids", "attention_mask", "logits_to_keep"),
+        "_compute_loss": ("model", "inputs"),
+        "_generate_single_turn": ("prompt_ids", "images", "multimodal_fields", "num_generations"),
         "_tag_names": None,
         "_name": None,
     },
@@ -73,7 +78,7 @@ READ: dict[str, tuple[str, ...]] = {
         "_pending_metrics",
         "_tokenize",
     ),
-    "transformers": ("_get_output_dir", "_created_lr_scheduler"),
+    "transformers": ("_get_output_dir", "_created_lr_scheduler", "_issue_warnings_after_load"),
     "accelerate": ("_set_sync_gradients", "deepspeed_engine_wrapped"),
     "deepspeed": ("_hp_mapping", "_index_in_param_group"),
 }
@@ -160,6 +165,64 @@ def replace_last_step_time(trainer: Any, seconds: float, appended_by_trl: bool) 
         times[-1] = seconds
     else:
         times.append(seconds)
+
+
+#: The start of the warning transformers' Trainer logs when a resumed checkpoint lacks some of the model's keys.
+MISSING_KEYS_WARNING = "There were missing keys in the checkpoint model loaded: "
+
+
+class _TiedWeightsFilter:
+    """Drops the Trainer's missing-keys warning when every key it names is a tied copy of another parameter."""
+
+    def __init__(self, model: Any):
+        self.model = model
+
+    def tied_copies(self) -> set[str]:
+        """The model's parameters that are the very tensor of another one (`lm_head.weight` of a model with
+        `tie_word_embeddings`): a checkpoint stores only their source."""
+        tied = getattr(self.model, "all_tied_weights_keys", None) or {}
+        copies = set()
+        for target, source in tied.items():
+            try:
+                if self.model.get_parameter(target) is self.model.get_parameter(source):
+                    copies.add(target)
+            except AttributeError:
+                continue
+        return copies
+
+    def filter(self, record: Any) -> bool:
+        message = record.getMessage()
+        if not message.startswith(MISSING_KEYS_WARNING):
+            return True
+        import ast
+
+        try:
+            missing = ast.literal_eval(message[len(MISSING_KEYS_WARNING) :].rstrip("."))
+        except (ValueError, SyntaxError):
+            return True
+        return not (isinstance(missing, list) and missing and set(missing) <= self.tied_copies())
+
+
+@contextmanager
+def quiet_tied_weights_on_resume(model: Any) -> Iterator[None]:
+    """Resume without transformers' "There were missing keys in the checkpoint model loaded: ['lm_head.weight']".
+
+    A model with tied weights (`tie_word_embeddings`, as Qwen2's small models and the toy model have) is saved
+    without the tied copy, and `Trainer._load_from_checkpoint` loads the checkpoint with `strict=False` and warns
+    about every missing key unless they equal `model._keys_to_ignore_on_save`, which is empty for these models. Nothing
+    is missing: the copy is the same tensor as the embedding it is tied to, so loading that loads both. This drops the
+    warning while the block runs when every key it names is such a copy (checked on the model, tensor identity);
+    a warning naming any other key is still logged.
+    """
+    import logging
+
+    trainer_logger = logging.getLogger("transformers.trainer")
+    quiet = _TiedWeightsFilter(model)
+    trainer_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        trainer_logger.removeFilter(quiet)
 
 
 # ---------------------------------------------------------------------------------------------------------------

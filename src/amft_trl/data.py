@@ -37,6 +37,7 @@ __all__ = [
     "SCHEMAS",
     "MathDatasets",
     "build_math_datasets",
+    "check_math_columns",
     "detect_math_schema",
     "load_math_dataset",
     "math_rl_prompts",
@@ -102,6 +103,25 @@ def detect_math_schema(dataset: Dataset) -> str:
         "datasets) and the columns 'prompt' + 'reward_model'/'target' (OpenR1-Math-46k-8192); "
         f"it has the columns {columns}."
     )
+
+
+def check_math_columns(
+    dataset: Dataset, schema: str | None = None, roles: Sequence[str] = ("rl", "sft")
+) -> str:
+    """Check that `dataset` has the columns its schema needs for `roles` (`"rl"`: prompts and gold answers, `"sft"`:
+    worked solutions), and return the schema (`"openr1"` or `"problem_solution"`; detected when `schema` is None).
+
+    Call it on a source file before anything that depends on its size (`split_validation`, `select`): a file with the
+    wrong columns then says so, instead of failing on a split that its rows cannot fill.
+
+    Raises:
+        ValueError: naming the missing column and listing the columns the dataset has.
+    """
+    for role in roles:
+        if role not in ("rl", "sft"):
+            raise ValueError(f"roles must be among ('rl', 'sft'), got {role!r}.")
+        schema = _resolve_schema(dataset, schema, role)
+    return detect_math_schema(dataset) if schema is None else schema
 
 
 def _resolve_schema(dataset: Dataset, schema: str | None, role: str) -> str:
@@ -245,13 +265,20 @@ def split_validation(
         `(train, validation)`, disjoint.
 
     Raises:
-        ValueError: when `validation_size` is not a valid size for this dataset.
+        ValueError: when `validation_size` is not a valid size for this dataset. The split does not look at columns:
+            check a math file's with `check_math_columns` first, so that a file with the wrong columns reports them
+            rather than a size its rows cannot fill.
     """
     n = len(dataset)
     if isinstance(validation_size, bool) or not isinstance(validation_size, (int, float)):
         raise ValueError(f"validation_size must be an int or a float, got {validation_size!r}.")
     if isinstance(validation_size, float) and not 0.0 < validation_size < 1.0:
         raise ValueError(f"A fractional validation_size must be in (0, 1), got {validation_size}.")
+    if n < 2:
+        raise ValueError(
+            f"The dataset has {n} row{'s' if n != 1 else ''}: a validation split needs at least 2 (one to train on, "
+            f"one to hold out); got validation_size={validation_size}."
+        )
     if isinstance(validation_size, int) and not 1 <= validation_size < n:
         raise ValueError(
             f"validation_size must be between 1 and {n - 1} for {n} rows, got {validation_size}."
@@ -306,9 +333,8 @@ def build_math_datasets(
     if isinstance(dataset, str):
         dataset = load_math_dataset(dataset, split=split)
     # the columns first: a wrong file is named as such, not as a size that does not fit
-    resolved = _resolve_schema(dataset, schema, "rl")
-    sft_source, sft_schema = (dataset, resolved) if sft_dataset is None else (sft_dataset, schema)
-    sft_schema = _resolve_schema(sft_source, sft_schema, "sft")
+    resolved = check_math_columns(dataset, schema, roles=("rl", "sft") if sft_dataset is None else ("rl",))
+    sft_schema = resolved if sft_dataset is None else check_math_columns(sft_dataset, schema, roles=("sft",))
     if validation_dataset is None:
         train, held_out, held_out_schema = *split_validation(dataset, validation_size, seed=seed), resolved
     else:

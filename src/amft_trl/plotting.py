@@ -11,7 +11,7 @@ plot_training_dynamics(trainer.state.log_history, "dynamics.png", extra={"held-o
 Two panels over optimizer steps: (1) train reward, validation reward (`amft/val_reward`) and any logged
 `eval_*accuracy*` or user-supplied series, with the weights on a second y-axis: mu (`amft/mu`, the SFT weight each
 step used, for every strategy) and the strategy's own signals (CHORD's scheduled mu, HPT's fraction of prompts sent
-to SFT, SRFT's positive-rollout weight); (2) the token entropy H_t on demonstrations (`amft/entropy`) with the
+to SFT, SRFT's positive-rollout weight, LUFFY's off-policy token share and mean shaped weight, ReLIFT's buffer fill and its SFT steps); (2) the token entropy H_t on demonstrations (`amft/entropy`) with the
 target H* (`amft/target_entropy`) dashed, or, for strategies that do not measure it, the rollouts' entropy that TRL
 logs. The SFT warm-up (logged steps with mu but neither reward nor entropy, before the first that has one) is
 shaded.
@@ -43,6 +43,10 @@ _WEIGHT_SERIES = (
     ("amft/chord_mu", "CHORD: scheduled mu", "tab:brown"),
     ("amft/hpt_sft_fraction", "HPT: prompts sent to SFT", "tab:olive"),
     ("amft/srft_rl_weight", "SRFT: positive-rollout weight", "tab:cyan"),
+    ("amft/luffy_off_policy_fraction", "LUFFY: off-policy token share", "tab:pink"),
+    ("amft/luffy_importance_weight", "LUFFY: mean weight p/(p+gamma)", "tab:green"),
+    ("amft/relift_buffer_fill", "ReLIFT: buffer fill", "tab:red"),
+    ("amft/relift_sft_step", "ReLIFT: SFT step", "tab:orange"),
 )
 
 
@@ -59,6 +63,8 @@ def plot_training_dynamics(
         source: the run's log history: a list of log dicts (`trainer.state.log_history`), a `Trainer` or
             `TrainerState`, or a path: an output directory (its `trainer_state.json`, else that of its latest
             `checkpoint-*`), a `trainer_state.json`, or a JSON list of log dicts (e.g. a saved `log_history`).
+            An output directory has a `trainer_state.json` only when the run wrote one: `trainer.save_state()`
+            after training, or a checkpoint (`save_strategy` other than `"no"`).
         output_path: the PNG to write. Default: `training_dynamics.png` in the output directory when `source`
             is a directory or a `Trainer` (its `args.output_dir`), next to the file when `source` is a file;
             required for a list or a `TrainerState`.
@@ -220,8 +226,10 @@ def _history_from_path(path: Path) -> tuple[list[dict], Path]:
             checkpoints = [c for c in checkpoints if (c / "trainer_state.json").is_file()]
             if not checkpoints:
                 raise FileNotFoundError(
-                    f"no trainer_state.json in {path} or in a checkpoint-* directory under it "
-                    "(pass the log history, e.g. trainer.state.log_history, instead)"
+                    f"no trainer_state.json in {path} or in a checkpoint-* directory under it: the run's log history "
+                    "is written there by `trainer.save_state()` (call it after `trainer.train()`) or with every "
+                    "checkpoint (a save_strategy other than 'no'; the CPU recipes set 'no'). Without it, plot from the "
+                    "training script: plot_training_dynamics(trainer), or pass trainer.state.log_history."
                 )
             state_file = max(checkpoints, key=lambda c: int(c.name.split("-")[-1])) / "trainer_state.json"
         return _read_history(state_file), path

@@ -38,10 +38,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOTrainer
+from trl.data_utils import is_conversational
 from trl.import_utils import is_vllm_available
 
 from . import _trl_compat
@@ -54,7 +55,16 @@ from ._distributed import (
 )
 from ._meta_step import MetaStep, validation_backward
 from ._reward_columns import check_reward_columns
+from .attached_demonstrations import AttachedDemonstrations, DemonstrationMicroBatch
 from .balancing import BalancingStrategy, RolloutBatch, StepMeasurements, StepPlan, build_strategy
+from .balancing.luffy import (
+    LUFFYStrategy,
+    aggregate_token_loss,
+    demonstration_completion_ids,
+    off_policy_rows,
+    off_policy_token_loss,
+)
+from .balancing.relift import ReLIFTStrategy, all_failed
 from .config import AMFTConfig
 from .sft_data import (
     InfiniteStream,
@@ -90,9 +100,7 @@ class _StepState:
     rl_backward_weight: float = 1.0  # the weight the current RL backward is taken with
     sft_follows: bool = False  # an SFT backward follows the RL one in the current micro-step
     restore_sync: bool = False
-    gated: tuple[SFTBatch, torch.Tensor, float] | None = (
-        None  # this micro-step's demonstrations (train_column)
-    )
+    gated: DemonstrationMicroBatch | None = None  # this micro-step's attached demonstrations (train_column)
     sft_nll_sum: float = 0.0  # unweighted NLL summed over the step's demonstration tokens
     sft_token_count: float = 0.0  # demonstration tokens the NLL was summed over
     sft_weight_sum: float = 0.0  # effective SFT weight summed over those tokens
@@ -168,6 +176,8 @@ class AMFTTrainer(GRPOTrainer):
         check_parallel_setup(
             args, strategy.needs_val_dataset, args.world_size, launcher_deepspeed_config(args)
         )
+        if strategy.sft_source == "train_column":
+            AttachedDemonstrations.check_layout(args, strategy)
         self.strategy = strategy
         super().__init__(
             model=model,
@@ -203,6 +213,19 @@ class AMFTTrainer(GRPOTrainer):
         if val_dataset is not None:
             self._val_stream = InfiniteStream(len(val_dataset), seed=args.seed + 1)
         self._sft_batch_size = args.sft_per_device_train_batch_size or args.per_device_train_batch_size
+        self._attached: AttachedDemonstrations | None = None
+        if strategy.sft_source == "train_column":
+            tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+            self._attached = AttachedDemonstrations(
+                strategy,
+                self.accelerator,
+                self._tokenize_demonstration,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=self.processing_class.eos_token_id,
+                gradient_accumulation_steps=args.gradient_accumulation_steps,
+                steps_per_generation=args.steps_per_generation,
+                num_generations=self.num_generations,
+            )
         self._step_state: _StepState | None = None  # set for the duration of one optimizer step
         self._captured_rewards: torch.Tensor | None = None
         self._last_generation_unscorable = False
@@ -211,6 +234,8 @@ class AMFTTrainer(GRPOTrainer):
         self._num_skipped_rl_steps = 0
         # what the run has trained on and generated, cumulative over the run (logged as amft/<key>_tokens)
         self._token_counts = dict.fromkeys(TOKEN_COUNTS, 0.0)
+        self._luffy_setup()  # LUFFY (balancing="luffy"): demonstrations as off-policy rollouts
+        self._relift_setup()  # ReLIFT (balancing="relift"): a buffer of all-failed prompts
 
     # ------------------------------------------------------------------------------------------------------
     # construction-time checks
@@ -333,6 +358,8 @@ class AMFTTrainer(GRPOTrainer):
                     "plan.measure_entropy": plan.measure_entropy,
                 }
             )
+        if self._attached is not None:
+            self._attached.check_plan(plan, global_step)
         if self.args.reset_optimizer_after_warmup and global_step == self.strategy.sft_warmup_steps > 0:
             self._reset_optimizer_state()
         if plan.measure_target_entropy:
@@ -343,7 +370,13 @@ class AMFTTrainer(GRPOTrainer):
             )
         step = _StepState(plan)
         if plan.sft:
-            step.sft_batches = self._draw_sft_batches(self.current_gradient_accumulation_steps)
+            buffered = self.strategy.buffered_demonstrations()  # ReLIFT's buffer, else the sft_dataset stream
+            if buffered is None:
+                step.sft_batches = self._draw_sft_batches(self.current_gradient_accumulation_steps)
+            else:
+                step.sft_batches = self._relift_sft_batches(
+                    buffered, self.current_gradient_accumulation_steps
+                )
             step.sft_tokens = int(
                 global_sum(self.accelerator, float(sum(b.num_tokens for b in step.sft_batches)))
             )
@@ -374,8 +407,10 @@ class AMFTTrainer(GRPOTrainer):
             weight = 1.0 if plan.warmup else plan.sft_weight
             display += self._sft_micro_step(model, step.sft_batches[step.micro], weight, step)
         elif step.gated is not None:
-            batch, row_weights, normalizer = step.gated
-            display += self._sft_micro_step(model, batch, plan.sft_weight, step, row_weights, normalizer)
+            gated = step.gated
+            display += self._sft_micro_step(
+                model, gated.batch, plan.sft_weight, step, gated.row_weights, gated.normalizer
+            )
         return display
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -388,8 +423,11 @@ class AMFTTrainer(GRPOTrainer):
         inputs = dict(inputs)
         rollouts = self._rollout_batch(inputs)
         step.unscorable |= self._last_generation_unscorable
-        if self.strategy.sft_source == "train_column":
-            step.gated = self._gated_demonstrations(inputs, step)
+        if self._attached is not None:
+            attached = self._attached.micro_step()
+            step.prompts += attached.prompts
+            step.prompts_to_sft += attached.prompts_to_sft
+            step.gated = attached.sft
             step.sft_follows = step.gated is not None
         if self.strategy.rl_weights_need_entropy:
 
@@ -424,6 +462,9 @@ class AMFTTrainer(GRPOTrainer):
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        luffy_hook, self._luffy_logps_hook = self._luffy_logps_hook, None
+        if luffy_hook is not None:  # armed by the LUFFY `_compute_loss` for the RL loss's forward only
+            luffy_hook(out[0])
         hook, self._rl_entropy_hook = self._rl_entropy_hook, None
         if hook is not None:  # armed by `compute_loss` for the RL loss's forward only
             hook(out[1])
@@ -442,8 +483,9 @@ class AMFTTrainer(GRPOTrainer):
 
         The loss is `sum of weighted NLL over completion tokens / completion tokens of the whole step (all
         processes)`, times the process count (DDP averages gradients), so summing micro-steps gives the token mean.
-        `row_weights` / `normalizer`: per-demonstration weights, and the loss's divisor on this process instead (HPT:
-        `dapo`'s normaliser for its demonstration tokens). Returns this micro-batch's share of the step's weighted loss.
+        `row_weights` / `normalizer`: per-demonstration weights, and the loss's divisor on this process instead (the
+        attached demonstrations' own, `amft_trl.attached_demonstrations`). Returns this micro-batch's share of the
+        step's weighted loss.
         """
         plan = step.plan
         batch = batch.to(self.accelerator.device)
@@ -613,13 +655,21 @@ class AMFTTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         self._captured_rewards = None
-        out = super()._generate_and_score_completions(inputs)
+        self._luffy_demonstrations = self._luffy_prepare(inputs)
+        try:
+            out = super()._generate_and_score_completions(inputs)
+        finally:
+            demonstrations, self._luffy_demonstrations = self._luffy_demonstrations, None
         rewards, self._captured_rewards = self._captured_rewards, None
+        if demonstrations is not None:
+            self._luffy_mark(out, demonstrations, rewards)
         if self._generating_validation or self.model.training:
             key = "val_completion" if self._generating_validation else "completion"
             self._token_counts[key] += global_sum(self.accelerator, float(out["completion_mask"].sum()))
         if self._generating_validation or not self.model.training or rewards is None:
             return out
+        if self._relift is not None:
+            self._relift_fill(inputs, rewards)
         total = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
         unscorable = torch.isnan(rewards).all(dim=1)
         total[unscorable] = float("nan")
@@ -631,49 +681,10 @@ class AMFTTrainer(GRPOTrainer):
         groups = total.view(-1, g).repeat_interleave(g, dim=0)
         out["amft_reward"] = total[local]
         out["amft_group_rewards"] = groups[local]
-        out["amft_group_first"] = (torch.arange(len(total), device=total.device) % g == 0)[local]
-        if self.strategy.sft_source == "train_column":
-            out.update(self._demonstrations_of_generation(inputs, out))
-            self._token_counts["sft"] += float(out["amft_sft_tokens"])  # each demonstration counted once
+        if self._attached is not None:
+            out.update(self._attached.generation(inputs, out))
+            self._token_counts["sft"] += float(out["amft_sft_tokens"])  # HPT: each demonstration counted once
         return out
-
-    def _demonstrations_of_generation(
-        self, inputs: list[dict[str, Any]], out: dict[str, Any]
-    ) -> dict[str, Any]:
-        """The demonstrations a `train_column` strategy (HPT) trains on, decided once per generation batch.
-
-        Each prompt counts once: its demonstration rides on its group's first rollout (`amft_sft_ids`, tokenised
-        here), whichever micro-step and process that rollout lands on after TRL's shuffle. `amft_sft_tokens` is their
-        completion tokens over all processes: the SFT term is normalised by it the way TRL's `dapo` loss is by
-        `num_items_in_batch`, so that it does not depend on how the batch is split into micro-steps or processes.
-        """
-        column = self.strategy.demonstration_column
-        prompts = [row["prompt"] for row in inputs]
-        demonstrations = [row[column] for row in inputs]
-        rollouts = RolloutBatch(
-            advantages=out["advantages"],
-            rewards=out["amft_reward"],
-            group_rewards=out["amft_group_rewards"],
-            completion_mask=out["completion_mask"],
-            prompts=prompts,
-            demonstrations=demonstrations,
-        )
-        carries = (self.strategy.sft_gate(rollouts).cpu() & out["amft_group_first"].cpu()).tolist()
-        ids: list[dict[str, list[int]] | None] = []
-        for prompt, demonstration, chosen in zip(prompts, demonstrations, carries, strict=True):
-            example = None
-            if chosen and demonstration:
-                example = self._tokenize_demonstration(prompt, demonstration)
-            ids.append(example)
-        tokens = global_sum(
-            self.accelerator, float(sum(len(e["completion_ids"]) for e in ids if e is not None))
-        )
-        return {
-            "amft_prompt": prompts,
-            "amft_demonstration": demonstrations,
-            "amft_sft_ids": ids,
-            "amft_sft_tokens": torch.tensor(tokens, device=out["advantages"].device),
-        }
 
     def _rollout_batch(self, inputs: dict[str, Any]) -> RolloutBatch:
         return RolloutBatch(
@@ -684,38 +695,6 @@ class AMFTTrainer(GRPOTrainer):
             prompts=inputs.get("amft_prompt"),
             demonstrations=inputs.get("amft_demonstration"),
         )
-
-    def _gated_demonstrations(
-        self, inputs: dict[str, Any], step: _StepState
-    ) -> tuple[SFTBatch, torch.Tensor, float] | None:
-        """This micro-step's demonstrations (HPT: those of the prompts sent to SFT), as an SFT micro-batch.
-
-        Returns the batch, its per-row weights and the normaliser of its loss (TRL's `dapo` normaliser for the
-        generation batch's demonstration tokens); None when no process has a demonstration in this micro-step. Every
-        process then runs the same number of SFT forwards (DDP and ZeRO-3 need it): a process without one runs a
-        zero-weight row.
-        """
-        first = inputs["amft_group_first"].cpu()
-        examples = [e for e in inputs["amft_sft_ids"] if e is not None]
-        step.prompts += float(first.sum())
-        step.prompts_to_sft += float(
-            sum(1 for e, f in zip(inputs["amft_sft_ids"], first, strict=True) if f and e is not None)
-        )
-        if global_sum(self.accelerator, float(len(examples))) == 0:
-            return None
-        row_weights = torch.ones(len(examples))
-        if not examples:  # this process has none: a zero-weight row keeps the forward counts equal
-            examples = [next(e for e in self._any_demonstration(inputs))]
-            row_weights = torch.zeros(1)
-        world = self.accelerator.num_processes
-        normalizer = (
-            float(inputs["amft_sft_tokens"])
-            / world
-            * self.current_gradient_accumulation_steps
-            / self.args.steps_per_generation
-        )
-        pad = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
-        return collate_sft(examples, pad), row_weights, normalizer
 
     def _tokenize_demonstration(self, prompt: Any, demonstration: Any) -> dict[str, list[int]] | None:
         """A prompt's demonstration tokenised like the SFT data; None when truncation leaves no completion token."""
@@ -728,16 +707,248 @@ class AMFTTrainer(GRPOTrainer):
         )
         return example if example["completion_ids"] else None
 
-    def _any_demonstration(self, inputs: dict[str, Any]):
-        """Tokenised demonstrations of this micro-batch's rows (for a zero-weight placeholder row)."""
-        for prompt, demonstration in zip(inputs["amft_prompt"], inputs["amft_demonstration"], strict=True):
-            example = self._tokenize_demonstration(prompt, demonstration) if demonstration else None
-            if example is not None:
-                yield example
-        yield {
-            "prompt_ids": [self.processing_class.eos_token_id],
-            "completion_ids": [self.processing_class.eos_token_id],
-        }
+    # ------------------------------------------------------------------------------------------------------
+    # LUFFY (balancing="luffy", `amft_trl.balancing.luffy`): demonstrations as off-policy rollouts. Begin.
+    # ------------------------------------------------------------------------------------------------------
+    def _luffy_setup(self) -> None:
+        """Arm the LUFFY hooks when the strategy puts demonstrations into the groups; refuse what they cannot serve."""
+        self._luffy: LUFFYStrategy | None = None
+        self._luffy_demonstrations: list[list[int] | None] | None = None
+        self._luffy_logps_hook = None
+        # this step's sums: f(p) and p over the off-policy tokens, their count, and all completion tokens
+        self._luffy_sums = [0.0] * 4
+        strategy = self.strategy
+        if not isinstance(strategy, LUFFYStrategy) or strategy.num_off_policy == 0:
+            return
+        if self.tools or self.rollout_func is not None or getattr(self, "environment_factories", None):
+            raise ValueError(
+                "balancing='luffy' puts each prompt's demonstration into its group as a finished single-turn "
+                "completion; it cannot be combined with `tools`, `environment_factory` or `rollout_func`."
+            )
+        g, world = self.num_generations, self.accelerator.num_processes
+        local = self.args.per_device_train_batch_size * self.args.steps_per_generation
+        if world > 1 and local % g != 0:
+            raise ValueError(
+                f"balancing='luffy' with {world} processes needs each process's generation batch "
+                f"(per_device_train_batch_size x steps_per_generation = {local}) to hold whole groups of "
+                f"`num_generations` ({g}) rollouts, so that every process generates the same number of completions."
+            )
+        self._luffy = strategy
+
+    def _luffy_prepare(self, inputs: list[dict[str, Any]]) -> list[list[int] | None] | None:
+        """Per row of this process's generation batch: the demonstration's completion token ids where the row is an
+        off-policy slot (the first `luffy_num_off_policy` rows of each group), None where it is generated.
+        None (no LUFFY) outside training, for validation rollouts, or without LUFFY."""
+        if self._luffy is None or self._generating_validation or not self.model.training:
+            return None
+        column = self._luffy.demonstration_column
+        first = self.accelerator.process_index * len(inputs)
+        rows = off_policy_rows(len(inputs), first, self.num_generations, self._luffy.num_off_policy)
+        out: list[list[int] | None] = []
+        for row, off in zip(inputs, rows, strict=True):
+            if not off:
+                out.append(None)
+                continue
+            demonstration = row.get(column)
+            if isinstance(demonstration, str) and is_conversational(row):
+                demonstration = [{"role": "assistant", "content": demonstration}]
+            if not demonstration:
+                raise ValueError(
+                    f"balancing='luffy': train_dataset[{column!r}] (`luffy_demonstration_column`) is empty for the "
+                    f"prompt {row['prompt']!r}; every prompt needs a demonstration."
+                )
+            ids = tokenize_prompt_completion(
+                self.processing_class, row["prompt"], demonstration, None, chat_template=self.chat_template
+            )["completion_ids"]
+            ids = demonstration_completion_ids(ids, list(self.eos_token_ids), self.args.max_completion_length)
+            if not ids:
+                raise ValueError(
+                    f"balancing='luffy': the demonstration of the prompt {row['prompt']!r} tokenises to no completion "
+                    "token."
+                )
+            out.append(ids)
+        return out
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
+        """TRL's generation, for the on-policy rows only; the off-policy rows get their demonstration's tokens.
+
+        Text-only prompts: the demonstrations cost no generation (TRL generates `num_generations -
+        luffy_num_off_policy` completions per prompt, in every generation mode). With images, every row is generated
+        and the off-policy ones then replaced (a wasted generation per demonstration)."""
+        demonstrations = self._luffy_demonstrations
+        if demonstrations is None:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+            )
+        if len(demonstrations) != len(prompt_ids):  # TRL generates for other rows than the batch's: refuse
+            raise RuntimeError(
+                f"balancing='luffy': TRL asked for {len(prompt_ids)} completions of a generation batch of "
+                f"{len(demonstrations)} rows; the demonstrations cannot be placed."
+            )
+        on = [i for i, d in enumerate(demonstrations) if d is None]
+        if images is None and not multimodal_fields:
+            generated, logprobs = super()._generate_single_turn(
+                [prompt_ids[i] for i in on],
+                None,
+                multimodal_fields,
+                num_generations - self._luffy.num_off_policy,
+                *args,
+                **kwargs,
+            )
+        else:  # multimodal rows: generate them all, keep the on-policy ones
+            generated, logprobs = super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+            )
+            generated = [generated[i] for i in on]
+            logprobs = None if logprobs is None else [logprobs[i] for i in on]
+        completion_ids: list[list[int]] = []
+        all_logprobs: list[list[float]] | None = None if logprobs is None else []
+        cursor = 0
+        for demonstration in demonstrations:
+            if demonstration is None:
+                completion_ids.append(list(generated[cursor]))
+                if all_logprobs is not None:
+                    all_logprobs.append(list(logprobs[cursor]))
+                cursor += 1
+            else:
+                completion_ids.append(list(demonstration))
+                if all_logprobs is not None:  # no sampling log-prob: TRL's importance correction is 1 there
+                    all_logprobs.append([float("nan")] * len(demonstration))
+        return completion_ids, all_logprobs
+
+    def _luffy_mark(self, out: dict[str, Any], demonstrations: list, rewards: torch.Tensor | None) -> None:
+        """Mark the off-policy rows of a generation batch (`amft_off_policy`) and log their mean reward."""
+        device = out["advantages"].device
+        out["amft_off_policy"] = torch.tensor([d is not None for d in demonstrations], device=device)
+        if rewards is None:
+            return
+        total = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
+        rows = off_policy_rows(len(total), 0, self.num_generations, self._luffy.num_off_policy)
+        off = torch.tensor(rows, device=total.device)
+        mean = torch.nanmean(total[off])
+        if not torch.isnan(mean):
+            _trl_compat.train_metrics(self)["amft/luffy_off_policy_reward"].append(float(mean))
+
+    def _compute_loss(self, model, inputs):
+        """TRL's GRPO loss on the on-policy rows; on the off-policy rows LUFFY's shaped, unclipped term
+        `-A * p / (p + gamma)` per token (`amft_trl.balancing.luffy`), reduced with the same `loss_type` normaliser."""
+        off = inputs.get("amft_off_policy")
+        if off is None or self._luffy is None or not self.model.training:
+            return super()._compute_loss(model, inputs)
+        captured: list[torch.Tensor] = []
+        self._luffy_logps_hook = captured.append
+        advantages = inputs["advantages"]
+        rows = off.view(-1, *([1] * (advantages.dim() - 1)))
+        try:
+            loss = super()._compute_loss(model, {**inputs, "advantages": advantages.masked_fill(rows, 0.0)})
+        finally:
+            self._luffy_logps_hook = None
+        logps = captured[0]
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        mask = mask.to(logps.dtype)
+        off_mask = mask * off.to(logps.dtype).unsqueeze(1)
+        token_loss = off_policy_token_loss(logps, advantages, self._luffy.shaping_gamma) * off_mask
+        loss = loss + aggregate_token_loss(
+            token_loss,
+            mask,
+            self.loss_type,
+            accumulation_steps=self.current_gradient_accumulation_steps,
+            max_completion_length=self.max_completion_length,
+            num_items_in_batch=inputs["num_items_in_batch"],
+            num_processes=self.accelerator.num_processes,
+            steps_per_generation=self.args.steps_per_generation,
+        )
+        with torch.no_grad():  # the step's sums: logged as ratios of sums over the step and every process
+            p = logps.detach().exp()
+            weight = p / (p + self._luffy.shaping_gamma)
+            local = [(weight * off_mask).sum(), (p * off_mask).sum(), off_mask.sum(), mask.sum()]
+            self._luffy_sums = [a + float(b) for a, b in zip(self._luffy_sums, local, strict=True)]
+        step = self._step_state
+        if step is None or step.micro == self.current_gradient_accumulation_steps - 1:
+            weight_sum, prob_sum, off_tokens, tokens = global_sum(self.accelerator, self._luffy_sums)
+            self._luffy_sums = [0.0] * 4
+            metrics = _trl_compat.train_metrics(self)
+            metrics["amft/luffy_off_policy_fraction"].append(off_tokens / max(tokens, 1.0))
+            if off_tokens > 0:
+                metrics["amft/luffy_importance_weight"].append(weight_sum / off_tokens)
+                metrics["amft/luffy_off_policy_prob"].append(prob_sum / off_tokens)
+        return loss
+
+    # ------------------------------------------------------------------------------------------------------
+    # LUFFY. End.
+    # ------------------------------------------------------------------------------------------------------
+
+    # ------------------------------------------------------------------------------------------------------
+    # ReLIFT (balancing="relift", `amft_trl.balancing.relift`): the buffer of all-failed prompts. Begin.
+    # ------------------------------------------------------------------------------------------------------
+    def _relift_setup(self) -> None:
+        self._relift: ReLIFTStrategy | None = None
+        if not isinstance(self.strategy, ReLIFTStrategy):
+            return
+        world, accumulation = self.accelerator.num_processes, self.args.gradient_accumulation_steps
+        if self.strategy.buffer_size % (world * accumulation) != 0:
+            raise ValueError(
+                f"`relift_buffer_size` ({self.strategy.buffer_size}) must be divisible by processes x "
+                f"gradient_accumulation_steps ({world} x {accumulation}): each SFT step splits the buffer evenly "
+                "over them."
+            )
+        self._relift = self.strategy
+
+    def _relift_demonstration_ids(self, prompt: Any, demonstration: Any) -> dict[str, list[int]] | None:
+        """A buffered pair tokenised like the SFT data (`max_sft_length`); None when no completion token is left."""
+        if isinstance(demonstration, str) and is_conversational({"prompt": prompt}):
+            demonstration = [{"role": "assistant", "content": demonstration}]
+        if not demonstration:
+            return None
+        example = tokenize_prompt_completion(
+            self.processing_class,
+            prompt,
+            demonstration,
+            self.args.max_sft_length,
+            chat_template=self.chat_template,
+        )
+        return example if example["completion_ids"] else None
+
+    def _relift_fill(self, inputs: list[dict[str, Any]], rewards: torch.Tensor) -> None:
+        """Buffer the generation batch's all-failed prompts with their demonstrations, in global row order, on every
+        process (each group's first row carries it; the buffer is the same everywhere)."""
+        total = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
+        total[torch.isnan(rewards).all(dim=1)] = float("nan")
+        g = self.num_generations
+        failed = all_failed(total.view(-1, g), self._relift.fail_reward).repeat_interleave(g).cpu().tolist()
+        first = self.accelerator.process_index * len(inputs)
+        column = self._relift.demonstration_column
+        local = [
+            (row["prompt"], row.get(column))
+            for i, row in enumerate(inputs)
+            if (first + i) % g == 0 and failed[first + i]
+        ]
+        gathered = gather_object(local) if self.accelerator.num_processes > 1 else local
+        kept = [(p, d) for p, d in gathered if self._relift_demonstration_ids(p, d) is not None]
+        if len(kept) < len(gathered):
+            logger.warning(
+                "ReLIFT: %d all-failed prompt(s) not buffered: their demonstration (train_dataset[%r]) is empty or "
+                "truncated away by max_sft_length.",
+                len(gathered) - len(kept),
+                column,
+            )
+        self._relift.add_failed(kept)
+
+    def _relift_sft_batches(self, examples: list[tuple[Any, Any]], num_micro: int) -> list[SFTBatch]:
+        """The SFT step's micro-batches: this process's equal share of the buffered pairs, split over micro-steps."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        per_process = len(examples) // world
+        local = examples[rank * per_process : (rank + 1) * per_process]
+        per_micro = per_process // num_micro
+        pad = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
+        tokenised = [self._relift_demonstration_ids(p, d) for p, d in local]
+        return [collate_sft(tokenised[m * per_micro : (m + 1) * per_micro], pad) for m in range(num_micro)]
+
+    # ------------------------------------------------------------------------------------------------------
+    # ReLIFT. End.
+    # ------------------------------------------------------------------------------------------------------
 
     # ------------------------------------------------------------------------------------------------------
     # SFT data

@@ -4,7 +4,7 @@ AMFT paper (arXiv 2508.06944). The maths is in small pure functions:
 
 - `entropy_term`       the short-term term of Eq. 6, `eta_H * (H* - H_t)`;
 - `meta_gradient`      Eq. 25, `g_mu = -alpha * <grad U(theta), grad L_SFT - grad L_RL>`;
-- `rms_normalized_meta_gradient`  the default, scale-free form of Eq. 25 (see the README, decision 5);
+- `rms_normalized_meta_gradient`  the default, scale-free form of Eq. 25 (`docs/source/amft_trainer.md`, the meta step);
 - `cosine_meta_gradient`  the cosine between grad U and the SFT-minus-RL direction (an optional diagnostic);
 - `update_mu`          Eq. 6, `clip(mu + meta_term + entropy_term, mu_min, mu_max)`.
 

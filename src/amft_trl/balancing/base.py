@@ -24,6 +24,7 @@ trainer does not change.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -73,7 +74,7 @@ class StepMeasurements:
     direction_norm: float | None = None  # |grad L_SFT - grad L_RL| (only with `meta_diagnostics`)
     cosine: float | None = None  # cos(grad U, -(grad L_SFT - grad L_RL)) (only with `meta_diagnostics`)
     val_reward: float | None = None  # mean reward of the validation rollouts (NaN: every reward was None/NaN)
-    sft_weight_mean: float | None = None  # mean effective SFT weight (per token, or per prompt for HPT)
+    sft_weight_mean: float | None = None  # mean effective SFT weight per demonstration token trained
     sft_prompt_fraction: float | None = (
         None  # fraction of the step's RL prompts trained on their demonstration
     )
@@ -112,7 +113,8 @@ class BalancingStrategy(TrainerCallback):
         config_fields: the `AMFTConfig` fields it reads besides the shared ones; the config warns when a field of
             another strategy is set away from its default (it would be ignored).
         sft_source: where demonstrations come from. `"dataset"`: `AMFTTrainer(sft_dataset=...)`, drawn in a seeded
-            stream. `"train_column"`: one demonstration per RL prompt, from a column of `train_dataset` (HPT).
+            stream. `"train_column"`: one demonstration per RL prompt, from a column of `train_dataset` (HPT); which
+            optimizer step trains which is `amft_trl.attached_demonstrations`' rule.
         sft_token_weights_need_entropy / rl_weights_need_entropy: whether `sft_token_weights` / `rl_advantages`
             read entropies (the trainer then computes them in the same forward pass).
     """
@@ -139,6 +141,18 @@ class BalancingStrategy(TrainerCallback):
     @classmethod
     def check_config(cls, args: Any) -> None:
         """Validate this strategy's `AMFTConfig` fields; raise a `ValueError` that names the field. Called by the config."""
+
+    @classmethod
+    def check_run_length(
+        cls, sft_warmup_steps: int, total_steps: int, source: str, stacklevel: int = 2
+    ) -> None:
+        """Warn when the SFT warm-up covers the whole run: `total_steps` optimizer steps, all of them warm-up, so no
+        rollout is ever generated. Called by `AMFTConfig` when `max_steps` is set, else at `train()` once the step
+        count is known (`source` says where it comes from). `SFTThenRL` refuses a stage longer than the run."""
+        if 0 < total_steps <= sft_warmup_steps:
+            warnings.warn(
+                no_rl_step_message(cls.name, sft_warmup_steps, total_steps, source), stacklevel=stacklevel
+            )
 
     @classmethod
     def default_sft_warmup_steps(cls) -> int | None:
@@ -192,9 +206,15 @@ class BalancingStrategy(TrainerCallback):
         return None
 
     def sft_gate(self, rollouts: RolloutBatch) -> torch.Tensor:
-        """(B,) bool: which rollouts' prompts are trained on their own demonstration this micro-step (strategies
-        whose `sft_source` is `"train_column"`; each prompt counts once however many rollouts it has)."""
+        """(B,) bool: which rollouts' prompts are trained on their own demonstration (strategies whose `sft_source`
+        is `"train_column"`), decided once per generation batch; each prompt counts once however many rollouts it
+        has, and is trained at the optimizer step that owns it (`amft_trl.attached_demonstrations`)."""
         raise NotImplementedError(f"{type(self).__name__} takes its demonstrations from sft_dataset.")
+
+    def buffered_demonstrations(self) -> list[tuple[Any, Any]] | None:
+        """The (prompt, demonstration) pairs the step just planned trains on instead of an `sft_dataset` batch (ReLIFT's
+        buffer); None: the step's SFT batch, if any, comes from `sft_dataset`. Asked once per step, after `plan`."""
+        return None
 
     def set_target_entropy(self, value: float) -> None:
         """Receive H*, measured when the plan asked for it (`measure_target_entropy`)."""
@@ -208,6 +228,19 @@ class BalancingStrategy(TrainerCallback):
 
     def update(self, measurements: StepMeasurements) -> None:
         """Update the strategy's state after the optimizer step of a step it planned (not called in warm-up)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # the step count of an epoch-based run is known only now; a set `max_steps` was checked by AMFTConfig
+        if not (args.max_steps > 0 and getattr(args, "sft_warmup_steps", None) == self.sft_warmup_steps):
+            self.check_run_length(
+                self.sft_warmup_steps,
+                state.max_steps,
+                f"the run's length at train(): {args.num_train_epochs} epochs of the training set"
+                if args.max_steps <= 0
+                else "max_steps",
+                stacklevel=3,
+            )
+        return control
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._pending is not None:
@@ -258,6 +291,17 @@ class MuStrategy(BalancingStrategy):
             return StepPlan.warmup_step()
         mu = float(self.mu_at(global_step))
         return StepPlan(rl_weight=1.0 - mu, sft_weight=mu, rl=mu < 1.0, sft=mu > 0.0)
+
+
+def no_rl_step_message(name: str, sft_warmup_steps: int, total_steps: int, source: str) -> str:
+    """What `check_run_length` says when the warm-up leaves no step of the strategy (naming both numbers)."""
+    strategy = f"balancing={name!r}" if name else "the strategy"
+    return (
+        f"sft_warmup_steps={sft_warmup_steps} covers the whole run of {total_steps} optimizer steps ({source}): "
+        f"every step is an SFT warm-up step, so {strategy} never runs and no rollout is generated. Set "
+        f"sft_warmup_steps below {total_steps} (amft and fixed default to 50, the paper's W), or train for more "
+        "steps."
+    )
 
 
 def check_fraction(args: Any, name: str) -> None:

@@ -15,11 +15,13 @@ Each prompt's demonstration comes from a column of the RL dataset (`hpt_demonstr
   value of its verifier) and compares with `<=`;
 - a gated prompt's rollouts get advantage 0 (the reimplementation removes them from the batch; TRL's token
   normaliser still counts their tokens, so the RL term is scaled by the fraction of tokens kept);
-- the SFT term is the token-mean NLL over the gated demonstrations of each micro-step (over all processes), divided
-  by the accumulation steps, as the reimplementation's per-micro-batch token mean; a micro-step with no gated prompt
-  on any process runs no SFT forward;
-- logged: `amft/hpt_sft_fraction`, the fraction of the step's prompts sent to SFT (also `amft/mu`, the batch mean of
-  the per-prompt SFT weights).
+- each optimizer step owns a fixed share of the generation batch's prompts (prompt q goes to step q mod K of the K
+  steps the batch is trained over; `amft_trl.attached_demonstrations`), whatever TRL's shuffle does with their
+  rollout rows. Its SFT term is `beta` times the token-mean NLL of the demonstrations of its own gated prompts,
+  over all processes (the reimplementation takes a token mean per micro-batch); a step with none runs no SFT
+  forward;
+- logged: `amft/hpt_sft_fraction`, the fraction of the step's prompts sent to SFT, and `amft/mu`, the SFT weight the
+  step applied: `beta` when it trained a demonstration, 0 otherwise.
 """
 
 from __future__ import annotations
@@ -116,11 +118,6 @@ class HPTStrategy(BalancingStrategy):
     def rl_advantages(self, rollouts: RolloutBatch) -> torch.Tensor | None:
         gate = self.sft_gate(rollouts).to(rollouts.advantages.device)
         return torch.where(gate, torch.zeros_like(rollouts.advantages), rollouts.advantages)
-
-    def logged_mu(self, plan: StepPlan, measurements: StepMeasurements) -> float:
-        if plan.warmup:
-            return 1.0
-        return self.sft_coef * (measurements.sft_prompt_fraction or 0.0)  # the batch mean of beta * gate
 
     def record(self, measurements: StepMeasurements) -> None:
         super().record(measurements)

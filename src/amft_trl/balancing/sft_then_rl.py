@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from .base import MuStrategy
+from .base import MuStrategy, no_rl_step_message
 
 
 class SFTThenRL(MuStrategy):
@@ -30,6 +30,19 @@ class SFTThenRL(MuStrategy):
                 "balancing='sft_then_rl' needs `sft_warmup_steps` >= 1: the number of optimizer steps of its SFT "
                 f"stage, got {args.sft_warmup_steps!r}."
             )
+
+    @classmethod
+    def check_run_length(
+        cls, sft_warmup_steps: int, total_steps: int, source: str, stacklevel: int = 2
+    ) -> None:
+        """An SFT stage longer than the run is refused (it would be cut short, and no GRPO step run); one exactly as
+        long as the run is SFT alone (how `amft-compare` builds `sft_only`), with the base class's warning."""
+        if 0 < total_steps < sft_warmup_steps:
+            raise ValueError(
+                no_rl_step_message(cls.name, sft_warmup_steps, total_steps, source)
+                + " Its SFT stage would also be cut short."
+            )
+        super().check_run_length(sft_warmup_steps, total_steps, source, stacklevel=stacklevel + 1)
 
     def mu_at(self, global_step: int) -> float:
         return 0.0

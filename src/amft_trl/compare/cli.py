@@ -1,4 +1,8 @@
-"""`amft-compare GRID.yaml`: run a comparison grid (resumable) and write its table and plots."""
+"""`amft-compare GRID.yaml`: run a comparison grid (resumable) and write its table and plots.
+
+Exit status: 0 when the grid is finished and reported, 2 for a grid that cannot run (one `error:` line, before
+anything trains), 130 when interrupted (Ctrl-C): finished runs are kept, and the same command resumes the rest.
+"""
 
 from __future__ import annotations
 
@@ -59,6 +63,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GridError as error:
         print(f"amft-compare: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # finished runs are kept; an unfinished one resumes from its last checkpoint
+        print("\namft-compare: interrupted; run the same command again to resume.", file=sys.stderr)
+        return 130
     print(Path(paths["table"]).read_text())
     print(f"amft-compare: results in {output}")
     return 0

@@ -7,6 +7,7 @@ importing each other.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import fields
 from typing import Any
@@ -44,6 +45,13 @@ def build_configs(
         return [AMFTConfig(**settings, **_run_fields(output_dir, budget.max_steps, seed, every))]
 
     sft_lr = settings.pop(TWO_STAGE_FIELDS[0], None)
+    if sft_lr is not None and not (
+        isinstance(sft_lr, int | float)
+        and not isinstance(sft_lr, bool)
+        and math.isfinite(sft_lr)
+        and sft_lr >= 0
+    ):
+        raise ValueError(f"`sft_learning_rate` must be a finite number >= 0, got {sft_lr!r}.")
     # the AMFT-only fields are dropped; bf16 as AMFTConfig resolves it (float32 without a bf16 accelerator)
     amft = AMFTConfig(**settings, output_dir=output_dir)
     grpo_names = {f.name for f in fields(GRPOConfig)}

@@ -306,8 +306,10 @@ def load_grid(path: str | Path) -> Grid:
 def check_against_data(grid: Grid, data: Any) -> None:
     """The checks that need the task's data: demonstrations for the methods that train on them, and sizes.
 
-    Every run's configuration is also built once here (`AMFTConfig`, and the two TRL configs of `two_stage`), so a
-    setting it refuses stops the grid before the first run rather than in the middle of it.
+    Every run's configuration is also built once here (`AMFTConfig`, and the two TRL configs of `two_stage`), with the
+    optimizer and learning-rate schedule its trainer will build (`amft_trl.config.check_optimizer_settings`), so a
+    setting that the configs, torch or transformers refuse stops the grid before the first run, naming the method,
+    rather than in the middle of it.
     """
     for name in grid.methods:
         method = METHODS[name]
@@ -319,17 +321,24 @@ def check_against_data(grid: Grid, data: Any) -> None:
                 "`demonstration` column."
             )
     from amft_trl.compare.configs import build_configs
+    from amft_trl.config import check_optimizer_settings
 
     for name, entry in grid.methods.items():
         for trial in entry.trials or [None]:
             for budget in (grid.budget, grid.tuning_budget()) if entry.trials else (grid.budget,):
+                where = f"method {name!r}" + (f" (trial {trial})" if trial else "")
                 try:
                     configs = build_configs(
                         grid, name, trial, budget=budget, output_dir="/nonexistent", seed=0
                     )
                 except (ValueError, TypeError) as error:
-                    where = f"method {name!r}" + (f" (trial {trial})" if trial else "")
                     raise _fail(f"{where}: {str(error).splitlines()[0]}") from None
+                for config in configs:  # AMFTConfig checks its own at construction; TRL's configs do not
+                    try:
+                        check_optimizer_settings(config, config.max_steps)
+                    except ValueError as error:
+                        stage = f", its {type(config).__name__} stage" if len(configs) > 1 else ""
+                        raise _fail(f"{where}{stage}: {str(error).splitlines()[0]}") from None
                 rl = configs[-1]
                 per_step = rl.per_device_train_batch_size * rl.gradient_accumulation_steps
                 prompts_per_step = max(1, per_step // rl.num_generations)

@@ -224,20 +224,48 @@ def markdown(
         key=lambda x: -x[1],
     )
     if ranking:
-        lines += [f"Ranking on `{sets[0]}` (mean): " + " > ".join(f"`{m}` {_fmt(v)}" for m, v in ranking), ""]
-        best, mean = ranking[0]
-        std = by_method[best][sets[0]]["std"]
+        lines += [f"Ranking on `{sets[0]}` (mean): {ranking_text(ranking)}", ""]
+        top = [m for m, v in ranking if _fmt(v) == _fmt(ranking[0][1])]
+        std = by_method[top[0]][sets[0]]["std"]
         if base is not None and sets[0] in base["test"] and std is not None and math.isfinite(std):
-            gain = mean - base["test"][sets[0]]
-            ratio = f"{gain / std:.1f}" if std > 0 else "inf"
-            lines += [
-                f"Separation: the best method, `{best}`, gains {_fmt(gain)} points on `{sets[0]}` over the starting "
-                f"model; its standard deviation over seeds is {_fmt(std)} points, a ratio of {ratio} "
-                f"({'at least' if std == 0 or gain / std >= 3 else 'below'} 3: "
-                f"{'it separates' if std == 0 or gain / std >= 3 else 'no method separates at this budget'}).",
-                "",
-            ]
+            gain = ranking[0][1] - base["test"][sets[0]]
+            if math.isfinite(gain):
+                lines += [separation_text(top, sets[0], gain, std), ""]
     return "\n".join(lines)
+
+
+def ranking_text(ranking: list[tuple[str, float]]) -> str:
+    """`a` 50.0 > `b` 40.0, with the methods whose means print alike (to 0.1 points) joined by `=`, not ranked."""
+    groups: list[list[tuple[str, float]]] = []
+    for method, value in ranking:
+        if groups and _fmt(groups[-1][0][1]) == _fmt(value):
+            groups[-1].append((method, value))
+        else:
+            groups.append([(method, value)])
+    if len(groups) == 1 and len(ranking) > 1:
+        return f"all {len(ranking)} methods tie at {_fmt(ranking[0][1])}"
+    return " > ".join(" = ".join(f"`{m}` {_fmt(v)}" for m, v in group) for group in groups)
+
+
+def separation_text(top: list[str], eval_set: str, gain: float, std: float) -> str:
+    """Whether the best method's gain over the starting model reaches 3 standard deviations over seeds.
+
+    No gain (at the table's precision, 0.1 points) is no separation, whatever the standard deviation: a grid where
+    every method scores what the starting model scored has not separated anything, even when its seeds agree."""
+    best = f"`{top[0]}`" + (f" (tied with {', '.join(f'`{m}`' for m in top[1:])})" if len(top) > 1 else "")
+    if float(_fmt(gain)) <= 0:
+        return (
+            f"Separation: none. The best method, {best}, gains {_fmt(gain)} points on `{eval_set}` over the "
+            "starting model: no method improves on it at this budget."
+        )
+    separates = std == 0 or gain / std >= 3
+    ratio = f"{gain / std:.1f}" if std > 0 else "inf (the seeds agree)"
+    return (
+        f"Separation: the best method, {best}, gains {_fmt(gain)} points on `{eval_set}` over the starting "
+        f"model; its standard deviation over seeds is {_fmt(std)} points, a ratio of {ratio} "
+        f"({'at least' if separates else 'below'} 3: "
+        f"{'it separates' if separates else 'no method separates at this budget'})."
+    )
 
 
 def _curve(results: dict[int, dict[str, Any]], name: str, x: str, base: dict | None) -> tuple[list, list]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -44,10 +45,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from amft_trl._distributed import global_sum
+from amft_trl._trl_compat import quiet_tied_weights_on_resume
 from amft_trl.compare.configs import build_configs
 from amft_trl.compare.grid import Grid, GridError, check_against_data
 from amft_trl.compare.methods import METHODS, Budget
 from amft_trl.compare.tasks import TaskData, build_task
+
+logger = logging.getLogger(__name__)
 
 RESULT = "result.json"
 EVALS = "evals.jsonl"
@@ -305,7 +309,9 @@ class _Run:
 
     def _train(self, trainer: Any, output_dir: str) -> list[dict[str, Any]]:
         last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
-        trainer.train(resume_from_checkpoint=last)
+        # no "missing keys ['lm_head.weight']" when resuming a model with tied weights
+        with quiet_tied_weights_on_resume(trainer.model):
+            trainer.train(resume_from_checkpoint=last)
         return list(trainer.state.log_history)
 
     def _amft(self):
@@ -496,20 +502,81 @@ class PlannedRun:
     directory: Path
 
 
+def grid_settings(grid: Grid) -> dict[str, Any]:
+    """What a grid's results depend on, with every default resolved (a grid that writes a default out is the same
+    grid); the tuning settings only when a method is tuned."""
+    tuned = any(entry.trials for entry in grid.methods.values())
+    return _jsonable(
+        {
+            "name": grid.name,
+            "task": grid.task,
+            "task_options": grid.task_options,
+            "model": grid.model,
+            "model_options": grid.model_options,
+            "seeds": grid.seeds,
+            "budget": asdict(grid.budget),
+            "training": grid.training,
+            "evaluation": grid.evaluation,
+            "methods": {name: {"args": e.args, "tune": e.trials} for name, e in grid.methods.items()},
+            "tuning": {"seed": grid.tuning_seed, "max_steps": grid.tuning_max_steps} if tuned else None,
+            "reference": grid.reference,
+            "checkpoint_every": grid.checkpoint_every,
+        }
+    )
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted paths where two settings trees differ (`budget.max_steps`, `methods.fixed.args.mu_init`)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in list(a) + [k for k in b if k not in a]:
+            out += _differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def compare_grids(earlier_raw: Any, grid: Grid) -> tuple[list[str], list[int]]:
+    """(the settings that differ between the grid recorded in a directory and `grid`, the seeds `grid` adds).
+
+    Seeds added to an otherwise identical grid extend it: the differences are then empty and the added seeds listed.
+    Removed seeds, and any other change, are differences."""
+    from amft_trl.compare.grid import parse_grid
+
+    try:
+        earlier = grid_settings(parse_grid(earlier_raw))
+    except GridError:  # a record this version cannot read: compare what was written
+        raw = earlier_raw if isinstance(earlier_raw, dict) else {}
+        return sorted(k for k in set(raw) | set(grid.raw) if raw.get(k) != grid.raw.get(k)), []
+    now = grid_settings(grid)
+    differing = _differences(earlier, now)
+    added = [s for s in now["seeds"] if s not in earlier["seeds"]]
+    if differing == ["seeds"] and set(earlier["seeds"]) <= set(now["seeds"]):
+        return [], added
+    return differing, []
+
+
 def prepare_output_dir(grid: Grid, out: Path, overwrite: bool) -> None:
-    """Refuse to mix two grids' results in one directory unless `overwrite`; record the grid."""
+    """Refuse to mix two grids' results in one directory unless `overwrite`, naming the settings that differ; record
+    the grid. Seeds added to the recorded grid, nothing else changed, extend it: its finished runs are kept."""
     import yaml
 
     record = out / "grid.yaml"
     if record.exists():
         earlier = yaml.safe_load(record.read_text())
-        if earlier != grid.raw:
+        differing, added = compare_grids(earlier, grid) if earlier != grid.raw else ([], [])
+        if differing:
             if not overwrite:
                 raise GridError(
-                    f"{out} holds the results of a different grid; pass --overwrite to replace them, or choose "
-                    "another --output-dir."
+                    f"{out} holds the results of a different grid ({_describe(differing, earlier, grid)}); pass "
+                    "--overwrite to replace them, or choose another --output-dir."
                 )
             shutil.rmtree(out)
+        elif added:
+            logger.warning(
+                "amft-compare: %s: adding seeds %s to the grid's seeds; its finished runs are kept",
+                out,
+                added,
+            )
     elif out.exists() and any(out.iterdir()):
         if not overwrite:
             raise GridError(
@@ -518,6 +585,28 @@ def prepare_output_dir(grid: Grid, out: Path, overwrite: bool) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     record.write_text(yaml.safe_dump(grid.raw, sort_keys=False))
+
+
+def _describe(differing: list[str], earlier_raw: Any, grid: Grid) -> str:
+    """`seeds, budget.max_steps differ`, with what to do where a difference has a usual cause."""
+    from amft_trl.compare.grid import parse_grid
+
+    text = f"{', '.join(f'`{d}`' for d in differing)} differ{'s' if len(differing) == 1 else ''}"
+    try:
+        before = parse_grid(earlier_raw)
+    except GridError:
+        return text
+    if "seeds" in differing and not set(before.seeds) <= set(grid.seeds):
+        text += (
+            f"; seeds {before.seeds} there, {grid.seeds} here: seeds can be added to a grid (its finished runs are "
+            "kept), not removed"
+        )
+    if "tuning.seed" in differing and "seed" not in (grid.raw.get("tuning") or {}):
+        text += (
+            f"; `tuning.seed` defaults to max(seeds) + 1: set `tuning: {{seed: {before.tuning_seed}}}` to keep "
+            "the tuning trials already run"
+        )
+    return text
 
 
 def check_starting_model(grid: Grid, data: Any, base_path: str, out: Path) -> None:
