@@ -24,6 +24,8 @@ Two kinds of use:
 | `GRPOTrainer._metrics["train"]["step_time"]` | TRL | `replace_last_step_time` | one value appended per optimizer step by `GRPOTrainer.training_step` |
 | `GRPOTrainer._tag_names`, `_name` | TRL | class attributes of `AMFTTrainer` | the tags and trainer name TRL writes into the model card |
 | `trl.data_utils._tokenize` | TRL | `amft_trl.sft_data` (`tokenize`) | tokenises a prompt or conversation like TRL's SFTTrainer |
+| `GRPOTrainer._get_per_token_logps_and_entropies(..., **MULTIMODAL_KEYS)` | TRL | image demonstrations, validation rollouts | takes a VLM's extra inputs as `_compute_loss` passes them |
+| `Trainer._load_from_checkpoint(resume_from_checkpoint, model)` | transformers | overridden by `AMFTTrainer` | loads the weights of a resumed run (VLM checkpoints then reloaded by `amft_trl.vision`) |
 | `Trainer._save_checkpoint(model, trial)` | transformers | overridden by `AMFTTrainer` | writes `amft_state.json` into the checkpoint folder it has just written |
 | `Trainer._load_optimizer_and_scheduler(checkpoint)` | transformers | overridden by `AMFTTrainer` | the one place of a resume that sees the checkpoint path (reads `amft_state.json`) |
 | `Trainer._get_output_dir(trial)` | transformers | `checkpoint_dir` | the run's output directory, under which `_save_checkpoint` writes `checkpoint-<step>` |
@@ -64,6 +66,7 @@ OVERRIDDEN: dict[str, dict[str, tuple[str, ...] | None]] = {
     "transformers.Trainer": {
         "_save_checkpoint": ("model", "trial"),
         "_load_optimizer_and_scheduler": ("checkpoint",),
+        "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
     },
 }
 
@@ -83,6 +86,21 @@ READ: dict[str, tuple[str, ...]] = {
     "deepspeed": ("_hp_mapping", "_index_in_param_group"),
 }
 
+# The multimodal keys of TRL's generation output that `GRPOTrainer._compute_loss` hands to
+# `_get_per_token_logps_and_entropies` (all optional; `num_images` / `num_tiles` are per-row lists).
+MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
 
 def train_metrics(trainer: Any) -> dict[str, list[float]]:
     """The training metrics TRL averages and logs at each `log` call (`GRPOTrainer._metrics["train"]`)."""
@@ -96,11 +114,13 @@ def per_token_logps_and_entropies(
     attention_mask: torch.Tensor,
     logits_to_keep: int,
     compute_entropy: bool = False,
+    **multimodal: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """TRL's fused log-prob head: per-token log-probs (and entropies) of the last `logits_to_keep` tokens, at the
-    sampling temperature `args.temperature`, without materialising the logits."""
+    sampling temperature `args.temperature`, without materialising the logits. `multimodal`: a VLM's other inputs
+    as TRL's generation output holds them (`MULTIMODAL_KEYS`)."""
     logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
-        model, input_ids, attention_mask, logits_to_keep, compute_entropy=compute_entropy
+        model, input_ids, attention_mask, logits_to_keep, compute_entropy=compute_entropy, **multimodal
     )
     return logps, entropies
 

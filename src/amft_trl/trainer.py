@@ -71,9 +71,13 @@ from .sft_data import (
     SFTBatch,
     check_sft_columns,
     collate_sft,
+    collate_vision_sft,
+    image_column,
+    prepare_vision_sft_dataset,
     tokenize_prompt_completion,
     tokenize_sft_dataset,
 )
+from .vision import check_image_inputs, reload_converted_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +182,20 @@ class AMFTTrainer(GRPOTrainer):
         )
         if strategy.sft_source == "train_column":
             AttachedDemonstrations.check_layout(args, strategy)
+        # before GRPOTrainer, which fails obscurely on some of these (a text-only model with a processor)
+        image_datasets = {
+            "train_dataset": train_dataset,
+            "sft_dataset": sft_dataset,
+            "val_dataset": val_dataset,
+        }
+        check_image_inputs(model, processing_class, image_datasets, args.trust_remote_code)
+        if strategy.sft_source == "train_column" and image_column(train_dataset) is not None:
+            raise ValueError(
+                f"balancing={strategy.name!r} attaches each prompt's demonstration to its rollouts, but train_dataset "
+                f"has an `{image_column(train_dataset)}` column and demonstrations of image prompts are not supported "
+                "by this strategy yet (they would be trained on without their images). Use image prompts with another "
+                "strategy, or text prompts with this one."
+            )
         self.strategy = strategy
         super().__init__(
             model=model,
@@ -203,8 +221,16 @@ class AMFTTrainer(GRPOTrainer):
                 "The meta-gradient needs trainable parameters, but every parameter of the model is frozen."
             )
 
+        if processing_class is None:  # GRPOTrainer loaded the model's own: check it too
+            check_image_inputs(self.model, self.processing_class, image_datasets)
         self.sft_dataset, self.sft_num_dropped = None, 0
-        if sft_dataset is not None:
+        self._sft_image_column = image_column(sft_dataset)
+        if self._sft_image_column is not None:  # raw rows, processed batch by batch by TRL's VLM collator
+            self.sft_dataset, self.sft_num_dropped = prepare_vision_sft_dataset(
+                sft_dataset, self.processing_class, args.max_sft_length
+            )
+            self._sft_stream = InfiniteStream(len(self.sft_dataset), seed=args.seed)
+        elif sft_dataset is not None:
             self.sft_dataset, self.sft_num_dropped = tokenize_sft_dataset(
                 sft_dataset, self.processing_class, args.max_sft_length, chat_template=self.chat_template
             )
@@ -530,13 +556,15 @@ class AMFTTrainer(GRPOTrainer):
         input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
         attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
         c = batch.completion_ids.size(1)
+        extra = batch.model_inputs  # image demonstrations: pixel_values, image_grid_thw, ..., num_images
         if self.temperature == 1.0:
             return _trl_compat.per_token_logps_and_entropies(
-                self, model, input_ids, attention_mask, c, compute_entropy=compute_entropy
+                self, model, input_ids, attention_mask, c, compute_entropy=compute_entropy, **extra
             )
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=c + 1).logits[
-            :, :-1
-        ]
+        forward = {k: v for k, v in extra.items() if k != "num_images"}
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=c + 1, **forward
+        ).logits[:, :-1]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         logps = logprobs.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
         entropies = -(logprobs.exp() * logprobs).sum(-1) if compute_entropy else None
@@ -962,7 +990,14 @@ class AMFTTrainer(GRPOTrainer):
         return [self._collate_sft(local[m * per_micro : (m + 1) * per_micro]) for m in range(num_micro)]
 
     def _collate_sft(self, indices: list[int]) -> SFTBatch:
-        """The tokenised demonstrations at `indices`, padded into one batch."""
+        """The tokenised demonstrations at `indices`, padded into one batch (image ones processed here)."""
+        if self._sft_image_column is not None:
+            return collate_vision_sft(
+                [self.sft_dataset[i] for i in indices],
+                self.processing_class,
+                self.args.max_sft_length,
+                self._sft_image_column,
+            )
         pad = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
         return collate_sft([self.sft_dataset[i] for i in indices], pad)
 
@@ -1067,6 +1102,14 @@ class AMFTTrainer(GRPOTrainer):
             folder = _trl_compat.checkpoint_dir(self, trial, self.state.global_step)
             with open(os.path.join(folder, AMFT_STATE_NAME), "w") as f:
                 json.dump(self.amft_state_dict(), f)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # transformers' resume loads VLM checkpoints (saved under their original names) into nothing
+        if reload_converted_checkpoint(self.model if model is None else model, resume_from_checkpoint):
+            logger.info(
+                "AMFT: %s reloaded with transformers' weight-name conversion.", resume_from_checkpoint
+            )
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
