@@ -422,7 +422,7 @@ def main(argv=None) -> int:
     t_end = time.perf_counter()
 
     # join: meta records, the controller's history (what it added to mu), and the logged metrics
-    history = trainer.mu_controller.state.history
+    history = trainer.strategy.state.history
     logs_by_step = {entry["step"]: entry for entry in recorder.logs if "amft/mu" in entry}
     g_mus = [r["g_mu"] for r in trainer.meta_records]
     normalized = normalized_sequence(g_mus, NORMALIZED_DEFAULT_ETA_MU)
@@ -461,7 +461,7 @@ def main(argv=None) -> int:
         "median_abs_raw_mu_change": PAPER_ETA_MU * med_abs_g,
         "sum_raw_mu_change": sum(r["raw_mu_change_paper_eta"] for r in rows),
         "mu_first": rows[0]["mu_used"] if rows else float("nan"),
-        "mu_final": trainer.mu_controller.mu,
+        "mu_final": trainer.strategy.mu,
         "median_abs_cosine": med([abs(r["cosine"]) for r in rows]),
         "median_grad_utility_norm": med([r["grad_utility_norm"] for r in rows]),
         "median_direction_norm": med([r["direction_norm"] for r in rows]),

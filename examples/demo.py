@@ -277,8 +277,8 @@ def main(argv: list[str] | None = None) -> None:
     mixed_history = [h for h in history if h.get("amft/mu") is not None and h.get("reward") is not None]
     before["reward"], after["reward"] = first_last(mixed_history, "reward")
     before["entropy"], after["entropy"] = first_last(history, "amft/entropy")
-    mu_path = [h["mu"] for h in trainer.mu_controller.state.history]
-    before["mu"], after["mu"] = config.mu_init, trainer.mu_controller.mu
+    mu_path = [h["mu"] for h in trainer.strategy.state.history]
+    before["mu"], after["mu"] = config.mu_init, trainer.strategy.mu
 
     plot_path = plot(history, out, before, after)
     t_end = time.perf_counter()
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         "before": before,
         "after": after,
         "mu_range": [min(mu_path, default=config.mu_init), max(mu_path, default=config.mu_init)],
-        "target_entropy": trainer.mu_controller.target_entropy,
+        "target_entropy": trainer.strategy.target_entropy,
         "timings_s": {
             "load": t_loaded - t_start,
             "eval_before": t_before - t_loaded,

@@ -12,35 +12,30 @@ under the ID rule and under the out-of-distribution rule (J, Q, K = 11, 12, 13).
 
 Bad input (a missing model path, an unknown recipe key, an invalid value, a reward that reads columns the prompts
 lack, task options that cannot be dealt, a DeepSpeed config without DeepSpeed) stops the script with one `error: ...`
-line before any model is loaded; the trainer's own construction-time checks are reported the same way.
+line before any model is loaded (`amft_trl.script_utils`, and `AMFTTrainer`'s own construction-time checks).
 """
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from amft_trl import AMFTConfig, AMFTTrainer
-from amft_trl._reward_columns import check_reward_columns
 from amft_trl.evaluation import benchmark_from_dataset
 from amft_trl.models import resolve_model_name_or_path
-from amft_trl.tasks.general_points import build_general_points_datasets, general_points_reward
-
-# The command-line and error helpers are shared with the math script, next to this file.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_math import (  # noqa: E402
-    InputError,
+from amft_trl.script_utils import (
+    ScriptInputError,
     check_chat_template,
     evaluate_after_training,
     load_reward_funcs,
+    model_init_kwargs,
     one_line_errors,
     parse_args,
     training_summary,
 )
+from amft_trl.tasks.general_points import build_general_points_datasets, general_points_reward
 
 REWARD_FUNCS: dict[str, Callable] = {"general_points_reward": general_points_reward}
 
@@ -93,14 +88,16 @@ class GeneralPointsArguments:
 
 
 def main(script_args: GeneralPointsArguments, training_args: AMFTConfig, model_args: ModelConfig) -> None:
-    # ---- checks and data, before any model is loaded ----
-    with one_line_errors():
+    with one_line_errors():  # bad input, before any model is loaded: one `error: ...` line
         model_name_or_path = resolve_model_name_or_path(model_args.model_name_or_path)
         reward_funcs = load_reward_funcs(script_args.reward_funcs, REWARD_FUNCS)
         if script_args.conversational:
             check_chat_template(model_name_or_path, model_args, training_args)
         if script_args.num_train < 1 or script_args.num_validation < 1:
-            raise InputError("num_train and num_validation must be at least 1")
+            raise ScriptInputError("num_train and num_validation must be at least 1")
+        evaluating = training_args.eval_strategy != "no" or script_args.eval_at_end
+        if evaluating and script_args.num_eval < 1:
+            raise ScriptInputError("num_eval must be at least 1 to evaluate (eval_strategy or eval_at_end)")
         data = build_general_points_datasets(
             script_args.num_train,
             script_args.num_validation,
@@ -110,40 +107,15 @@ def main(script_args: GeneralPointsArguments, training_args: AMFTConfig, model_a
             target=script_args.target,
             conversational=script_args.conversational,
         )
-        eval_dataset = None
-        evaluating = training_args.eval_strategy != "no" or script_args.eval_at_end
-        if evaluating and script_args.num_eval < 1:
-            raise InputError("num_eval must be at least 1 to evaluate (eval_strategy or eval_at_end)")
-        if training_args.eval_strategy != "no":
-            eval_dataset = {"id": data.eval_id, "ood": data.eval_ood}
-        check_reward_columns(
-            reward_funcs,
-            {
-                "train_dataset": data.rl,
-                "val_dataset": data.validation,
-                "eval_dataset": {"id": data.eval_id, "ood": data.eval_ood} if evaluating else None,
-            },
-            columns_dropped_from=("train_dataset", "eval_dataset")
-            if training_args.remove_unused_columns
-            else (),
-        )
-
-    training_args.model_init_kwargs = {
-        "revision": model_args.model_revision,
-        "trust_remote_code": training_args.trust_remote_code,
-        "attn_implementation": model_args.attn_implementation,
-        "dtype": model_args.dtype,
-        **(training_args.model_init_kwargs or {}),
-    }
-
-    # ---- training ----
-    with one_line_errors(ValueError, ImportError):  # the trainer's own checks (some need the tokenizer)
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+    with one_line_errors(ValueError, ImportError):  # the trainer's checks, before it loads the model
         trainer = AMFTTrainer(
             model=model_name_or_path,
             reward_funcs=reward_funcs,
             args=training_args,
             train_dataset=data.rl,
-            eval_dataset=eval_dataset,
+            # the held-out hands: evaluated periodically (eval_strategy) and checked for the columns rewards read
+            eval_dataset={"id": data.eval_id, "ood": data.eval_ood} if evaluating else None,
             sft_dataset=data.sft,
             val_dataset=data.validation,
             quantization_config=get_quantization_config(model_args),
@@ -176,4 +148,4 @@ def main(script_args: GeneralPointsArguments, training_args: AMFTConfig, model_a
 
 
 if __name__ == "__main__":
-    main(*parse_args(script_class=GeneralPointsArguments))
+    main(*parse_args(GeneralPointsArguments))

@@ -253,6 +253,25 @@ def test_smoke_grid_end_to_end(smoke):
         ).exists()  # checkpoints removed when done
 
 
+def test_smoke_grid_budgets_are_the_recorded_ones(smoke):
+    """The token budgets of every run and periodic evaluation, equal to those recorded (CPU, torch 2.13) before
+    `AMFTTrainer` logged its own token counts and the runner stopped subclassing its private methods to count them.
+    A trainer change that moves them changes what the comparison publishes."""
+    out, _ = smoke
+    recorded = json.loads((FIXTURES / "compare_smoke_budgets.json").read_text())
+    found = {}
+    for method in SMOKE["methods"]:
+        for seed in SMOKE["seeds"]:
+            result = json.loads((out / "runs" / method / f"seed-{seed}" / "result.json").read_text())
+            tokens = {k: v for k, v in result["spent"].items() if k != "wall_seconds"}
+            evals = [
+                {"step": e["step"], **{k: v for k, v in e["spent"].items() if k != "wall_seconds"}}
+                for e in result["evals"]
+            ]
+            found[f"{method}/seed-{seed}"] = {"spent": tokens, "evals": evals}
+    assert found == recorded
+
+
 def test_starting_model_reloads_with_the_tokenizer_it_was_trained_with(smoke):
     from amft_trl import toy
 

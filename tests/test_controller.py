@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from amft_trl.controller import (
+from amft_trl.balancing.amft import (
     MuController,
     StepMeasurements,
     cosine_meta_gradient,

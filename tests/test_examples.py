@@ -25,6 +25,8 @@ sys.path.insert(0, str(EXAMPLES))
 import train_general_points  # noqa: E402
 import train_math  # noqa: E402
 
+from amft_trl.script_utils import parse_args  # noqa: E402
+
 # A couple of steps of the CPU recipes on the tiny model: 1 SFT warm-up step, then 1 mixed step with a meta step.
 FAST = [
     "--max_steps", "2", "--sft_warmup_steps", "1", "--meta_update_steps", "1", "--max_completion_length", "8",
@@ -94,6 +96,9 @@ def test_general_points_script_trains_end_to_end(tiny_model_dir, tmp_path):
     assert all(0.0 <= v <= 1.0 for v in greedy.values()), greedy
     assert "balancing='amft'; mu (SFT weight)" in result.stdout
     assert (out / "model.safetensors").is_file()
+    # the table names the trained model (its output directory), not the model it started from
+    assert final["model"] == "gp" and "| gp |" in (out / "eval" / "results.md").read_text()
+    assert Path(tiny_model_dir).name not in (out / "eval" / "results.md").read_text()
 
 
 @pytest.mark.parametrize(
@@ -188,7 +193,7 @@ def _parse(module, argv):
         if module is train_math
         else train_general_points.GeneralPointsArguments
     )
-    return train_math.parse_args(argv, script_class=script_class)
+    return parse_args(script_class, argv)
 
 
 def test_recipes_exist():
@@ -275,13 +280,14 @@ def test_every_field_can_be_overridden_on_the_command_line(tmp_path):
 
 @pytest.fixture
 def no_trainer(monkeypatch):
-    """Building the trainer (which loads the model) fails the test: errors must come before it."""
+    """Loading the model fails the test: errors must come before it. The scripts leave to `AMFTTrainer` the checks
+    it makes at construction, before `GRPOTrainer.__init__` loads the model; that is where this refuses."""
+    from trl import GRPOTrainer
 
     def refuse(*args, **kwargs):
-        raise AssertionError("the trainer was built (and the model loaded) before the input was checked")
+        raise AssertionError("the model was loaded before the input was checked")
 
-    monkeypatch.setattr(train_math, "AMFTTrainer", refuse)
-    monkeypatch.setattr(train_general_points, "AMFTTrainer", refuse)
+    monkeypatch.setattr(GRPOTrainer, "__init__", refuse)
 
 
 def _error_line(module, argv, capsys) -> str:

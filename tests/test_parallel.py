@@ -21,6 +21,7 @@ import pytest
 from datasets import Dataset
 
 from amft_trl import AMFTConfig, AMFTTrainer, MuController
+from amft_trl._distributed import check_parallel_setup
 from amft_trl._distributed import launcher_deepspeed_config as _launcher_deepspeed_config
 
 RUNNER = str(Path(__file__).with_name("_parallel_runner.py"))
@@ -235,7 +236,7 @@ def _check(config: dict | None, meta_learning_rate: float = 0.02, world: int = 1
     args = AMFTConfig(
         output_dir="unused", report_to="none", use_cpu=True, meta_learning_rate=meta_learning_rate
     )
-    AMFTTrainer._check_parallel_setup(args, MuController.from_config(args), world, config)
+    check_parallel_setup(args, MuController.from_config(args).needs_val_dataset, world, config)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -90,8 +90,8 @@ def test_checkpointing_leaves_meta_gradient_unchanged(
     assert len(got) == len(expected)
     for e, g in zip(expected, got):
         assert math.isclose(e, g, rel_tol=1e-4), (expected, got)
-    mu_ref = [r["mu"] for r in reference.mu_controller.state.history]
-    mu_got = [r["mu"] for r in trainer.mu_controller.state.history]
+    mu_ref = [r["mu"] for r in reference.strategy.state.history]
+    mu_got = [r["mu"] for r in trainer.strategy.state.history]
     assert mu_got == pytest.approx(mu_ref, rel=1e-6)
 
 
@@ -120,8 +120,8 @@ def test_adapter_resume_restores_mu_and_adapters(
     )
     second.train(resume_from_checkpoint=str(checkpoint))
 
-    mu_straight = [r["mu"] for r in straight.mu_controller.state.history]
-    mu_resumed = [r["mu"] for r in second.mu_controller.state.history]
+    mu_straight = [r["mu"] for r in straight.strategy.state.history]
+    mu_resumed = [r["mu"] for r in second.strategy.state.history]
     assert mu_resumed == pytest.approx(mu_straight, rel=1e-9, abs=1e-12)
     assert meta_gradients(second)[-1] == pytest.approx(meta_gradients(straight)[-1], rel=1e-6)
     for (n, a), (_, b) in zip(straight.model.named_parameters(), second.model.named_parameters()):

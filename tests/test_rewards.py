@@ -345,3 +345,20 @@ def test_general_points_reward_is_reexported():
     from amft_trl.tasks.general_points import general_points_reward as original
 
     assert general_points_reward is original
+
+
+def test_math_reward_without_the_math_extra_says_so_in_one_line(monkeypatch):
+    """math-verify is the `math` extra, not a core dependency: the math reward names the extra when it is missing."""
+    import importlib.util
+
+    from amft_trl import rewards
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "math_verify" else real(name, *a)
+    )
+    with pytest.raises(ImportError) as error:
+        rewards.math_accuracy_reward(["\\boxed{1}"], ["1"])
+    assert str(error.value) == "the math reward needs math-verify: pip install 'amft-trl[math]'"
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    assert rewards.math_accuracy_reward(["\\boxed{1}"], ["1"]) == [1.0]

@@ -99,8 +99,8 @@ def test_warmup_generates_nothing_and_sft_loss_falls(tmp_path, tiny_model_dir, t
     sft = history(trainer, "amft/sft_loss")
     assert sft[5] < sft[0] - 0.5, f"SFT loss did not fall during warm-up: {sft[:6]}"
     # H* is measured after the warm-up, on the warmed-up policy
-    assert trainer.mu_controller.target_entropy is not None
-    assert history(trainer, "amft/target_entropy")[0] == pytest.approx(trainer.mu_controller.target_entropy)
+    assert trainer.strategy.target_entropy is not None
+    assert history(trainer, "amft/target_entropy")[0] == pytest.approx(trainer.strategy.target_entropy)
 
 
 def test_all_metrics_logged_and_validation_isolated(tmp_path, tiny_model_dir, tokenizer, demos):
@@ -132,7 +132,7 @@ def test_all_metrics_logged_and_validation_isolated(tmp_path, tiny_model_dir, to
 
 def _trajectory(trainer):
     return {
-        "mu": [h["mu"] for h in trainer.mu_controller.state.history],
+        "mu": [h["mu"] for h in trainer.strategy.state.history],
         "sft_loss": history(trainer, "amft/sft_loss"),
         "rl_loss": history(trainer, "amft/rl_loss"),
         "entropy": history(trainer, "amft/entropy"),
@@ -165,6 +165,49 @@ def test_gradient_accumulation_invariance(tmp_path, tiny_model_dir, tokenizer, d
     for key in a:
         assert len(a[key]) == len(b[key]), key
         assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+TOKEN_KEYS = ("amft/sft_tokens", "amft/completion_tokens", "amft/val_completion_tokens")
+
+
+def test_token_counts_are_logged_cumulatively(
+    tmp_path, tiny_model_dir, tokenizer, demos, val_prompts, monkeypatch
+):
+    """`amft/*_tokens` (what `amft-compare` reads for its budgets): the demonstration tokens of the SFT batches drawn,
+    and the completion tokens of the training and of the validation rollouts, each counted independently here."""
+    from trl import GRPOTrainer
+
+    from amft_trl.sft_data import InfiniteStream
+
+    counted = {"amft/completion_tokens": 0.0, "amft/val_completion_tokens": 0.0}
+    per_step = []
+    original = GRPOTrainer._generate_and_score_completions
+
+    def counting(self, inputs):
+        out = original(self, inputs)
+        key = "amft/val_completion_tokens" if self._generating_validation else "amft/completion_tokens"
+        counted[key] += float(out["completion_mask"].sum())
+        return out
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_and_score_completions", counting)
+    args = make_config(tmp_path, max_steps=3, sft_warmup_steps=1, meta_update_steps=2)
+    trainer = build(tmp_path, tiny_model_dir, tokenizer, args, sft_dataset=demos, val_dataset=val_prompts)
+
+    class Record(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" in logs:
+                per_step.append({k: logs[k] for k in TOKEN_KEYS})
+
+    trainer.add_callback(Record())
+    trainer.train()
+    drawn = InfiniteStream(len(trainer.sft_dataset), seed=args.seed).take(
+        3 * args.per_device_train_batch_size
+    )
+    sft = float(sum(len(trainer.sft_dataset[i]["completion_ids"]) for i in drawn))
+    assert per_step[-1] == {"amft/sft_tokens": sft, **counted}
+    assert counted["amft/val_completion_tokens"] > 0 and counted["amft/completion_tokens"] > 0
+    assert per_step[0]["amft/completion_tokens"] == 0  # the warm-up step generates nothing
+    assert [s["amft/sft_tokens"] for s in per_step] == sorted({s["amft/sft_tokens"] for s in per_step})
 
 
 class StopAt(TrainerCallback):
@@ -200,8 +243,11 @@ def test_resume_gives_identical_mu_trajectory(tmp_path, tiny_model_dir, tokenize
     second = trainer("b")
     second.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-3"))
 
-    mu_straight = [h["mu"] for h in straight.mu_controller.state.history]
-    mu_resumed = [h["mu"] for h in second.mu_controller.state.history]
+    mu_straight = [h["mu"] for h in straight.strategy.state.history]
+    mu_resumed = [h["mu"] for h in second.strategy.state.history]
+    for key in TOKEN_KEYS:  # the cumulative token counts continue from the checkpoint's
+        logged = [[h[key] for h in t.state.log_history if key in h] for t in (straight, second)]
+        assert logged[1][-1] == logged[0][-1] > 0, key
     assert len(mu_straight) == 5 and len(set(mu_straight)) > 1
     assert mu_resumed == pytest.approx(mu_straight, rel=1e-6)
     for (name, a), (_, b) in zip(
@@ -317,14 +363,14 @@ def test_conversational_end_to_end(tmp_path, tiny_model_dir, tokenizer):
 def test_non_finite_entropy_is_skipped_counted_and_logged(tmp_path, tiny_model_dir, tokenizer, demos, caplog):
     args = make_config(tmp_path, max_steps=3, meta_learning_rate=0.0, entropy_learning_rate=0.1)
     trainer = build(tmp_path, tiny_model_dir, tokenizer, args, sft_dataset=demos)
-    record = trainer.mu_controller.record
+    record = trainer.strategy.record
 
     def corrupt(measurements):
         measurements.entropy = float("nan")
         record(measurements)
 
-    trainer.mu_controller.record = corrupt
+    trainer.strategy.record = corrupt
     trainer.train()
-    assert [h["mu"] for h in trainer.mu_controller.state.history] == [0.5, 0.5, 0.5]
+    assert [h["mu"] for h in trainer.strategy.state.history] == [0.5, 0.5, 0.5]
     assert history(trainer, "amft/skipped_nonfinite")[-1] == 3.0
     assert "non-finite entropy" in caplog.text

@@ -1,18 +1,22 @@
-"""The private TRL / Accelerate members amft-trl relies on (`amft_trl._trl_compat`), pinned.
+"""The private TRL / transformers / Accelerate / DeepSpeed members amft-trl relies on (`amft_trl._trl_compat`), pinned.
 
 Like TRL's own `TestTransformersContinuousBatchingContract`: when a TRL release changes one of these, a test here
 fails and names it, instead of AMFT silently training on something else. The most important one: a validation
 generation must leave every training metric, log table and token count untouched; the test compares *all* of the
 trainer's attributes before and after one, so a container TRL adds would be caught, not only the ones listed in
-`isolated_generation`.
+`isolated_generation`. And the list is complete: a private member of those packages touched anywhere else in
+`src/amft_trl` fails `test_no_private_member_is_touched_outside_the_compat_module`.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
+import re
 import time
 from collections import deque
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +25,8 @@ from trl import GRPOTrainer
 from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
 
 from amft_trl import AMFTTrainer, _trl_compat
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "amft_trl"
 
 
 @pytest.fixture
@@ -159,11 +165,15 @@ def test_validation_generation_leaves_every_training_attribute_untouched(trainer
     trainer.model.train()
     trainer._metrics["train"]["reward"].append(0.25)  # pending, not yet logged
     before, position = _snapshot(trainer), trainer._val_stream.state_dict()
+    counts = dict(trainer._token_counts)
     reward = trainer._validation_backward(trainer.model)
     trainer.model.zero_grad(set_to_none=True)
     after = _snapshot(trainer)
     changed = sorted(k for k in before if before[k] != after[k])
-    assert changed == [], f"validation generation changed {changed}"
+    # the one count it adds to is its own (amft/val_completion_tokens)
+    assert changed == ["_token_counts"], f"validation generation changed {changed}"
+    grown = {k for k in counts if trainer._token_counts[k] != counts[k]}
+    assert grown == {"val_completion"} and trainer._token_counts["val_completion"] > counts["val_completion"]
     assert (
         trainer._val_stream.state_dict() != position
     )  # the one change it makes: the validation stream moved
@@ -183,6 +193,170 @@ def test_step_time_covers_the_whole_amft_step(trainer):
     trainer.train()
     times = [h["step_time"] for h in trainer.state.log_history if "step_time" in h]
     assert len(times) == 2 and min(times) >= 0.3
+
+
+# ------------------------------------------------------------------------------------------------ the list is complete
+
+
+def _owner(path: str) -> type:
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def test_overridden_private_members_exist_with_the_pinned_signatures():
+    for owner, members in _trl_compat.OVERRIDDEN.items():
+        cls = _owner(owner)
+        for name, params in members.items():
+            assert hasattr(cls, name), f"{owner}.{name} is gone"
+            if params is None:  # a class attribute
+                continue
+            found = list(inspect.signature(getattr(cls, name)).parameters)[1 : 1 + len(params)]
+            assert found == list(params), (
+                f"{owner}.{name} now takes {found}, the override assumes {list(params)}"
+            )
+
+
+def test_transformers_accelerate_and_deepspeed_members_exist():
+    from accelerate import Accelerator
+    from accelerate.state import GradientState
+    from transformers import Trainer
+
+    assert "trial" in inspect.signature(Trainer._get_output_dir).parameters
+    # the Trainer recreates the schedule it marked as its own (e.g. once DeepSpeed has wrapped the optimizer)
+    assert "_created_lr_scheduler" in inspect.getsource(Trainer)
+    assert callable(getattr(GradientState, "_set_sync_gradients", None))
+    assert "deepspeed_engine_wrapped" in inspect.getsource(Accelerator.backward)
+    deepspeed = pytest.importorskip("deepspeed")
+    assert _trl_compat.zero_optimizer_classes()  # both ZeRO optimizer classes still import from these paths
+    mixed_precision_linkage = importlib.import_module("deepspeed.utils.mixed_precision_linkage")
+    tensor_fragment = importlib.import_module("deepspeed.utils.tensor_fragment")
+    assert "lp_param._hp_mapping = " in inspect.getsource(mixed_precision_linkage)
+    assert callable(getattr(tensor_fragment.tensor_fragment, "get_lp_grad_fragment", None))
+    assert "_index_in_param_group" in inspect.getsource(deepspeed.runtime.bf16_optimizer) + inspect.getsource(
+        importlib.import_module("deepspeed.runtime.zero.stage_1_and_2")
+    ) + inspect.getsource(tensor_fragment)
+    assert callable(deepspeed.utils.safe_get_local_grad) and callable(deepspeed.utils.safe_set_local_grad)
+
+
+def _foreign_private_names() -> set[str]:
+    """Private names of the classes amft-trl subclasses or reaches into: their methods and class attributes, and
+    the instance attributes their code assigns (`self._x = ...`)."""
+    from accelerate import Accelerator
+    from accelerate.state import GradientState
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer
+    from trl import SFTTrainer
+
+    names: set[str] = set(_trl_compat.READ["deepspeed"])
+    classes = (GRPOTrainer, SFTTrainer, Trainer, Accelerator, GradientState)
+    for cls in (*classes, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase):
+        for base in cls.__mro__:
+            if base.__module__.split(".")[0] in ("trl", "transformers", "accelerate"):
+                names |= {n for n in vars(base) if n.startswith("_") and not n.startswith("__")}
+                try:
+                    source = inspect.getsource(base)
+                except (OSError, TypeError):
+                    continue
+                names |= set(re.findall(r"self\.(_[a-z]\w*)\s*=", source))
+    return names
+
+
+class _Touches(ast.NodeVisitor):
+    """Private foreign members used in one module, except `super().name(...)` inside a listed override `name`."""
+
+    def __init__(self, foreign: set[str], overridden: set[str]):
+        self.foreign, self.overridden = foreign, overridden
+        self.found: list[str] = []
+        self.classes: list[bool] = []  # whether each enclosing class derives from a foreign trainer
+        self.functions: list[str] = []
+
+    def visit_ClassDef(self, node):
+        bases = [ast.unparse(b) for b in node.bases]
+        self.classes.append(any(b.endswith("Trainer") or "Metered" in b for b in bases))
+        for item in node.body:  # class attributes: `_name = ...` in a trainer subclass redefines TRL's
+            targets = item.targets if isinstance(item, ast.Assign) else []
+            for target in targets:
+                if self.classes[-1] and isinstance(target, ast.Name) and target.id in self.foreign:
+                    if target.id not in self.overridden:
+                        self.found.append(f"class attribute {node.name}.{target.id} (line {item.lineno})")
+            if isinstance(item, ast.FunctionDef) and self.classes[-1] and item.name in self.foreign:
+                if item.name not in self.overridden:
+                    self.found.append(f"override {node.name}.{item.name} (line {item.lineno})")
+        self.generic_visit(node)
+        self.classes.pop()
+
+    def visit_FunctionDef(self, node):
+        self.functions.append(node.name)
+        self.generic_visit(node)
+        self.functions.pop()
+
+    def visit_Attribute(self, node):
+        name = node.attr
+        if name in self.foreign:
+            value = ast.unparse(node.value)
+            in_trainer = bool(self.classes) and self.classes[-1]
+            override_call = value == "super()" and self.functions and self.functions[-1] == name
+            if override_call and name in self.overridden:
+                pass
+            elif value in ("self", "cls") and not in_trainer:
+                pass  # an amft-trl object's own attribute that happens to share the name
+            else:
+                self.found.append(f"{value}.{name} (line {node.lineno})")
+        self.generic_visit(node)
+
+    def visit_Call(self, node):
+        if isinstance(node.func, ast.Name) and node.func.id in ("getattr", "hasattr", "setattr"):
+            if (
+                len(node.args) > 1
+                and isinstance(node.args[1], ast.Constant)
+                and node.args[1].value in self.foreign
+            ):
+                self.found.append(f"{node.func.id}(..., {node.args[1].value!r}) (line {node.lineno})")
+        self.generic_visit(node)
+
+    def visit_ImportFrom(self, node):
+        if (node.module or "").split(".")[0] in ("trl", "transformers", "accelerate", "deepspeed"):
+            for alias in node.names:
+                if alias.name.startswith("_"):
+                    self.found.append(f"from {node.module} import {alias.name} (line {node.lineno})")
+
+
+def test_no_private_member_is_touched_outside_the_compat_module():
+    foreign = _foreign_private_names() | {n for names in _trl_compat.READ.values() for n in names}
+    overridden = {n for members in _trl_compat.OVERRIDDEN.values() for n in members}
+    assert {
+        "_metrics",
+        "_save_checkpoint",
+        "_created_lr_scheduler",
+        "_set_sync_gradients",
+        "_name_or_path",
+    } <= foreign
+    problems = {}
+    for path in sorted(SRC.rglob("*.py")):
+        if path.name == "_trl_compat.py":
+            continue
+        visitor = _Touches(foreign, overridden)
+        visitor.visit(ast.parse(path.read_text()))
+        if visitor.found:
+            problems[str(path.relative_to(SRC))] = visitor.found
+    assert problems == {}, (
+        f"private members touched outside amft_trl._trl_compat (list them there): {problems}"
+    )
+
+
+def test_the_scan_catches_a_private_read():
+    """The check above can fail: a direct read, a foreign override and a private import are each reported."""
+    foreign = _foreign_private_names()
+    code = (
+        "from trl.data_utils import _tokenize\n"
+        "class T(GRPOTrainer):\n"
+        "    def _prepare_inputs(self, x):\n"
+        "        return self._metrics\n"
+        "def f(trainer):\n"
+        "    return getattr(trainer.accelerator, '_set_sync_gradients')\n"
+    )
+    visitor = _Touches(foreign | {"_set_sync_gradients"}, set())
+    visitor.visit(ast.parse(code))
+    assert len(visitor.found) == 4, visitor.found
 
 
 def test_resume_warns_about_tied_weights_in_the_form_the_filter_reads(caplog):

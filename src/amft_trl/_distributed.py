@@ -8,7 +8,7 @@ on the framework's own gradient storage:
   reduced (`reduction = "mean"`).
 - `ZeroGrads`: DeepSpeed ZeRO stage 1, 2 or 3. After a backward taken at an accumulation boundary, each process holds
   the *reduced* (process-averaged) gradient of its own partition only: a contiguous fragment of some parameters
-  (ZeRO-1/2, `param._hp_mapping`) or a slice of every parameter (ZeRO-3, DeepSpeed's local-gradient API). An inner
+  (ZeRO-1/2) or a slice of every parameter (ZeRO-3, DeepSpeed's local-gradient API). An inner
   product is the sum over processes of the per-partition products (`reduction = "sum"`).
 
 A `None` entry means "no gradient of this parameter lives on this process" (a ZeRO-1/2 parameter outside this
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from accelerate.utils import parse_flag_from_env
 
+from . import _trl_compat
 from ._deepspeed_check import check_deepspeed_offload, installed_deepspeed_version, offloaded_fields
 
 
@@ -79,13 +80,8 @@ class ZeroGrads:
 
     def _local(self, param: torch.nn.Parameter) -> torch.Tensor | None:
         if self.stage == 3:
-            from deepspeed.utils import safe_get_local_grad
-
-            return safe_get_local_grad(param)
-        mapping = getattr(param, "_hp_mapping", None)
-        if mapping is None:  # no fragment of this parameter in this process's partition
-            return None
-        return mapping.get_lp_grad_fragment(param._index_in_param_group)
+            return _trl_compat.zero3_local_grad(param)
+        return _trl_compat.zero_lp_grad_fragment(param)  # None: no fragment in this process's partition
 
     def take(self, param: torch.nn.Parameter) -> torch.Tensor | None:
         """A float32 copy of this process's shard, then zeroed in place (the next backward starts from zero)."""
@@ -108,9 +104,7 @@ class ZeroGrads:
 
     def _write(self, param: torch.nn.Parameter, local: torch.Tensor, value: torch.Tensor) -> None:
         if self.stage == 3:
-            from deepspeed.utils import safe_set_local_grad
-
-            safe_set_local_grad(param, value.to(local.dtype))
+            _trl_compat.set_zero3_local_grad(param, value.to(local.dtype))
         else:
             local.copy_(value.view_as(local))
 
@@ -121,11 +115,8 @@ def grad_access(accelerator: Any) -> TorchGrads | ZeroGrads:
 
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return TorchGrads()
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    engine = accelerator.deepspeed_engine_wrapped.engine
-    if not isinstance(engine.optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
+    engine = _trl_compat.deepspeed_engine(accelerator)
+    if not isinstance(engine.optimizer, _trl_compat.zero_optimizer_classes()):
         raise RuntimeError(
             "The meta-gradient under DeepSpeed reads the gradient partitions of a ZeRO stage 1-3 optimizer, but "
             f"the engine's optimizer is {type(engine.optimizer).__name__}. Use ZeRO stage 1-3 or set "

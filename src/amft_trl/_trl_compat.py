@@ -1,25 +1,41 @@
-"""Every private member of TRL, Accelerate and DeepSpeed that amft-trl touches, in one place.
+"""Every private member of TRL, transformers, Accelerate and DeepSpeed that amft-trl touches, in one place.
 
-`trl<1.17` is pinned because of these; `tests/test_trl_contract.py` fails loudly when one of them changes. Each
-function names the member it relies on and what it assumes:
+The file keeps its historical name; it covers all four packages. `trl<1.17` is pinned because of these, and
+`tests/test_trl_contract.py` fails loudly, naming the member, when one of them changes. It also checks that the list
+is complete: a private member of those packages read, assigned or overridden anywhere else in `amft_trl` fails it.
 
-| member | where | assumed |
-|---|---|---|
-| `GRPOTrainer._generate_and_score_completions(inputs)` | validation rollouts; `AMFTTrainer` wraps it | rows in, a dict out with `prompt_ids`, `prompt_mask`, `completion_ids`, `completion_mask`, `advantages` (B,); extra keys survive TRL's shuffle and split |
-| `GRPOTrainer._calculate_rewards(...)` | `AMFTTrainer` wraps it | returns the rewards of every process, (N_global, num_funcs), NaN for None |
-| `GRPOTrainer._compute_loss(model, inputs)` | per-rollout advantages (`rl_advantages`); `AMFTTrainer` wraps it for LUFFY | reads `inputs["advantages"]` after its one call of `_get_per_token_logps_and_entropies(..., compute_entropy=True)`, whose log-probs (at `args.temperature`) carry the graph; its policy term is zero on rows with advantage 0; its normaliser per `loss_type` is what `balancing.luffy.aggregate_token_loss` reproduces |
-| `GRPOTrainer._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, ...)` | `AMFTTrainer` wraps it for LUFFY (generates the on-policy rows only) | one completion per entry of `prompt_ids`, as `(completion_ids, logprobs or None)`; the vLLM server takes every `num_generations`-th entry as a group's prompt; `_generate` decodes, scores and pads whatever it returns |
-| `GRPOTrainer.eos_token_ids`, `tools`, `rollout_func`, `environment_factories`, `max_completion_length`, `loss_type` | LUFFY | the generation's stop tokens; the multi-turn paths LUFFY refuses; the loss settings |
-| `GRPOTrainer._get_per_token_logps_and_entropies` | SFT log-probs and entropies, the validation surrogate | `(logps, entropies, aux)` at `args.temperature` |
-| `GRPOTrainer._metrics`, `_logs`, `_pending_extra_logs`, `_pending_metrics` | `isolated_generation` | every log container generation writes to |
-| `GRPOTrainer._metrics["train"]["step_time"]` | whole-step timing | one value appended per optimizer step by `GRPOTrainer.training_step` |
-| `GradientState._set_sync_gradients` | `deferred_boundary` | toggles whether the next backward is at an accumulation boundary |
-| `Accelerator.deepspeed_engine_wrapped` | `swapped_deepspeed_backward` | `accelerator.backward` calls its `.backward(loss, sync_gradients=..., **kwargs)` |
-| `trl.data_utils._tokenize` | `amft_trl.sft_data` | tokenises a prompt or conversation like TRL's SFTTrainer |
-| `GRPOTrainer._get_per_token_logps_and_entropies(..., **MULTIMODAL_KEYS)` | image demonstrations, validation rollouts | takes a VLM's extra inputs as `_compute_loss` passes them |
-| `Trainer._load_from_checkpoint(resume_from_checkpoint, model)` | `AMFTTrainer` wraps it | loads the weights of a resumed run (VLM checkpoints then reloaded by `amft_trl.vision`) |
-| DeepSpeed `safe_get_local_grad` / `safe_set_local_grad`, `param._hp_mapping` | `amft_trl._distributed.ZeroGrads` | the local ZeRO partition of a gradient |
-| transformers `Trainer._issue_warnings_after_load` | `quiet_tied_weights_on_resume` | warns `MISSING_KEYS_WARNING` + the list of missing keys on logger `transformers.trainer` |
+Two kinds of use:
+
+- **Overrides** (`OVERRIDDEN`): private methods and class attributes of TRL / transformers that `AMFTTrainer` (or
+  `amft_trl.compare`'s metering of TRL's own trainers) redefines and extends with `super()`. They stay in their
+  class, since that is how a subclass hooks into TRL; the table below says why each is needed, and the contract test
+  pins their signatures.
+- **Reads and writes**: every other private access goes through a function of this module.
+
+| member | package | where | why / assumed |
+|---|---|---|---|
+| `GRPOTrainer._generate_and_score_completions(inputs)` | TRL | overridden by `AMFTTrainer` (per-rollout rewards, groups, demonstrations), by `compare`'s metered `GRPOTrainer` (generated tokens); called for validation rollouts (`generate_and_score`) | rows in, a dict out with `prompt_ids`, `prompt_mask`, `completion_ids`, `completion_mask`, `advantages` (B,); extra keys survive TRL's shuffle and split |
+| `GRPOTrainer._calculate_rewards(inputs, prompts, completions, completion_ids_list)` | TRL | overridden by `AMFTTrainer` | returns the rewards of every process, (N_global, num_funcs), NaN for None |
+| `GRPOTrainer._compute_loss(model, inputs)` | TRL | behind `compute_loss` (per-rollout advantages, `rl_advantages`); overridden by `AMFTTrainer` for LUFFY | reads `inputs["advantages"]` after its one call of `_get_per_token_logps_and_entropies(..., compute_entropy=True)`, whose log-probs (at `args.temperature`) carry the graph; its policy term is zero on rows with advantage 0; its normaliser per `loss_type` is what `balancing.luffy.aggregate_token_loss` reproduces |
+| `GRPOTrainer._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, ...)` | TRL | overridden by `AMFTTrainer` for LUFFY (generates the on-policy rows only) | one completion per entry of `prompt_ids`, as `(completion_ids, logprobs or None)`; the vLLM server takes every `num_generations`-th entry as a group's prompt; `_generate` decodes, scores and pads whatever it returns |
+| `GRPOTrainer.eos_token_ids`, `tools`, `rollout_func`, `environment_factories`, `max_completion_length`, `loss_type` | TRL (public, undocumented) | LUFFY | the generation's stop tokens; the multi-turn paths LUFFY refuses; the loss settings |
+| `GRPOTrainer._get_per_token_logps_and_entropies` | TRL | overridden by `AMFTTrainer` (SRFT's entropy hook); called for SFT log-probs and entropies and the validation surrogate (`per_token_logps_and_entropies`) | `(logps, entropies, aux)` at `args.temperature` |
+| `GRPOTrainer._metrics`, `_logs`, `_pending_extra_logs`, `_pending_metrics` | TRL | `isolated_generation`, `train_metrics` | every log container generation writes to; `_metrics["train"]` is averaged and logged at each `log` |
+| `GRPOTrainer._metrics["train"]["step_time"]` | TRL | `replace_last_step_time` | one value appended per optimizer step by `GRPOTrainer.training_step` |
+| `GRPOTrainer._tag_names`, `_name` | TRL | class attributes of `AMFTTrainer` | the tags and trainer name TRL writes into the model card |
+| `trl.data_utils._tokenize` | TRL | `amft_trl.sft_data` (`tokenize`) | tokenises a prompt or conversation like TRL's SFTTrainer |
+| `GRPOTrainer._get_per_token_logps_and_entropies(..., **MULTIMODAL_KEYS)` | TRL | image demonstrations, validation rollouts | takes a VLM's extra inputs as `_compute_loss` passes them |
+| `Trainer._load_from_checkpoint(resume_from_checkpoint, model)` | transformers | overridden by `AMFTTrainer` | loads the weights of a resumed run (VLM checkpoints then reloaded by `amft_trl.vision`) |
+| `Trainer._save_checkpoint(model, trial)` | transformers | overridden by `AMFTTrainer` | writes `amft_state.json` into the checkpoint folder it has just written |
+| `Trainer._load_optimizer_and_scheduler(checkpoint)` | transformers | overridden by `AMFTTrainer` | the one place of a resume that sees the checkpoint path (reads `amft_state.json`) |
+| `Trainer._get_output_dir(trial)` | transformers | `checkpoint_dir` | the run's output directory, under which `_save_checkpoint` writes `checkpoint-<step>` |
+| `Trainer._issue_warnings_after_load` (logger `transformers.trainer`) | transformers | `quiet_tied_weights_on_resume` | warns `MISSING_KEYS_WARNING` + the list of missing keys; only its message is matched |
+| `Trainer._created_lr_scheduler` | transformers | `mark_lr_scheduler_created` | set by `create_scheduler` so that the Trainer recreates the schedule (e.g. after DeepSpeed) as its own |
+| `GradientState._set_sync_gradients` | Accelerate | `set_sync_gradients` | toggles whether the next backward is at an accumulation boundary |
+| `Accelerator.deepspeed_engine_wrapped` | Accelerate | `deepspeed_engine`, `swapped_deepspeed_backward` | `accelerator.backward` calls its `.backward(loss, sync_gradients=..., **kwargs)`; `.engine` is the DeepSpeed engine |
+| `param._hp_mapping`, `param._index_in_param_group` | DeepSpeed | `zero_lp_grad_fragment` | ZeRO-1/2: the fragment of a parameter's reduced gradient in this process's partition |
+| `safe_get_local_grad`, `safe_set_local_grad` | DeepSpeed | `zero3_local_grad`, `set_zero3_local_grad` | ZeRO-3: this process's slice of a parameter's gradient (public, but only valid inside the step) |
+| `deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer`, `...stage3.DeepSpeedZeroOptimizer_Stage3` | DeepSpeed | `zero_optimizer_classes` | the optimizer classes whose partitions the two functions above read (module paths are not public API) |
 """
 
 from __future__ import annotations
@@ -34,6 +50,41 @@ from trl.data_utils import _tokenize as tokenize  # noqa: F401  (re-exported for
 
 # Names of the generation output keys AMFT reads (the contract test checks TRL still produces them).
 GENERATION_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
+
+#: The private methods and class attributes amft-trl redefines in a subclass, by the class that defines them, with
+#: the parameters (after `self`) the override relies on (None: a class attribute). Pinned by the contract test.
+OVERRIDDEN: dict[str, dict[str, tuple[str, ...] | None]] = {
+    "trl.GRPOTrainer": {
+        "_generate_and_score_completions": ("inputs",),
+        "_calculate_rewards": ("inputs", "prompts", "completions", "completion_ids_list"),
+        "_get_per_token_logps_and_entropies": ("model", "input_ids", "attention_mask", "logits_to_keep"),
+        "_compute_loss": ("model", "inputs"),
+        "_generate_single_turn": ("prompt_ids", "images", "multimodal_fields", "num_generations"),
+        "_tag_names": None,
+        "_name": None,
+    },
+    "transformers.Trainer": {
+        "_save_checkpoint": ("model", "trial"),
+        "_load_optimizer_and_scheduler": ("checkpoint",),
+        "_load_from_checkpoint": ("resume_from_checkpoint", "model"),
+    },
+}
+
+#: Private members reached through this module's functions (besides the overrides), by package.
+READ: dict[str, tuple[str, ...]] = {
+    "trl": (
+        "_generate_and_score_completions",
+        "_get_per_token_logps_and_entropies",
+        "_metrics",
+        "_logs",
+        "_pending_extra_logs",
+        "_pending_metrics",
+        "_tokenize",
+    ),
+    "transformers": ("_get_output_dir", "_created_lr_scheduler", "_issue_warnings_after_load"),
+    "accelerate": ("_set_sync_gradients", "deepspeed_engine_wrapped"),
+    "deepspeed": ("_hp_mapping", "_index_in_param_group"),
+}
 
 # The multimodal keys of TRL's generation output that `GRPOTrainer._compute_loss` hands to
 # `_get_per_token_logps_and_entropies` (all optional; `num_images` / `num_tiles` are per-row lists).
@@ -192,3 +243,60 @@ def quiet_tied_weights_on_resume(model: Any) -> Iterator[None]:
         yield
     finally:
         trainer_logger.removeFilter(quiet)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transformers' Trainer
+# ---------------------------------------------------------------------------------------------------------------
+def checkpoint_dir(trainer: Any, trial: Any, step: int) -> str:
+    """The folder `Trainer._save_checkpoint` writes the checkpoint of `step` to (`Trainer._get_output_dir`)."""
+    import os
+
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    return os.path.join(trainer._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{step}")
+
+
+def mark_lr_scheduler_created(trainer: Any) -> None:
+    """Tell the Trainer that `create_scheduler` made the schedule (`Trainer._created_lr_scheduler`), as its own
+    `create_scheduler` does: it is then recreated when the Trainer rebuilds the optimizer (DeepSpeed, FSDP)."""
+    trainer._created_lr_scheduler = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Accelerate and DeepSpeed
+# ---------------------------------------------------------------------------------------------------------------
+def deepspeed_engine(accelerator: Any) -> Any:
+    """The DeepSpeed engine Accelerate's `accelerator.backward` steps (`Accelerator.deepspeed_engine_wrapped`)."""
+    return accelerator.deepspeed_engine_wrapped.engine
+
+
+def zero_optimizer_classes() -> tuple[type, ...]:
+    """DeepSpeed's ZeRO stage 1/2 and stage 3 optimizer classes (their module paths are not public API)."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    return DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3
+
+
+def zero_lp_grad_fragment(param: torch.nn.Parameter) -> torch.Tensor | None:
+    """ZeRO-1/2: the fragment of `param`'s reduced gradient held by this process's partition (a view, writable), or
+    None when the partition holds no part of it (`param._hp_mapping`, `param._index_in_param_group`)."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    return mapping.get_lp_grad_fragment(param._index_in_param_group)
+
+
+def zero3_local_grad(param: torch.nn.Parameter) -> torch.Tensor | None:
+    """ZeRO-3: this process's slice of `param`'s reduced gradient (DeepSpeed's `safe_get_local_grad`)."""
+    from deepspeed.utils import safe_get_local_grad
+
+    return safe_get_local_grad(param)
+
+
+def set_zero3_local_grad(param: torch.nn.Parameter, value: torch.Tensor) -> None:
+    """ZeRO-3: overwrite this process's slice of `param`'s gradient (DeepSpeed's `safe_set_local_grad`)."""
+    from deepspeed.utils import safe_set_local_grad
+
+    safe_set_local_grad(param, value)

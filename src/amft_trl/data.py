@@ -312,6 +312,8 @@ def build_math_datasets(
     system_prompt: str | None = None,
     schema: str | None = None,
     split: str = "train",
+    validation_dataset: Dataset | None = None,
+    sft_dataset: Dataset | None = None,
 ) -> MathDatasets:
     """Build AMFT's RL prompts, SFT demonstrations and validation prompts from one math dataset.
 
@@ -321,24 +323,32 @@ def build_math_datasets(
         seed: seed of the held-out split.
         instruction, conversational, system_prompt, schema: as in `math_rl_prompts`.
         split: the split to load when `dataset` is a hub id or a path.
+        validation_dataset: the validation problems instead of a held-out part of `dataset` (nothing is held out).
+        sft_dataset: the demonstrations instead of the worked solutions of `dataset`'s training rows.
 
     Raises:
-        ValueError: when a needed column is missing or `validation_size` does not fit the dataset.
+        ValueError: when a needed column is missing, `validation_size` does not fit the dataset, or a dataset is
+            left empty by the conversion (no row with a problem and a gold answer / solution).
     """
     if isinstance(dataset, str):
         dataset = load_math_dataset(dataset, split=split)
-    schema = check_math_columns(
-        dataset, schema
-    )  # the columns first: a wrong file says so before its size matters
-    train, held_out = split_validation(dataset, validation_size, seed=seed)
-    options = {
-        "instruction": instruction,
-        "conversational": conversational,
-        "system_prompt": system_prompt,
-        "schema": schema,
-    }
-    return MathDatasets(
-        rl=math_rl_prompts(train, **options),
-        sft=math_sft_pairs(train, **options),
-        validation=math_rl_prompts(held_out, **options),
+    # the columns first: a wrong file is named as such, not as a size that does not fit
+    resolved = check_math_columns(dataset, schema, roles=("rl", "sft") if sft_dataset is None else ("rl",))
+    sft_schema = resolved if sft_dataset is None else check_math_columns(sft_dataset, schema, roles=("sft",))
+    if validation_dataset is None:
+        train, held_out, held_out_schema = *split_validation(dataset, validation_size, seed=seed), resolved
+    else:
+        train, held_out, held_out_schema = dataset, validation_dataset, schema
+    options = {"instruction": instruction, "conversational": conversational, "system_prompt": system_prompt}
+    data = MathDatasets(
+        rl=math_rl_prompts(train, schema=resolved, **options),
+        sft=math_sft_pairs(train if sft_dataset is None else sft_dataset, schema=sft_schema, **options),
+        validation=math_rl_prompts(held_out, schema=held_out_schema, **options),
     )
+    for role, converted in (("RL prompt", data.rl), ("SFT", data.sft), ("validation", data.validation)):
+        if len(converted) == 0:
+            raise ValueError(
+                f"the {role} dataset is empty after conversion (no rows with a problem and a gold answer / "
+                "solution)"
+            )
+    return data

@@ -409,6 +409,18 @@ def _nesting_depth(text: str) -> int:
     return deepest
 
 
+#: The one line a missing `math` extra gives.
+MATH_EXTRA_MISSING = "the math reward needs math-verify: pip install 'amft-trl[math]'"
+
+
+def _require_math_verify() -> None:
+    """math-verify is the `math` extra, not a core dependency: say so in one line when it is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("math_verify") is None:
+        raise ImportError(MATH_EXTRA_MISSING)
+
+
 def math_accuracy_reward(
     completions: Sequence[Any], solution: Sequence[str], **kwargs: Any
 ) -> list[float | None]:
@@ -431,7 +443,11 @@ def math_accuracy_reward(
     Returns:
         One reward per completion: 1.0, 0.0, or None when the gold answer cannot be parsed (TRL then
         skips the example).
+
+    Raises:
+        ImportError: math-verify is not installed (`pip install 'amft-trl[math]'`).
     """
+    _require_math_verify()
     golds = [_normalize_gold(s) for s in solution]
     if len(golds) != len(completions):
         raise ValueError(

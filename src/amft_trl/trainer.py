@@ -20,8 +20,8 @@ the target H*, the meta-gradient of Eq. 25). This module only wires TRL's flow t
 - `_end_step` reduces the step's measurements over processes, hands them to the strategy and logs them; the strategy
   updates itself in `on_step_end`, after the optimizer step.
 
-Where gradients live under DDP and DeepSpeed is `amft_trl._distributed`; every private TRL member touched is in
-`amft_trl._trl_compat`.
+Where gradients live under DDP and DeepSpeed is `amft_trl._distributed`; every private member of TRL, transformers,
+Accelerate and DeepSpeed touched is listed in `amft_trl._trl_compat` (the private methods overridden here included).
 
 Simplification, documented: the strategy's state after step t (AMFT's mu) is used from step t + 1 on (Algorithm 2
 applies mu to step t's own loss, which would need the entropy before the backward, i.e. a second forward).
@@ -41,7 +41,6 @@ import torch
 from accelerate.utils import DistributedType, gather_object
 from datasets import Dataset
 from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 from trl.import_utils import is_vllm_available
@@ -58,7 +57,6 @@ from ._meta_step import MetaStep, validation_backward
 from ._reward_columns import check_reward_columns
 from .attached_demonstrations import AttachedDemonstrations, DemonstrationMicroBatch
 from .balancing import BalancingStrategy, RolloutBatch, StepMeasurements, StepPlan, build_strategy
-from .balancing.amft import MuController
 from .balancing.luffy import (
     LUFFYStrategy,
     aggregate_token_loss,
@@ -85,6 +83,10 @@ logger = logging.getLogger(__name__)
 
 AMFT_STATE_NAME = "amft_state.json"
 AMFT_STATE_VERSION = 2
+#: The cumulative token counts logged as `amft/<key>_tokens`: `sft`, the demonstration (completion) tokens trained on
+#: (the SFT batches, and HPT's demonstrations of the prompts sent to SFT); `completion`, the completion tokens of the
+#: training rollouts; `val_completion`, those of AMFT's validation rollouts (meta steps). Summed over processes.
+TOKEN_COUNTS = ("sft", "completion", "val_completion")
 
 
 @dataclass
@@ -124,7 +126,6 @@ class AMFTTrainer(GRPOTrainer):
         val_dataset: prompts plus reward columns for AMFT's meta-objective U (Eq. 4). Required when the
             meta-gradient is on (`balancing="amft"`, `meta_learning_rate > 0` and mu not pinned).
         strategy: a `BalancingStrategy` to use instead of the one `args.balancing` names (e.g. a subclass).
-        mu_controller: the same, under its earlier name (a `MuController`).
         **kwargs: passed to `GRPOTrainer` (`reward_processing_classes`, `callbacks`, `optimizers`, `peft_config`, ...).
     """
 
@@ -143,12 +144,11 @@ class AMFTTrainer(GRPOTrainer):
         sft_dataset: Dataset | None = None,
         val_dataset: Dataset | None = None,
         strategy: BalancingStrategy | None = None,
-        mu_controller: MuController | None = None,
         callbacks: list[TrainerCallback] | None = None,
         **kwargs: Any,
     ):
         if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
+            name = model if isinstance(model, str) else model.config.name_or_path
             args = AMFTConfig(f"{str(name).split('/')[-1]}-AMFT")
         if not isinstance(args, AMFTConfig):
             raise TypeError(
@@ -162,9 +162,7 @@ class AMFTTrainer(GRPOTrainer):
                 "`use_vllm=True` but vLLM is not installed: install it with `pip install 'amft-trl[vllm]'` (training "
                 "and validation rollouts both go through it), or set `use_vllm=False` to generate with transformers."
             )
-        if strategy is not None and mu_controller is not None:
-            raise ValueError("Pass `strategy` or `mu_controller` (its earlier name), not both.")
-        strategy = strategy or mu_controller or build_strategy(args)
+        strategy = strategy or build_strategy(args)
         if not isinstance(strategy, BalancingStrategy):
             raise TypeError(f"`strategy` must be a BalancingStrategy, got {type(strategy).__name__}.")
         self._check_datasets(strategy, train_dataset, sft_dataset, val_dataset)
@@ -260,13 +258,10 @@ class AMFTTrainer(GRPOTrainer):
         self._generating_validation = False
         self._rl_entropy_hook = None
         self._num_skipped_rl_steps = 0
+        # what the run has trained on and generated, cumulative over the run (logged as amft/<key>_tokens)
+        self._token_counts = dict.fromkeys(TOKEN_COUNTS, 0.0)
         self._luffy_setup()  # LUFFY (balancing="luffy"): demonstrations as off-policy rollouts
         self._relift_setup()  # ReLIFT (balancing="relift"): a buffer of all-failed prompts
-
-    @property
-    def mu_controller(self) -> BalancingStrategy:
-        """The balancing strategy (its earlier name, from when AMFT's controller was the only one)."""
-        return self.strategy
 
     # ------------------------------------------------------------------------------------------------------
     # construction-time checks
@@ -304,13 +299,6 @@ class AMFTTrainer(GRPOTrainer):
         if val_dataset is not None and "prompt" not in (val_dataset.column_names or []):
             raise ValueError(f"`val_dataset` must have a `prompt` column; it has {val_dataset.column_names}.")
         strategy.check_datasets(train_dataset=train_dataset, sft_dataset=sft_dataset, val_dataset=val_dataset)
-
-    @staticmethod
-    def _check_parallel_setup(
-        args: AMFTConfig, strategy: BalancingStrategy, world: int, deepspeed_config
-    ) -> None:
-        """`amft_trl._distributed.check_parallel_setup` for `strategy` (`deepspeed_config`: None without DeepSpeed)."""
-        check_parallel_setup(args, strategy.needs_val_dataset, world, deepspeed_config)
 
     # ------------------------------------------------------------------------------------------------------
     # the learning-rate schedule (sft_warmup_learning_rate, reset_optimizer_after_warmup)
@@ -351,7 +339,7 @@ class AMFTTrainer(GRPOTrainer):
         self.lr_scheduler = LambdaLR(
             optimizer, lambda step: factor * first(step) if step < warmup else second(step - warmup)
         )
-        self._created_lr_scheduler = True
+        _trl_compat.mark_lr_scheduler_created(self)
         return self.lr_scheduler
 
     def _reset_optimizer_state(self) -> None:
@@ -418,6 +406,7 @@ class AMFTTrainer(GRPOTrainer):
             step.sft_tokens = int(
                 global_sum(self.accelerator, float(sum(b.num_tokens for b in step.sft_batches)))
             )
+            self._token_counts["sft"] += step.sft_tokens
         if plan.meta:
             step.meta = MetaStep(
                 self._trainable_params,
@@ -622,7 +611,7 @@ class AMFTTrainer(GRPOTrainer):
             step.meta = None
             if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
                 # every backward of this step was kept from stepping the engine (`_meta_backwards`): step it once
-                engine = self.accelerator.deepspeed_engine_wrapped.engine
+                engine = _trl_compat.deepspeed_engine(self.accelerator)
                 engine.set_gradient_accumulation_boundary(True)
                 engine.step()
         nll, tokens, weight_sum, entropy, rl_loss, prompts, to_sft = global_sum(
@@ -702,6 +691,9 @@ class AMFTTrainer(GRPOTrainer):
         rewards, self._captured_rewards = self._captured_rewards, None
         if demonstrations is not None:
             self._luffy_mark(out, demonstrations, rewards)
+        if self._generating_validation or self.model.training:
+            key = "val_completion" if self._generating_validation else "completion"
+            self._token_counts[key] += global_sum(self.accelerator, float(out["completion_mask"].sum()))
         if self._generating_validation or not self.model.training or rewards is None:
             return out
         if self._relift is not None:
@@ -719,6 +711,7 @@ class AMFTTrainer(GRPOTrainer):
         out["amft_group_rewards"] = groups[local]
         if self._attached is not None:
             out.update(self._attached.generation(inputs, out))
+            self._token_counts["sft"] += float(out["amft_sft_tokens"])  # HPT: each demonstration counted once
         return out
 
     def _rollout_batch(self, inputs: dict[str, Any]) -> RolloutBatch:
@@ -1075,6 +1068,8 @@ class AMFTTrainer(GRPOTrainer):
             metrics = _trl_compat.train_metrics(self)
             for key, values in self.strategy.log_values().items():
                 metrics[f"amft/{key}"].extend(values)
+            for key, value in self._token_counts.items():  # cumulative: the latest value, not a mean
+                metrics[f"amft/{key}_tokens"] = [value]
         super().log(logs, start_time)
 
     def amft_state_dict(self) -> dict[str, Any]:
@@ -1084,6 +1079,7 @@ class AMFTTrainer(GRPOTrainer):
             "balancing": self.strategy.name,
             "strategy": self.strategy.state_dict(),
             "skipped_rl_steps": self._num_skipped_rl_steps,
+            "token_counts": dict(self._token_counts),
         }
         if self.sft_dataset is not None:
             state["sft_stream"] = self._sft_stream.state_dict()
@@ -1092,10 +1088,9 @@ class AMFTTrainer(GRPOTrainer):
         return state
 
     def load_amft_state_dict(self, state: dict[str, Any]) -> None:
-        if "controller" in state and "strategy" not in state:  # written before strategies existed (AMFT's)
-            state = {**state, "balancing": "amft", "strategy": state["controller"]}
         self.strategy.load_state_dict(state["strategy"])
         self._num_skipped_rl_steps = int(state.get("skipped_rl_steps", 0))
+        self._token_counts.update({k: float(v) for k, v in state.get("token_counts", {}).items()})
         if "sft_stream" in state and self.sft_dataset is not None:
             self._sft_stream.load_state_dict(state["sft_stream"])
         if "val_stream" in state and self.val_dataset is not None:
@@ -1104,9 +1099,7 @@ class AMFTTrainer(GRPOTrainer):
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
+            folder = _trl_compat.checkpoint_dir(self, trial, self.state.global_step)
             with open(os.path.join(folder, AMFT_STATE_NAME), "w") as f:
                 json.dump(self.amft_state_dict(), f)
 
@@ -1141,20 +1134,29 @@ def read_amft_state(path: str, strategy: BalancingStrategy) -> dict[str, Any]:
         raise ValueError(
             f"{path} must hold a JSON object, found {type(state).__name__}; the checkpoint is corrupt."
         )
-    if "strategy" not in state and "controller" not in state:
+    if "strategy" not in state:
         raise ValueError(
             f"{path} has no 'strategy' entry (found keys {sorted(state)}): the checkpoint is corrupt or was not "
             "written by AMFTTrainer."
         )
-    written_by = state.get("balancing", "amft" if "controller" in state else None)
+    written_by = state.get("balancing")
     if written_by != strategy.name:
         raise ValueError(
             f"{path} was written with balancing={written_by!r}, but this run uses balancing={strategy.name!r}: "
             "resume with the same strategy, or start a new run from the checkpoint's weights."
         )
-    body = state.get("strategy", state.get("controller"))
+    body = state["strategy"]
     if not isinstance(body, dict):
         raise ValueError(f"{path}: its 'strategy' entry must be an object, found {type(body).__name__}.")
+    counts = state.get("token_counts", {})
+    if not (
+        isinstance(counts, dict)
+        and set(counts) <= set(TOKEN_COUNTS)
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in counts.values())
+    ):
+        raise ValueError(
+            f"{path}: 'token_counts' must be an object mapping some of {list(TOKEN_COUNTS)} to numbers, found {counts!r}."
+        )
     for key in ("sft_stream", "val_stream"):
         stream = state.get(key)
         if stream is not None and not (

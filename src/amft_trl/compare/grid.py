@@ -320,7 +320,7 @@ def check_against_data(grid: Grid, data: Any) -> None:
                 f"method {name!r} reads one demonstration per RL prompt, but task {grid.task!r}'s prompts have no "
                 "`demonstration` column."
             )
-    from amft_trl.compare.runner import build_configs
+    from amft_trl.compare.configs import build_configs
     from amft_trl.config import check_optimizer_settings
 
     for name, entry in grid.methods.items():

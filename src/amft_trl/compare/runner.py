@@ -21,7 +21,9 @@ periodic evaluations already made from `evals.jsonl`.
 
 Budgets are measured, not inferred: every generated token (training rollouts, and AMFT's validation rollouts
 separately), every demonstration token trained on (completion tokens of the SFT batches, `SFTTrainer`'s and
-HPT's included), the optimizer steps, and the wall time of the training steps (evaluation excluded).
+HPT's included), the optimizer steps, and the wall time of the training steps (evaluation excluded). `AMFTTrainer`
+logs its token counts itself (`amft/completion_tokens`, `amft/val_completion_tokens`, `amft/sft_tokens`); TRL's
+`SFTTrainer` and `GRPOTrainer` are counted by a thin subclass.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -45,8 +46,9 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from amft_trl._distributed import global_sum
 from amft_trl._trl_compat import quiet_tied_weights_on_resume
+from amft_trl.compare.configs import build_configs
 from amft_trl.compare.grid import Grid, GridError, check_against_data
-from amft_trl.compare.methods import METHODS, TWO_STAGE_FIELDS, Budget
+from amft_trl.compare.methods import METHODS, Budget
 from amft_trl.compare.tasks import TaskData, build_task
 
 logger = logging.getLogger(__name__)
@@ -85,40 +87,24 @@ class Spent:
         return self.generated_tokens + self.validation_generated_tokens + self.sft_tokens
 
 
-class _MeteredGeneration:
-    """Counts the completion tokens of every generation (training and, for AMFT, validation rollouts)."""
-
-    spent: Spent
-
-    def _generate_and_score_completions(self, inputs):
-        out = super()._generate_and_score_completions(inputs)
-        tokens = global_sum(self.accelerator, float(out["completion_mask"].sum()))
-        if getattr(self, "_generating_validation", False):
-            self.spent.validation_generated_tokens += tokens
-        else:
-            self.spent.generated_tokens += tokens
-            if "amft_sft_tokens" in out:  # HPT: the demonstrations of the prompts sent to SFT
-                self.spent.sft_tokens += float(out["amft_sft_tokens"])
-        return out
-
-    def log(self, logs, *args, **kwargs):
-        logs.update(self.spent.as_logs())
-        return super().log(logs, *args, **kwargs)
+#: `AMFTTrainer` logs its cumulative token counts (`amft_trl.trainer.TOKEN_COUNTS`); the budget reads them.
+AMFT_TOKEN_METRICS = {
+    "generated_tokens": "amft/completion_tokens",
+    "validation_generated_tokens": "amft/val_completion_tokens",
+    "sft_tokens": "amft/sft_tokens",
+}
 
 
 def _metered_classes():
+    """TRL's own trainers (the two-stage pipeline), counting the tokens they train on and generate. `AMFTTrainer`
+    needs no subclass: it logs its counts (`AMFT_TOKEN_METRICS`)."""
     from trl import GRPOTrainer, SFTTrainer
 
-    from amft_trl import AMFTTrainer
-
-    class MeteredAMFTTrainer(_MeteredGeneration, AMFTTrainer):
-        def _begin_step(self, model):
-            step = super()._begin_step(model)
-            self.spent.sft_tokens += step.sft_tokens  # the step's SFT batch, over all processes
-            return step
-
-    class MeteredGRPOTrainer(_MeteredGeneration, GRPOTrainer):
-        pass
+    class MeteredGRPOTrainer(GRPOTrainer):
+        def _generate_and_score_completions(self, inputs):  # listed in amft_trl._trl_compat.OVERRIDDEN
+            out = super()._generate_and_score_completions(inputs)
+            self.spent.generated_tokens += global_sum(self.accelerator, float(out["completion_mask"].sum()))
+            return out
 
     class MeteredSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, *args, **kwargs):
@@ -132,91 +118,7 @@ def _metered_classes():
                 self.spent.sft_tokens += global_sum(self.accelerator, float(mask.sum()))
             return super().compute_loss(model, inputs, *args, **kwargs)
 
-        def log(self, logs, *args, **kwargs):
-            logs.update(self.spent.as_logs())
-            return super().log(logs, *args, **kwargs)
-
-    return MeteredAMFTTrainer, MeteredGRPOTrainer, MeteredSFTTrainer
-
-
-# ------------------------------------------------------------------------------------------------ configs
-
-
-def _run_fields(output_dir: str, max_steps: int, seed: int, checkpoint_every: int) -> dict[str, Any]:
-    return {
-        "output_dir": output_dir,
-        "max_steps": max_steps,
-        "seed": seed,
-        "logging_steps": 1,
-        "save_strategy": "steps",
-        "save_steps": checkpoint_every,
-        "save_total_limit": 1,
-        "report_to": [],
-    }
-
-
-def build_configs(
-    grid: Grid, method: str, trial: dict[str, Any] | None, *, budget: Budget, output_dir: str, seed: int
-) -> list[Any]:
-    """The configs of one run: `[AMFTConfig]`, or `[SFTConfig, GRPOConfig]` for `two_stage`."""
-    from trl import GRPOConfig, SFTConfig
-
-    from amft_trl import AMFTConfig
-
-    settings = grid.settings(method, trial, budget=budget)
-    every = min(grid.checkpoint_every, budget.max_steps)
-    if METHODS[method].trainer == "amft":
-        return [AMFTConfig(**settings, **_run_fields(output_dir, budget.max_steps, seed, every))]
-
-    sft_lr = settings.pop(TWO_STAGE_FIELDS[0], None)
-    if sft_lr is not None and not (
-        isinstance(sft_lr, int | float)
-        and not isinstance(sft_lr, bool)
-        and math.isfinite(sft_lr)
-        and sft_lr >= 0
-    ):
-        raise ValueError(f"`sft_learning_rate` must be a finite number >= 0, got {sft_lr!r}.")
-    # the AMFT-only fields are dropped; bf16 as AMFTConfig resolves it (float32 without a bf16 accelerator)
-    amft = AMFTConfig(**settings, output_dir=output_dir)
-    grpo_names = {f.name for f in fields(GRPOConfig)}
-    shared = {k: v for k, v in settings.items() if k in grpo_names}
-    shared["bf16"] = amft.bf16
-    rl_steps = budget.max_steps - budget.sft_steps
-    rl = GRPOConfig(
-        **shared, **_run_fields(os.path.join(output_dir, "rl"), rl_steps, seed, min(every, rl_steps))
-    )
-    sft_names = {f.name for f in fields(SFTConfig)}
-    trainer_fields = (
-        "per_device_train_batch_size",
-        "gradient_accumulation_steps",
-        "learning_rate",
-        "lr_scheduler_type",
-        "lr_scheduler_kwargs",
-        "warmup_steps",
-        "warmup_ratio",
-        "weight_decay",
-        "optim",
-        "adam_beta1",
-        "adam_beta2",
-        "adam_epsilon",
-        "max_grad_norm",
-        "gradient_checkpointing",
-        "model_init_kwargs",
-        "bf16",
-        "fp16",
-    )
-    sft_settings = {k: v for k, v in shared.items() if k in trainer_fields and k in sft_names}
-    if amft.sft_per_device_train_batch_size:
-        sft_settings["per_device_train_batch_size"] = amft.sft_per_device_train_batch_size
-    if sft_lr is not None:
-        sft_settings["learning_rate"] = sft_lr
-    if amft.max_sft_length:
-        sft_settings["max_length"] = amft.max_sft_length
-    sft = SFTConfig(
-        **sft_settings,
-        **_run_fields(os.path.join(output_dir, "sft"), budget.sft_steps, seed, min(every, budget.sft_steps)),
-    )
-    return [sft, rl]
+    return MeteredGRPOTrainer, MeteredSFTTrainer
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
@@ -303,7 +205,8 @@ def _quiet_progress(trainer: Any) -> None:
 
 
 class _Recorder(TrainerCallback):
-    """Times the training steps, restores the spent budget on resume, and evaluates every `eval_every` steps."""
+    """Times the training steps, keeps the spent budget (restored on resume, written into each log entry as
+    `budget/...`), and evaluates every `eval_every` steps, once the step's log holds its budget."""
 
     def __init__(self, run: _Run, offset: int, base: Spent):
         self.run, self.offset, self.base = run, offset, base
@@ -318,8 +221,19 @@ class _Recorder(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.spent.wall_seconds += time.perf_counter() - self._start
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        spent = self.trainer.spent
+        for name, key in AMFT_TOKEN_METRICS.items():
+            if key in logs:
+                setattr(spent, name, float(logs[key]))
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(
+                spent.as_logs()
+            )  # this log's entry; `Spent.from_logs` reads it on resume
         step = self.offset + state.global_step
-        if self.run.tuning:
+        if self.run.tuning or "loss" not in logs:  # the training step's own log (not an evaluation's)
             return
         if step % self.run.budget.eval_every == 0 and step < self.run.budget.max_steps:
             model = self.trainer.accelerator.unwrap_model(self.trainer.model)
@@ -401,9 +315,9 @@ class _Run:
         return list(trainer.state.log_history)
 
     def _amft(self):
+        from amft_trl import AMFTTrainer
         from amft_trl.balancing import build_strategy
 
-        amft_cls, _, _ = _metered_classes()
         output_dir = str(self.directory / "train")
         (config,) = build_configs(
             self.grid, self.method, self.trial, budget=self.budget, output_dir=output_dir, seed=self.seed
@@ -411,7 +325,7 @@ class _Run:
         strategy = build_strategy(config)
         model, tokenizer = load_model(self.base_path)
         recorder = _Recorder(self, 0, Spent())
-        trainer = amft_cls(
+        trainer = AMFTTrainer(
             model=model,
             reward_funcs=self.data.reward_funcs,
             args=config,
@@ -427,7 +341,7 @@ class _Run:
         return trainer.accelerator.unwrap_model(trainer.model), tokenizer, trainer.spent, history, {}
 
     def _two_stage(self):
-        _, grpo_cls, sft_cls = _metered_classes()
+        grpo_cls, sft_cls = _metered_classes()
         sft_config, rl_config = build_configs(
             self.grid,
             self.method,

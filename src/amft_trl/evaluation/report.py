@@ -12,13 +12,31 @@ were drawn. Pass several `EvalResults` to compare models in one table.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from amft_trl.evaluation.benchmarks import BENCHMARK_GROUPS
 
-if TYPE_CHECKING:
-    from amft_trl.evaluation.runner import EvalResults
+
+class _BenchmarkResult(Protocol):
+    label: str
+    group: str
+    reward: str
+    template: dict[str, Any]
+    num_samples: int
+    metrics: dict[str, Any]
+
+
+class EvalResults(Protocol):
+    """What the tables read of an `amft_trl.evaluation.results.EvalResults` (which imports this module, not the
+    other way round)."""
+
+    model: str
+    backend: str
+    settings: dict[str, Any]
+    benchmarks: Mapping[str, _BenchmarkResult]
+    aggregates: dict[str, dict[str, Any]]
+
 
 __all__ = ["markdown_report", "markdown_tables"]
 
