@@ -127,6 +127,7 @@ def main(script_args: GeneralPointsArguments, training_args: AMFTConfig, model_a
         "validation prompts"
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_state()  # trainer_state.json (the log history plot_training_dynamics reads), even with save_strategy "no"
     trainer.accelerator.print(training_summary(trainer))
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}")

@@ -181,6 +181,7 @@ def main(script_args: MathScriptArguments, training_args: AMFTConfig, model_args
         f"{len(data.validation)} validation prompts"
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_state()  # trainer_state.json (the log history plot_training_dynamics reads), even with save_strategy "no"
     trainer.accelerator.print(training_summary(trainer))
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Model saved to {training_args.output_dir}")

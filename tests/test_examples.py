@@ -61,6 +61,10 @@ def test_math_script_trains_end_to_end(tiny_model_dir, tmp_path):
     assert "Trained 2 steps" in result.stdout
     assert "amft/val_reward" in result.stdout  # the mixed step was a meta step
     assert (out / "model.safetensors").is_file()
+    # the recipe sets save_strategy "no": the script still writes the log history the plot reads
+    from amft_trl.plotting import plot_training_dynamics
+
+    assert plot_training_dynamics(str(out)).is_file()
     args = _saved_args(out)
     assert args.max_steps == 2 and args.meta_update_steps == 1  # command line over the recipe
     assert args.learning_rate == 1e-5 and args.lr_scheduler_type == "constant"  # from the recipe
