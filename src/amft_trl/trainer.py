@@ -71,6 +71,7 @@ from .config import AMFTConfig
 from .sft_data import (
     InfiniteStream,
     SFTBatch,
+    as_completion,
     check_sft_columns,
     collate_sft,
     collate_vision_sft,
@@ -78,6 +79,7 @@ from .sft_data import (
     prepare_vision_sft_dataset,
     tokenize_prompt_completion,
     tokenize_sft_dataset,
+    vision_demonstration,
 )
 from .vision import check_image_inputs, reload_converted_checkpoint
 
@@ -191,13 +193,6 @@ class AMFTTrainer(GRPOTrainer):
             "val_dataset": val_dataset,
         }
         check_image_inputs(model, processing_class, image_datasets, args.trust_remote_code)
-        if strategy.sft_source == "train_column" and image_column(train_dataset) is not None:
-            raise ValueError(
-                f"balancing={strategy.name!r} attaches each prompt's demonstration to its rollouts, but train_dataset "
-                f"has an `{image_column(train_dataset)}` column and demonstrations of image prompts are not supported "
-                "by this strategy yet (they would be trained on without their images). Use image prompts with another "
-                "strategy, or text prompts with this one."
-            )
         self.strategy = strategy
         super().__init__(
             model=model,
@@ -241,18 +236,24 @@ class AMFTTrainer(GRPOTrainer):
         if val_dataset is not None:
             self._val_stream = InfiniteStream(len(val_dataset), seed=args.seed + 1)
         self._sft_batch_size = args.sft_per_device_train_batch_size or args.per_device_train_batch_size
+        # image prompts: demonstrations read from train_dataset (HPT, ReLIFT) carry their row's images
+        self._rl_image_column = image_column(train_dataset)
         self._attached: AttachedDemonstrations | None = None
         if strategy.sft_source == "train_column":
             tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+            vision = self._rl_image_column is not None
             self._attached = AttachedDemonstrations(
                 strategy,
                 self.accelerator,
                 self._tokenize_demonstration,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=self.processing_class.eos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
                 gradient_accumulation_steps=args.gradient_accumulation_steps,
                 steps_per_generation=args.steps_per_generation,
                 num_generations=self.num_generations,
+                image_column=self._rl_image_column,
+                collate=self._collate_demonstrations if vision else None,
+                placeholder=self._vision_placeholder if vision else None,
             )
         self._step_state: _StepState | None = None  # set for the duration of one optimizer step
         self._captured_rewards: torch.Tensor | None = None
@@ -731,16 +732,42 @@ class AMFTTrainer(GRPOTrainer):
             demonstrations=inputs.get("amft_demonstration"),
         )
 
-    def _tokenize_demonstration(self, prompt: Any, demonstration: Any) -> dict[str, list[int]] | None:
-        """A prompt's demonstration tokenised like the SFT data; None when truncation leaves no completion token."""
+    def _tokenize_demonstration(
+        self, prompt: Any, demonstration: Any, images: list[Any] | None = None
+    ) -> dict[str, Any] | None:
+        """A prompt's demonstration (from a train_dataset column) tokenised like the SFT data; None when truncation
+        leaves no completion token. A string demonstration of a conversational prompt is the assistant's message.
+
+        `images` (image prompts): the row's images, which the demonstration carries into the SFT forward; the example
+        is then one for `_collate_demonstrations` (`amft_trl.sft_data.vision_demonstration`), None also when the prompt
+        and its image tokens leave no room for a completion token within `max_sft_length`."""
+        completion = as_completion(prompt, demonstration)
+        if images is not None:
+            return vision_demonstration(
+                self.processing_class, prompt, completion, images, self.args.max_sft_length
+            )
         example = tokenize_prompt_completion(
             self.processing_class,
             prompt,
-            demonstration,
+            completion,
             self.args.max_sft_length,
             chat_template=self.chat_template,
         )
         return example if example["completion_ids"] else None
+
+    def _collate_demonstrations(self, examples: list[dict[str, Any]]) -> SFTBatch:
+        """Demonstrations of image prompts (`_tokenize_demonstration` with images), through TRL's VLM collator."""
+        return collate_vision_sft(examples, self.processing_class, self.args.max_sft_length, "images")
+
+    def _vision_placeholder(self, prompt: Any, images: list[Any]) -> dict[str, Any]:
+        """A zero-weight row with the prompt's images (the vision tower runs on every process): EOS as completion."""
+        eos = getattr(self.processing_class, "tokenizer", self.processing_class).eos_token
+        example = vision_demonstration(
+            self.processing_class, prompt, as_completion(prompt, eos), images, None
+        )
+        if example is None:
+            raise RuntimeError(f"No placeholder demonstration can be built for the prompt {prompt!r}.")
+        return example
 
     # ------------------------------------------------------------------------------------------------------
     # LUFFY (balancing="luffy", `amft_trl.balancing.luffy`): demonstrations as off-policy rollouts. Begin.

@@ -1,0 +1,179 @@
+"""The strategies that read demonstrations from the RL dataset (HPT, LUFFY, ReLIFT) with image prompts, on the tiny
+LLaVA (`amft_trl.toy.build_vlm`): each demonstration carries its row's images into the model.
+
+- HPT: every prompt fails, so every demonstration is trained; the logged SFT loss is a hand-built token-mean NLL of
+  TRL's VLM collation of the rows (images included), which differs without the images, and the vision tower moves.
+- LUFFY: the off-policy rows hold the demonstration's tokens, are scored and trained on with their images.
+- ReLIFT: the buffered all-failed prompts keep their images into the SFT step (hand-built NLL again), and through a
+  checkpoint (the images are stored in `amft_state.json`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import make_config
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from amft_trl import AMFTTrainer
+from amft_trl.toy import build_vlm, build_vlm_processor, image_addition_prompts
+
+COMMON = dict(
+    per_device_train_batch_size=8,  # 2 prompts x 4 rollouts per step
+    num_generations=4,
+    max_completion_length=6,
+    max_steps=1,
+    learning_rate=1e-2,
+    report_to="none",
+    use_cpu=True,
+    bf16=False,
+    save_strategy="no",
+    seed=7,
+    disable_tqdm=True,
+)
+
+
+def solution(answer: str) -> str:
+    return f" {answer}. The answer is {answer}."
+
+
+def prompts_with_solutions(n: int = 16, seed: int = 1):
+    data = image_addition_prompts(n, seed=seed)
+    return data.add_column("solution", [solution(a) for a in data["answer"]])
+
+
+def always_wrong(completions, **kwargs):
+    """Every rollout fails: every prompt goes to its demonstration (HPT) / into the buffer (ReLIFT)."""
+    return [0.0] * len(completions)
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-llava")
+    processor = build_vlm_processor()
+    build_vlm(processor).save_pretrained(path)
+    processor.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def processor(vlm_dir):
+    return AutoProcessor.from_pretrained(vlm_dir)
+
+
+def trainer_for(tmp_path, vlm_dir, processor, reward_funcs, **overrides):
+    train_dataset = overrides.pop("train_dataset", None) or prompts_with_solutions()
+    return AMFTTrainer(
+        model=vlm_dir,
+        reward_funcs=reward_funcs,
+        args=make_config(tmp_path, **{**COMMON, **overrides}),
+        train_dataset=train_dataset,
+        processing_class=processor,
+    )
+
+
+def history(trainer, key):
+    return [h[key] for h in trainer.state.log_history if key in h]
+
+
+def vision_params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "vision_tower" in n}
+
+
+def hand_nll(vlm_dir, processor, rows, with_images: bool = True) -> float:
+    """Token-mean NLL of each row's `solution` after its prompt and image, on the untrained model: TRL's VLM
+    collation (completion-only labels) and a plain forward. Without images, the same tokens are read as text (the
+    image tokens' own embeddings), so the vision tower is bypassed."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    collate = DataCollatorForVisionLanguageModeling(processor=processor, completion_only_loss=True)
+    examples = [
+        {
+            "prompt": copy.deepcopy(row["prompt"]),
+            "completion": [{"role": "assistant", "content": row["solution"]}],
+            "images": [row["image"]],
+        }
+        for row in rows
+    ]
+    batch = collate(examples)
+    model = AutoModelForImageTextToText.from_pretrained(vlm_dir).eval()
+    with torch.no_grad():
+        if with_images:
+            logits = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"],
+            ).logits
+        else:
+            embeds = model.get_input_embeddings()(batch["input_ids"])
+            logits = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    logps = torch.log_softmax(logits[:, :-1].double(), -1)
+    nll = -logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return float(nll[mask].mean())
+
+
+def first_rows_of_groups(rows, group=4):
+    return [rows[i] for i in range(0, len(rows), group)]
+
+
+# ---- HPT ----------------------------------------------------------------------------------------------------------
+def test_hpt_trains_each_failing_prompts_demonstration_with_its_images(tmp_path, vlm_dir, processor):
+    trainer = trainer_for(
+        tmp_path,
+        vlm_dir,
+        processor,
+        [always_wrong],
+        balancing="hpt",
+        hpt_demonstration_column="solution",
+    )
+    seen = []
+    generation = trainer._attached.generation
+    trainer._attached.generation = lambda inputs, out: seen.extend(inputs) or generation(inputs, out)
+    batches = []
+    sft_step = trainer._sft_micro_step
+
+    def spy(model, batch, *args, **kwargs):
+        batches.append(batch)
+        return sft_step(model, batch, *args, **kwargs)
+
+    trainer._sft_micro_step = spy
+    before = vision_params(trainer.model)
+    trainer.train()
+    assert history(trainer, "amft/hpt_sft_fraction") == [1.0]  # every prompt failed: all go to SFT
+    assert history(trainer, "amft/mu") == [1.0]
+    assert len(batches) == 1 and "pixel_values" in batches[0].model_inputs
+    assert batches[0].model_inputs["num_images"] == [1, 1]
+    prompts = first_rows_of_groups(seen)
+    assert len(prompts) == 2
+    logged = history(trainer, "amft/sft_loss")
+    assert logged[0] == pytest.approx(hand_nll(vlm_dir, processor, prompts), rel=1e-5)
+    assert abs(logged[0] - hand_nll(vlm_dir, processor, prompts, with_images=False)) > 1e-2
+    # every advantage is 0 (all rollouts fail): only the demonstrations' images can have moved the vision tower
+    assert any(not torch.equal(before[n], p) for n, p in vision_params(trainer.model).items())
+
+
+def test_hpt_text_demonstrations_of_conversational_prompts_are_the_assistants_message(
+    tmp_path, vlm_dir, processor
+):
+    """A string demonstration of a conversational prompt is tokenised as its assistant message (text and images
+    alike); its completion tokens are the ones TRL's VLM collator gives it."""
+    trainer = trainer_for(
+        tmp_path, vlm_dir, processor, [always_wrong], balancing="hpt", hpt_demonstration_column="solution"
+    )
+    row = trainer.train_dataset[0]
+    with_images = trainer._tokenize_demonstration(row["prompt"], row["solution"], [row["image"]])
+    text = trainer._tokenize_demonstration(row["prompt"], row["solution"])
+    assert with_images["completion_ids"] == text["completion_ids"]
+    image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert with_images["prompt_ids"].count(image_token) == 4 and image_token not in text["prompt_ids"]
+    # truncation never cuts the image tokens: a prompt that leaves no room for a completion token is dropped
+    trainer.args.max_sft_length = len(with_images["prompt_ids"])
+    assert trainer._tokenize_demonstration(row["prompt"], row["solution"], [row["image"]]) is None
+    trainer.args.max_sft_length = len(with_images["prompt_ids"]) + 2
+    cut = trainer._tokenize_demonstration(row["prompt"], row["solution"], [row["image"]])
+    assert cut["completion_ids"] == with_images["completion_ids"][:2]
+    assert trainer._collate_demonstrations([cut]).completion_mask.sum() == 2
