@@ -11,6 +11,7 @@ LLaVA (`amft_trl.toy.build_vlm`): each demonstration carries its row's images in
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from conftest import make_config
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from amft_trl import AMFTTrainer
-from amft_trl.toy import build_vlm, build_vlm_processor, image_addition_prompts
+from amft_trl.toy import build_vlm, build_vlm_processor, digit_fraction_reward, image_addition_prompts
 
 COMMON = dict(
     per_device_train_batch_size=8,  # 2 prompts x 4 rollouts per step
@@ -82,10 +83,10 @@ def vision_params(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "vision_tower" in n}
 
 
-def hand_nll(vlm_dir, processor, rows, with_images: bool = True) -> float:
-    """Token-mean NLL of each row's `solution` after its prompt and image, on the untrained model: TRL's VLM
+def hand_logps(vlm_dir, processor, rows, with_images: bool = True) -> torch.Tensor:
+    """Log-probs of each row's `solution` tokens after its prompt and image, on the untrained model: TRL's VLM
     collation (completion-only labels) and a plain forward. Without images, the same tokens are read as text (the
-    image tokens' own embeddings), so the vision tower is bypassed."""
+    image tokens' own embeddings), so the vision tower is bypassed. (T,) over all rows' completion tokens."""
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
     collate = DataCollatorForVisionLanguageModeling(processor=processor, completion_only_loss=True)
@@ -112,8 +113,12 @@ def hand_nll(vlm_dir, processor, rows, with_images: bool = True) -> float:
     labels = batch["labels"][:, 1:]
     mask = labels != -100
     logps = torch.log_softmax(logits[:, :-1].double(), -1)
-    nll = -logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return float(nll[mask].mean())
+    return logps.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)[mask]
+
+
+def hand_nll(vlm_dir, processor, rows, with_images: bool = True) -> float:
+    """The token-mean NLL of the rows' solutions (`hand_logps`)."""
+    return float(-hand_logps(vlm_dir, processor, rows, with_images).mean())
 
 
 def first_rows_of_groups(rows, group=4):
@@ -177,3 +182,121 @@ def test_hpt_text_demonstrations_of_conversational_prompts_are_the_assistants_me
     cut = trainer._tokenize_demonstration(row["prompt"], row["solution"], [row["image"]])
     assert cut["completion_ids"] == with_images["completion_ids"][:2]
     assert trainer._collate_demonstrations([cut]).completion_mask.sum() == 2
+
+
+# ---- LUFFY --------------------------------------------------------------------------------------------------------
+def test_luffy_puts_each_demonstration_with_its_images_into_the_group(tmp_path, vlm_dir, processor):
+    trainer = trainer_for(
+        tmp_path,
+        vlm_dir,
+        processor,
+        [digit_fraction_reward],
+        balancing="luffy",
+        luffy_demonstration_column="solution",
+        max_completion_length=32,  # the whole demonstration fits
+    )
+    seen, outs = [], []
+    generate = trainer._generate_and_score_completions
+
+    def spy(inputs):
+        seen.extend(inputs)
+        out = generate(inputs)
+        outs.append(out)
+        return out
+
+    trainer._generate_and_score_completions = spy
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    (out,) = outs
+    assert out["amft_off_policy"].tolist() == [True, False, False, False] * 2
+    tokenizer = processor.tokenizer
+    for row in (0, 4):
+        ids = out["completion_ids"][row][out["completion_mask"][row].bool()].tolist()
+        assert tokenizer.decode(ids) == seen[row]["solution"] + "<|end|>"
+    assert (
+        out["pixel_values"].shape[0] == 8 and out["num_images"] == [1] * 8
+    )  # every row is trained with its image
+    for key in (
+        "amft/luffy_off_policy_fraction",
+        "amft/luffy_importance_weight",
+        "amft/luffy_off_policy_reward",
+    ):
+        assert len(history(trainer, key)) == 1, key
+    # the off-policy tokens' probabilities the loss used are those of the demonstration after its image
+    prompts = first_rows_of_groups(seen)
+    logps = hand_logps(vlm_dir, processor, prompts)
+    assert history(trainer, "amft/luffy_off_policy_prob")[0] == pytest.approx(
+        float(logps.exp().mean()), rel=1e-5
+    )
+    blind = hand_logps(vlm_dir, processor, prompts, with_images=False)  # and without the images they differ
+    assert (blind - logps).abs().max() > 0.1
+    after = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before if "vision_tower" in n)
+
+
+# ---- ReLIFT -------------------------------------------------------------------------------------------------------
+def relift(tmp_path, vlm_dir, processor, callbacks=(), **overrides):
+    trainer = trainer_for(
+        tmp_path,
+        vlm_dir,
+        processor,
+        [always_wrong],
+        balancing="relift",
+        relift_demonstration_column="solution",
+        relift_buffer_size=2,  # step 0's two prompts fill it: step 1 is the SFT step
+        max_steps=2,
+        **overrides,
+    )
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    return trainer
+
+
+def test_relift_trains_the_buffered_demonstrations_with_their_images(tmp_path, vlm_dir, processor):
+    trainer = relift(tmp_path, vlm_dir, processor)
+    seen, batches = [], []
+    fill, sft_batches = trainer._relift_fill, trainer._relift_sft_batches
+    trainer._relift_fill = lambda inputs, rewards: seen.extend(inputs) or fill(inputs, rewards)
+    trainer._relift_sft_batches = lambda entries, n: batches.extend(sft_batches(entries, n)) or batches[-n:]
+    before = vision_params(trainer.model)
+    trainer.train()
+    assert history(trainer, "amft/relift_sft_step") == [0.0, 1.0]
+    assert len(batches) == 1 and batches[0].model_inputs["num_images"] == [1, 1]
+    prompts = first_rows_of_groups(seen)
+    assert len(prompts) == 2
+    # step 0's advantages are all 0 (every rollout fails): step 1 starts from the untrained weights
+    logged = history(trainer, "amft/sft_loss")
+    assert len(logged) == 1 and logged[0] == pytest.approx(hand_nll(vlm_dir, processor, prompts), rel=1e-5)
+    assert abs(logged[0] - hand_nll(vlm_dir, processor, prompts, with_images=False)) > 1e-2
+    assert any(not torch.equal(before[n], p) for n, p in vision_params(trainer.model).items())
+
+
+def test_relift_buffer_keeps_its_images_through_a_checkpoint(tmp_path, vlm_dir, processor):
+    import numpy as np
+    from transformers import TrainerCallback
+
+    from amft_trl.balancing.relift import ReLIFTStrategy
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step >= 1
+
+    straight = relift(tmp_path / "a", vlm_dir, processor)
+    straight.train()
+    first = relift(tmp_path / "b", vlm_dir, processor, [StopAt()], save_strategy="steps", save_steps=1)
+    first.train()
+    state = json.loads(json.dumps(first.strategy.state_dict()))  # what amft_state.json holds
+    restored = ReLIFTStrategy("solution", buffer_size=2)
+    restored.load_state_dict(state)
+    for kept, reloaded in zip(first.strategy.buffer, restored.buffer, strict=True):
+        assert reloaded[:2] == kept[:2] and len(reloaded[2]) == 1
+        assert np.array_equal(np.asarray(reloaded[2][0]), np.asarray(kept[2][0])), (
+            "the image is kept pixel for pixel"
+        )
+    second = relift(tmp_path / "b", vlm_dir, processor)
+    second.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-1"))
+    assert history(second, "amft/sft_loss") == pytest.approx(history(straight, "amft/sft_loss"), rel=1e-6)
+    for (name, x), (_, y) in zip(
+        straight.model.named_parameters(), second.model.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)

@@ -77,6 +77,7 @@ from .sft_data import (
     collate_vision_sft,
     image_column,
     prepare_vision_sft_dataset,
+    row_images,
     tokenize_prompt_completion,
     tokenize_sft_dataset,
     vision_demonstration,
@@ -958,20 +959,12 @@ class AMFTTrainer(GRPOTrainer):
             )
         self._relift = self.strategy
 
-    def _relift_demonstration_ids(self, prompt: Any, demonstration: Any) -> dict[str, list[int]] | None:
-        """A buffered pair tokenised like the SFT data (`max_sft_length`); None when no completion token is left."""
-        if isinstance(demonstration, str) and is_conversational({"prompt": prompt}):
-            demonstration = [{"role": "assistant", "content": demonstration}]
-        if not demonstration:
+    def _relift_example(self, entry: tuple[Any, ...]) -> dict[str, Any] | None:
+        """A buffered (prompt, demonstration[, images]) tokenised like the SFT data (`max_sft_length`, with the
+        row's images for image prompts); None when no completion token is left."""
+        if not entry[1]:
             return None
-        example = tokenize_prompt_completion(
-            self.processing_class,
-            prompt,
-            demonstration,
-            self.args.max_sft_length,
-            chat_template=self.chat_template,
-        )
-        return example if example["completion_ids"] else None
+        return self._tokenize_demonstration(*entry)
 
     def _relift_fill(self, inputs: list[dict[str, Any]], rewards: torch.Tensor) -> None:
         """Buffer the generation batch's all-failed prompts with their demonstrations, in global row order, on every
@@ -982,13 +975,14 @@ class AMFTTrainer(GRPOTrainer):
         failed = all_failed(total.view(-1, g), self._relift.fail_reward).repeat_interleave(g).cpu().tolist()
         first = self.accelerator.process_index * len(inputs)
         column = self._relift.demonstration_column
+        images = self._rl_image_column  # image prompts: each buffered prompt keeps its row's images
         local = [
-            (row["prompt"], row.get(column))
+            (row["prompt"], row.get(column)) + (() if images is None else (row_images(row, images),))
             for i, row in enumerate(inputs)
             if (first + i) % g == 0 and failed[first + i]
         ]
         gathered = gather_object(local) if self.accelerator.num_processes > 1 else local
-        kept = [(p, d) for p, d in gathered if self._relift_demonstration_ids(p, d) is not None]
+        kept = [entry for entry in gathered if self._relift_example(entry) is not None]
         if len(kept) < len(gathered):
             logger.warning(
                 "ReLIFT: %d all-failed prompt(s) not buffered: their demonstration (train_dataset[%r]) is empty or "
@@ -998,15 +992,20 @@ class AMFTTrainer(GRPOTrainer):
             )
         self._relift.add_failed(kept)
 
-    def _relift_sft_batches(self, examples: list[tuple[Any, Any]], num_micro: int) -> list[SFTBatch]:
-        """The SFT step's micro-batches: this process's equal share of the buffered pairs, split over micro-steps."""
+    def _relift_sft_batches(self, examples: list[tuple[Any, ...]], num_micro: int) -> list[SFTBatch]:
+        """The SFT step's micro-batches: this process's equal share of the buffered entries, split over micro-steps
+        (image prompts' through TRL's VLM collation, with their images)."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         per_process = len(examples) // world
         local = examples[rank * per_process : (rank + 1) * per_process]
         per_micro = per_process // num_micro
         pad = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
-        tokenised = [self._relift_demonstration_ids(p, d) for p, d in local]
-        return [collate_sft(tokenised[m * per_micro : (m + 1) * per_micro], pad) for m in range(num_micro)]
+        tokenised = [self._relift_example(entry) for entry in local]
+        if self._rl_image_column is not None:
+            collate = self._collate_demonstrations
+        else:
+            collate = lambda examples: collate_sft(examples, pad)  # noqa: E731
+        return [collate(tokenised[m * per_micro : (m + 1) * per_micro]) for m in range(num_micro)]
 
     # ------------------------------------------------------------------------------------------------------
     # ReLIFT. End.
