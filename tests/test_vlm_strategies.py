@@ -185,7 +185,21 @@ def test_hpt_text_demonstrations_of_conversational_prompts_are_the_assistants_me
 
 
 # ---- LUFFY --------------------------------------------------------------------------------------------------------
-def test_luffy_puts_each_demonstration_with_its_images_into_the_group(tmp_path, vlm_dir, processor):
+def test_luffy_puts_each_demonstration_with_its_images_into_the_group(
+    tmp_path, vlm_dir, processor, monkeypatch
+):
+    from trl import GRPOTrainer
+
+    generated = []
+    original = GRPOTrainer._generate_single_turn
+
+    def generation_spy(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
+        generated.append(
+            (len(prompt_ids), len(images), len(multimodal_fields["pixel_values"]), num_generations)
+        )
+        return original(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs)
+
+    monkeypatch.setattr(GRPOTrainer, "_generate_single_turn", generation_spy)
     trainer = trainer_for(
         tmp_path,
         vlm_dir,
@@ -208,6 +222,8 @@ def test_luffy_puts_each_demonstration_with_its_images_into_the_group(tmp_path, 
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     (out,) = outs
+    # the demonstrations cost no generation: 3 of each group's 4 rows are generated, each with its image
+    assert generated == [(6, 6, 6, 3)]
     assert out["amft_off_policy"].tolist() == [True, False, False, False] * 2
     tokenizer = processor.tokenizer
     for row in (0, 4):

@@ -701,6 +701,7 @@ class AMFTTrainer(GRPOTrainer):
             out = super()._generate_and_score_completions(inputs)
         finally:
             demonstrations, self._luffy_demonstrations = self._luffy_demonstrations, None
+            self._luffy_on_policy_prompts = None
         rewards, self._captured_rewards = self._captured_rewards, None
         if demonstrations is not None:
             self._luffy_mark(out, demonstrations, rewards)
@@ -778,6 +779,7 @@ class AMFTTrainer(GRPOTrainer):
         self._luffy: LUFFYStrategy | None = None
         self._luffy_demonstrations: list[list[int] | None] | None = None
         self._luffy_logps_hook = None
+        self._luffy_on_policy_prompts = None  # image prompts: TRL's tokenisation of the on-policy rows alone
         # this step's sums: f(p) and p over the off-policy tokens, their count, and all completion tokens
         self._luffy_sums = [0.0] * 4
         strategy = self.strategy
@@ -832,12 +834,23 @@ class AMFTTrainer(GRPOTrainer):
             out.append(ids)
         return out
 
+    def _tokenize_prompts(self, prompts: list):
+        """TRL's prompt tokenisation; under LUFFY with image prompts, also that of the on-policy rows alone (their
+        images and the processor's fields for them: `pixel_values`, ...), so that only those rows are generated."""
+        out = super()._tokenize_prompts(prompts)
+        demonstrations = self._luffy_demonstrations
+        multimodal = out[1] is not None or bool(out[2])
+        if demonstrations is not None and multimodal and len(prompts) == len(demonstrations):
+            on = [i for i, d in enumerate(demonstrations) if d is None]
+            self._luffy_on_policy_prompts = super()._tokenize_prompts([prompts[i] for i in on])
+        return out
+
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
         """TRL's generation, for the on-policy rows only; the off-policy rows get their demonstration's tokens.
 
-        Text-only prompts: the demonstrations cost no generation (TRL generates `num_generations -
-        luffy_num_off_policy` completions per prompt, in every generation mode). With images, every row is generated
-        and the off-policy ones then replaced (a wasted generation per demonstration)."""
+        The demonstrations cost no generation: TRL generates `num_generations - luffy_num_off_policy` completions per
+        prompt, in every generation mode. Image prompts are generated from the on-policy rows' own tokenisation
+        (`_tokenize_prompts`), with their images."""
         demonstrations = self._luffy_demonstrations
         if demonstrations is None:
             return super()._generate_single_turn(
@@ -850,20 +863,19 @@ class AMFTTrainer(GRPOTrainer):
             )
         on = [i for i, d in enumerate(demonstrations) if d is None]
         if images is None and not multimodal_fields:
-            generated, logprobs = super()._generate_single_turn(
-                [prompt_ids[i] for i in on],
-                None,
-                multimodal_fields,
-                num_generations - self._luffy.num_off_policy,
-                *args,
-                **kwargs,
-            )
-        else:  # multimodal rows: generate them all, keep the on-policy ones
-            generated, logprobs = super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
-            )
-            generated = [generated[i] for i in on]
-            logprobs = None if logprobs is None else [logprobs[i] for i in on]
+            on_prompts = ([prompt_ids[i] for i in on], None, multimodal_fields)
+        else:
+            on_prompts, self._luffy_on_policy_prompts = self._luffy_on_policy_prompts, None
+            if on_prompts is None or [list(ids) for ids in on_prompts[0]] != [
+                list(prompt_ids[i]) for i in on
+            ]:
+                raise RuntimeError(
+                    "balancing='luffy': the on-policy rows of an image batch were not tokenised as in the full batch; "
+                    "their generation cannot be separated from the demonstrations'."
+                )
+        generated, logprobs = super()._generate_single_turn(
+            *on_prompts, num_generations - self._luffy.num_off_policy, *args, **kwargs
+        )
         completion_ids: list[list[int]] = []
         all_logprobs: list[list[float]] | None = None if logprobs is None else []
         cursor = 0
