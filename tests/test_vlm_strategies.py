@@ -316,3 +316,44 @@ def test_relift_buffer_keeps_its_images_through_a_checkpoint(tmp_path, vlm_dir, 
         straight.model.named_parameters(), second.model.named_parameters(), strict=True
     ):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ---- the VLM example script -------------------------------------------------------------------------------------
+def test_vlm_example_script_runs_hpt_on_the_rows_demonstrations(tmp_path, vlm_dir):
+    import sys
+    from pathlib import Path
+
+    from datasets import DatasetDict
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "vlm"
+    sys.path.insert(0, str(examples))
+    import train_vlm
+
+    prompts = image_addition_prompts(8, seed=1).rename_column("answer", "solution")
+    demos = [f"\\boxed{{{s}}}" if i % 2 == 0 else "" for i, s in enumerate(prompts["solution"])]
+    data = DatasetDict(
+        {
+            "train": prompts.add_column("completion", demos),
+            "validation": image_addition_prompts(4, 3).rename_column("answer", "solution"),
+        }
+    )
+    data.save_to_disk(tmp_path / "data")
+    argv = ["--config", str(examples / "qwen2_5_vl_3b_1gpu.yaml"), "--model_name_or_path", vlm_dir]
+    argv += [
+        "--dataset_name",
+        str(tmp_path / "data"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--dtype",
+        "float32",
+    ]
+    argv += ["--bf16", "false", "--use_cpu", "true", "--gradient_checkpointing", "false", "--max_steps", "1"]
+    argv += ["--balancing", "hpt", "--sft_warmup_steps", "0", "--per_device_train_batch_size", "8"]
+    argv += ["--gradient_accumulation_steps", "1", "--num_generations", "4", "--max_completion_length", "4"]
+    argv += ["--save_strategy", "no", "--hpt_accuracy_threshold", "0.5"]
+    with pytest.raises(ValueError, match=r"--hpt_demonstration_column completion"):
+        train_vlm.main(*train_vlm.parse_args(argv))
+    trainer = train_vlm.main(*train_vlm.parse_args([*argv, "--hpt_demonstration_column", "completion"]))
+    assert trainer.state.global_step == 1 and "completion" in trainer.train_dataset.column_names
+    # the step's two prompts fail; one has a demonstration (the other's is empty, so it is not trained)
+    assert history(trainer, "amft/hpt_sft_fraction") == [0.5] and len(history(trainer, "amft/sft_loss")) == 1

@@ -9,6 +9,10 @@ Data (`dataset_name`: a hub id or a folder written by `DatasetDict.save_to_disk`
 `amft_trl.rewards.math_accuracy_reward`) and, for the rows that have one, a demonstration `completion` (an assistant
 message list or a string). Rows of `train_split` are the RL prompts; those of them with a demonstration are the SFT
 data; `val_split` gives AMFT's validation prompts (Eq. 4).
+
+`--balancing hpt|luffy|relift` read each prompt's demonstration from its own row instead (name the same column in
+`--hpt_demonstration_column` / `--luffy_demonstration_column` / `--relift_demonstration_column`): the RL prompts then
+keep it, with their images; LUFFY, which needs one per prompt, trains on the rows that have one.
 """
 
 from __future__ import annotations
@@ -21,6 +25,13 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 from amft_trl import AMFTConfig, AMFTTrainer
 from amft_trl.rewards import boxed_format_reward, math_accuracy_reward
+
+#: The strategies that read each prompt's demonstration from the RL prompts' rows, and the field naming its column.
+ROW_DEMONSTRATIONS = {
+    "hpt": "hpt_demonstration_column",
+    "luffy": "luffy_demonstration_column",
+    "relift": "relift_demonstration_column",
+}
 
 #: Parameter-name fragments of the vision encoder (and projector) of the VLM families transformers ships.
 VISION_MODULES = ("vision_tower", ".visual.", "vision_model", "multi_modal_projector")
@@ -55,7 +66,9 @@ def freeze_vision(model) -> int:
     return frozen
 
 
-def load_splits(script_args: VLMScriptArguments):
+def load_splits(script_args: VLMScriptArguments, balancing: str = "amft"):
+    """(RL prompts, SFT demonstrations, validation prompts). For `ROW_DEMONSTRATIONS` strategies the RL prompts keep
+    the demonstration column (LUFFY: only the rows that have one)."""
     from datasets import Value, load_dataset, load_from_disk
 
     if os.path.isdir(script_args.dataset_name):
@@ -75,13 +88,25 @@ def load_splits(script_args: VLMScriptArguments):
     )
     if isinstance(sft.features["completion"], Value):  # a string: the assistant's message after the prompt
         sft = sft.map(lambda row: {"completion": [{"role": "assistant", "content": row["completion"]}]})
-    prompts = train.remove_columns(column)
+    if balancing == "luffy":
+        prompts = with_demo
+    elif balancing in ROW_DEMONSTRATIONS:
+        prompts = train
+    else:
+        prompts = train.remove_columns(column)
     return prompts, sft, val
 
 
 def main(script_args: VLMScriptArguments, training_args: AMFTConfig, model_args: ModelConfig) -> AMFTTrainer:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    field_name = ROW_DEMONSTRATIONS.get(training_args.balancing)
+    if field_name is not None and getattr(training_args, field_name) != script_args.demonstration_column:
+        raise ValueError(
+            f"--balancing {training_args.balancing} reads each prompt's demonstration from its row: set "
+            f"--{field_name} {script_args.demonstration_column} (the script's --demonstration_column), got "
+            f"{getattr(training_args, field_name)!r}."
+        )
     model = AutoModelForImageTextToText.from_pretrained(
         model_args.model_name_or_path,
         dtype=model_args.dtype,
@@ -93,7 +118,7 @@ def main(script_args: VLMScriptArguments, training_args: AMFTConfig, model_args:
     peft_config = get_peft_config(model_args)
     if script_args.freeze_vision_tower and peft_config is None:
         print(f"Froze {freeze_vision(model)} vision parameter tensors.")
-    prompts, sft, val = load_splits(script_args)
+    prompts, sft, val = load_splits(script_args, training_args.balancing)
     print(f"{len(prompts)} RL prompts, {len(sft)} SFT demonstrations, {len(val)} validation prompts")
     trainer = AMFTTrainer(
         model=model,
