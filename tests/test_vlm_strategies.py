@@ -184,6 +184,76 @@ def test_hpt_text_demonstrations_of_conversational_prompts_are_the_assistants_me
     assert trainer._collate_demonstrations([cut]).completion_mask.sum() == 2
 
 
+@pytest.mark.parametrize("own_demonstration", ["kept", "empty"])
+def test_hpt_placeholder_row_of_a_process_without_demonstrations_carries_images(
+    tmp_path, vlm_dir, processor, own_demonstration
+):
+    """2 simulated processes, one prompt each: process 1's prompt fails (its demonstration is trained), process 0's
+    succeeds. Process 0 still runs the SFT forward (DDP / ZeRO-3 need equal forward counts) on a zero-weight row that
+    carries its prompt's image, so the vision tower runs on both: its own demonstration, or, when that is empty, its
+    prompt with EOS as completion."""
+    import threading
+
+    from test_applied_sft_weight import _Board, _FakeAccelerator
+
+    from amft_trl.attached_demonstrations import AttachedDemonstrations
+    from amft_trl.balancing import HPTStrategy
+
+    trainer = trainer_for(
+        tmp_path, vlm_dir, processor, [always_wrong], balancing="hpt", hpt_demonstration_column="solution"
+    )
+    data = trainer.train_dataset
+    rows = [data[0]] * 4 + [data[1]] * 4
+    if own_demonstration == "empty":
+        rows[:4] = [{**data[0], "solution": ""}] * 4
+    rewards = torch.tensor([1.0] * 4 + [0.0] * 4)
+    board, out = _Board(2), [None, None]
+
+    def process(rank):
+        attached = AttachedDemonstrations(
+            HPTStrategy("solution"),
+            _FakeAccelerator(rank, 2, board),
+            trainer._tokenize_demonstration,
+            pad_token_id=processor.tokenizer.pad_token_id,
+            eos_token_id=processor.tokenizer.eos_token_id,
+            gradient_accumulation_steps=1,
+            steps_per_generation=1,
+            num_generations=4,
+            image_column="image",
+            collate=trainer._collate_demonstrations,
+            placeholder=trainer._vision_placeholder,
+        )
+        mine = slice(rank * 4, rank * 4 + 4)
+        attached.generation(
+            rows[mine],
+            {
+                "advantages": torch.zeros(4),
+                "amft_reward": rewards[mine],
+                "amft_group_rewards": rewards.view(2, 4).repeat_interleave(4, dim=0)[mine],
+                "completion_mask": torch.ones(4, 2),
+            },
+        )
+        out[rank] = attached.micro_step().sft
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    placeholder, trained = out
+    assert placeholder.row_weights.tolist() == [0.0] and trained.row_weights.tolist() == [1.0]
+    assert placeholder.normalizer == trained.normalizer == trained.batch.num_tokens / 2
+    for micro in out:
+        assert (
+            micro.batch.model_inputs["num_images"] == [1]
+            and micro.batch.model_inputs["pixel_values"].shape[0] == 1
+        )
+    eos = processor.tokenizer.decode(
+        placeholder.batch.completion_ids[0][placeholder.batch.completion_mask[0].bool()]
+    )
+    assert (eos == processor.tokenizer.eos_token + "<|end|>") == (own_demonstration == "empty")
+
+
 # ---- LUFFY --------------------------------------------------------------------------------------------------------
 def test_luffy_puts_each_demonstration_with_its_images_into_the_group(
     tmp_path, vlm_dir, processor, monkeypatch

@@ -46,7 +46,7 @@ from ._distributed import global_sum
 from .balancing.base import BalancingStrategy, RolloutBatch, StepPlan
 from .sft_data import SFTBatch, collate_sft, row_images
 
-Example = dict[str, list[int]]
+Example = dict[str, Any]  # `prompt_ids` / `completion_ids`; for image prompts also the raw row for collation
 
 
 @dataclass
