@@ -421,9 +421,33 @@ def test_vlm_example_script_runs_hpt_on_the_rows_demonstrations(tmp_path, vlm_di
     argv += ["--balancing", "hpt", "--sft_warmup_steps", "0", "--per_device_train_batch_size", "8"]
     argv += ["--gradient_accumulation_steps", "1", "--num_generations", "4", "--max_completion_length", "4"]
     argv += ["--save_strategy", "no", "--hpt_accuracy_threshold", "0.5"]
-    with pytest.raises(ValueError, match=r"--hpt_demonstration_column completion"):
-        train_vlm.main(*train_vlm.parse_args(argv))
-    trainer = train_vlm.main(*train_vlm.parse_args([*argv, "--hpt_demonstration_column", "completion"]))
-    assert trainer.state.global_step == 1 and "completion" in trainer.train_dataset.column_names
+    trainer = train_vlm.main(*train_vlm.parse_args(argv))
+    # the demonstrations stay in the RL prompts, under the strategy's column (default `demonstration`)
+    assert trainer.state.global_step == 1 and "demonstration" in trainer.train_dataset.column_names
     # the step's two prompts fail; one has a demonstration (the other's is empty, so it is not trained)
     assert history(trainer, "amft/hpt_sft_fraction") == [0.5] and len(history(trainer, "amft/sft_loss")) == 1
+    # kept as `completion` (strings, beside conversational prompts), TRL would guess the rows' format at random
+    with pytest.raises(ValueError, match=r"train_dataset\['completion'\].*Rename the column"):
+        train_vlm.main(*train_vlm.parse_args([*argv, "--hpt_demonstration_column", "completion"]))
+
+
+@pytest.mark.parametrize("balancing", ["hpt", "luffy", "relift"])
+def test_a_demonstration_column_trl_reads_the_format_from_must_match_the_prompts(
+    tmp_path, vlm_dir, processor, balancing
+):
+    """`completion` holding strings beside conversational prompts is refused (TRL's `is_conversational` picks one of
+    the two columns at random); holding assistant messages, it is the prompts' format and accepted."""
+    data = prompts_with_solutions(8)
+    field = {f"{balancing}_demonstration_column": "completion"}
+    strings = data.rename_column("solution", "completion")
+    with pytest.raises(
+        ValueError, match=rf"balancing='{balancing}'.*\['completion'\].*not a list of messages"
+    ):
+        trainer_for(
+            tmp_path, vlm_dir, processor, [always_wrong], balancing=balancing, train_dataset=strings, **field
+        )
+    messages = data.map(lambda row: {"completion": [{"role": "assistant", "content": row["solution"]}]})
+    trainer = trainer_for(
+        tmp_path, vlm_dir, processor, [always_wrong], balancing=balancing, train_dataset=messages, **field
+    )
+    assert trainer.strategy.demonstration_column == "completion"

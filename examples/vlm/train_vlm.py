@@ -10,9 +10,10 @@ Data (`dataset_name`: a hub id or a folder written by `DatasetDict.save_to_disk`
 message list or a string). Rows of `train_split` are the RL prompts; those of them with a demonstration are the SFT
 data; `val_split` gives AMFT's validation prompts (Eq. 4).
 
-`--balancing hpt|luffy|relift` read each prompt's demonstration from its own row instead (name the same column in
-`--hpt_demonstration_column` / `--luffy_demonstration_column` / `--relift_demonstration_column`): the RL prompts then
-keep it, with their images; LUFFY, which needs one per prompt, trains on the rows that have one.
+`--balancing hpt|luffy|relift` read each prompt's demonstration from its own row instead: the RL prompts then keep
+the demonstration column, renamed to the strategy's `hpt_demonstration_column` / `luffy_demonstration_column` /
+`relift_demonstration_column` (default `demonstration`); LUFFY, which needs one per prompt, trains on the rows that
+have one.
 """
 
 from __future__ import annotations
@@ -66,9 +67,9 @@ def freeze_vision(model) -> int:
     return frozen
 
 
-def load_splits(script_args: VLMScriptArguments, balancing: str = "amft"):
+def load_splits(script_args: VLMScriptArguments, balancing: str = "amft", row_column: str | None = None):
     """(RL prompts, SFT demonstrations, validation prompts). For `ROW_DEMONSTRATIONS` strategies the RL prompts keep
-    the demonstration column (LUFFY: only the rows that have one)."""
+    the demonstration column, as `row_column` (LUFFY: only the rows that have one)."""
     from datasets import Value, load_dataset, load_from_disk
 
     if os.path.isdir(script_args.dataset_name):
@@ -88,25 +89,22 @@ def load_splits(script_args: VLMScriptArguments, balancing: str = "amft"):
     )
     if isinstance(sft.features["completion"], Value):  # a string: the assistant's message after the prompt
         sft = sft.map(lambda row: {"completion": [{"role": "assistant", "content": row["completion"]}]})
-    if balancing == "luffy":
-        prompts = with_demo
-    elif balancing in ROW_DEMONSTRATIONS:
-        prompts = train
-    else:
-        prompts = train.remove_columns(column)
+    if balancing not in ROW_DEMONSTRATIONS:
+        return train.remove_columns(column), sft, val
+    prompts = with_demo if balancing == "luffy" else train
+    if row_column != column:
+        if row_column in prompts.column_names:
+            raise ValueError(
+                f"{script_args.train_split} already has a column {row_column!r}: pick another name for the "
+                f"demonstrations of --balancing {balancing} ({ROW_DEMONSTRATIONS[balancing]})."
+            )
+        prompts = prompts.rename_column(column, row_column)
     return prompts, sft, val
 
 
 def main(script_args: VLMScriptArguments, training_args: AMFTConfig, model_args: ModelConfig) -> AMFTTrainer:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    field_name = ROW_DEMONSTRATIONS.get(training_args.balancing)
-    if field_name is not None and getattr(training_args, field_name) != script_args.demonstration_column:
-        raise ValueError(
-            f"--balancing {training_args.balancing} reads each prompt's demonstration from its row: set "
-            f"--{field_name} {script_args.demonstration_column} (the script's --demonstration_column), got "
-            f"{getattr(training_args, field_name)!r}."
-        )
     model = AutoModelForImageTextToText.from_pretrained(
         model_args.model_name_or_path,
         dtype=model_args.dtype,
@@ -118,7 +116,9 @@ def main(script_args: VLMScriptArguments, training_args: AMFTConfig, model_args:
     peft_config = get_peft_config(model_args)
     if script_args.freeze_vision_tower and peft_config is None:
         print(f"Froze {freeze_vision(model)} vision parameter tensors.")
-    prompts, sft, val = load_splits(script_args, training_args.balancing)
+    field_name = ROW_DEMONSTRATIONS.get(training_args.balancing)
+    row_column = getattr(training_args, field_name) if field_name else None
+    prompts, sft, val = load_splits(script_args, training_args.balancing, row_column)
     print(f"{len(prompts)} RL prompts, {len(sft)} SFT demonstrations, {len(val)} validation prompts")
     trainer = AMFTTrainer(
         model=model,

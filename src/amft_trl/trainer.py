@@ -87,6 +87,8 @@ from .vision import check_image_inputs, reload_converted_checkpoint
 logger = logging.getLogger(__name__)
 
 AMFT_STATE_NAME = "amft_state.json"
+# the columns TRL's `is_conversational` may read a row's format from (it takes any one of those present)
+_TRL_FORMAT_KEYS = ("prompt", "chosen", "rejected", "completion", "messages")
 AMFT_STATE_VERSION = 2
 
 
@@ -306,6 +308,23 @@ class AMFTTrainer(GRPOTrainer):
         if val_dataset is not None and "prompt" not in (val_dataset.column_names or []):
             raise ValueError(f"`val_dataset` must have a `prompt` column; it has {val_dataset.column_names}.")
         strategy.check_datasets(train_dataset=train_dataset, sft_dataset=sft_dataset, val_dataset=val_dataset)
+        column = getattr(strategy, "demonstration_column", None)
+        if (
+            column in _TRL_FORMAT_KEYS
+            and isinstance(train_dataset, Dataset)
+            and {"prompt", column} <= set(train_dataset.column_names)
+        ):
+            row = train_dataset.select_columns(["prompt", column])[0]
+            prompt_chat = is_conversational({"prompt": row["prompt"]})
+            if prompt_chat != is_conversational({"prompt": row[column]}):
+                raise ValueError(
+                    f"{name} reads the demonstrations from train_dataset[{column!r}], whose row 0 is "
+                    f"{'not ' if prompt_chat else ''}a list of messages while the prompts are"
+                    f"{'' if prompt_chat else ' not'}. TRL tells a dataset's format from whichever of its "
+                    f"{list(_TRL_FORMAT_KEYS)} columns it happens to pick (an unordered choice), so GRPOTrainer would "
+                    "read these prompts as conversational or not at random. Rename the column (e.g. `demonstration`, "
+                    "the strategy's default), or give the demonstrations in the prompts' format."
+                )
 
     @staticmethod
     def _check_parallel_setup(
