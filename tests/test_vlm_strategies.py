@@ -184,6 +184,68 @@ def test_hpt_text_demonstrations_of_conversational_prompts_are_the_assistants_me
     assert trainer._collate_demonstrations([cut]).completion_mask.sum() == 2
 
 
+def image_parts(data):
+    """The same rows with each image inside its prompt (`{"type": "image", "image": ...}`) and no image column."""
+    from datasets import Dataset, Features, Image, List, Value
+
+    rows = []
+    for row in data:
+        content = [
+            {"type": "image", "image": row["image"], "text": None},
+            {"type": "text", "image": None, "text": row["prompt"][0]["content"]},
+        ]
+        rows.append({"prompt": [{"role": "user", "content": content}], "solution": row["solution"]})
+    part = {"type": Value("string"), "image": Image(), "text": Value("string")}
+    message = {"role": Value("string"), "content": List(part)}
+    return Dataset.from_list(rows, features=Features({"prompt": List(message), "solution": Value("string")}))
+
+
+def from_image_parts(row):
+    (message,) = row["prompt"]
+    image, text = message["content"]
+    return {**row, "prompt": [{"role": "user", "content": text["text"]}], "image": image["image"]}
+
+
+def test_hpt_and_relift_take_the_images_of_prompts_with_image_parts(tmp_path, vlm_dir, processor):
+    """Prompts that carry their images in image parts (no image column): the demonstrations are trained with them,
+    and ReLIFT's buffer takes them out of the prompt (so that the checkpoint can store them)."""
+    trainer = trainer_for(
+        tmp_path,
+        vlm_dir,
+        processor,
+        [always_wrong],
+        balancing="hpt",
+        hpt_demonstration_column="solution",
+        train_dataset=image_parts(prompts_with_solutions()),
+    )
+    seen = []
+    generation = trainer._attached.generation
+    trainer._attached.generation = lambda inputs, out: seen.extend(inputs) or generation(inputs, out)
+    trainer.train()
+    prompts = [from_image_parts(row) for row in first_rows_of_groups(seen)]
+    assert history(trainer, "amft/sft_loss")[0] == pytest.approx(
+        hand_nll(vlm_dir, processor, prompts), rel=1e-5
+    )
+
+    relift = trainer_for(
+        tmp_path / "relift",
+        vlm_dir,
+        processor,
+        [always_wrong],
+        balancing="relift",
+        relift_demonstration_column="solution",
+        train_dataset=image_parts(prompts_with_solutions(4)),
+    )
+    row = relift.train_dataset[0]
+    prompt, solution, images = relift._relift_entry(row, "solution")
+    assert solution == row["solution"] and images == [row["prompt"][0]["content"][0]["image"]]
+    assert "image" not in prompt[0]["content"][0] and row["prompt"][0]["content"][0]["image"] is not None
+    relift.strategy.add_failed([(prompt, solution, images)])
+    json.dumps(relift.strategy.state_dict())
+    (batch,) = relift._relift_sft_batches(relift.strategy.buffer, 1)
+    assert batch.model_inputs["num_images"] == [1]
+
+
 @pytest.mark.parametrize("own_demonstration", ["kept", "empty"])
 def test_hpt_placeholder_row_of_a_process_without_demonstrations_carries_images(
     tmp_path, vlm_dir, processor, own_demonstration

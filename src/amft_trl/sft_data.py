@@ -625,3 +625,25 @@ def vision_demonstration(
     if not prompt_ids or not completion_ids:
         return None
     return {**example, "prompt_ids": prompt_ids, "completion_ids": completion_ids}
+
+
+def split_image_parts(prompt: Any) -> tuple[Any, list[Any]]:
+    """A conversational prompt that carries its images in its messages (`{"type": "image", "image": ...}` parts, one of
+    TRL's GRPO formats) as (the prompt with bare `{"type": "image"}` placeholders, its images in order): how TRL's VLM
+    collator takes them. Any other prompt as (prompt, []). The prompt itself is not modified."""
+    if not is_conversational({"prompt": prompt}):
+        return prompt, []
+    images: list[Any] = []
+    messages = []
+    for message in prompt:
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image" and part.get("image") is not None:
+                    images.append(part["image"])
+                    part = {k: v for k, v in part.items() if k != "image"}
+                parts.append(part)
+            message = {**message, "content": parts}
+        messages.append(message)
+    return messages, images

@@ -78,11 +78,12 @@ from .sft_data import (
     image_column,
     prepare_vision_sft_dataset,
     row_images,
+    split_image_parts,
     tokenize_prompt_completion,
     tokenize_sft_dataset,
     vision_demonstration,
 )
-from .vision import check_image_inputs, reload_converted_checkpoint
+from .vision import check_image_inputs, first_image_part, reload_converted_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -239,12 +240,19 @@ class AMFTTrainer(GRPOTrainer):
         if val_dataset is not None:
             self._val_stream = InfiniteStream(len(val_dataset), seed=args.seed + 1)
         self._sft_batch_size = args.sft_per_device_train_batch_size or args.per_device_train_batch_size
-        # image prompts: demonstrations read from train_dataset (HPT, ReLIFT) carry their row's images
+        # image prompts: demonstrations read from train_dataset (HPT, ReLIFT) carry their row's images, from its
+        # image column or from the image parts of its prompt
         self._rl_image_column = image_column(train_dataset)
+        self._rl_image_parts = (
+            self._rl_image_column is None
+            and getattr(strategy, "demonstration_column", None) is not None
+            and isinstance(train_dataset, Dataset)
+            and first_image_part(train_dataset) is not None
+        )
+        vision = self._rl_image_column is not None or self._rl_image_parts
         self._attached: AttachedDemonstrations | None = None
         if strategy.sft_source == "train_column":
             tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
-            vision = self._rl_image_column is not None
             self._attached = AttachedDemonstrations(
                 strategy,
                 self.accelerator,
@@ -761,8 +769,11 @@ class AMFTTrainer(GRPOTrainer):
 
         `images` (image prompts): the row's images, which the demonstration carries into the SFT forward; the example
         is then one for `_collate_demonstrations` (`amft_trl.sft_data.vision_demonstration`), None also when the prompt
-        and its image tokens leave no room for a completion token within `max_sft_length`."""
+        and its image tokens leave no room for a completion token within `max_sft_length`. Prompts that hold their
+        images in image parts give them here."""
         completion = as_completion(prompt, demonstration)
+        if images is None and self._rl_image_parts:
+            prompt, images = split_image_parts(prompt)
         if images is not None:
             return vision_demonstration(
                 self.processing_class, prompt, completion, images, self.args.max_sft_length
@@ -783,6 +794,8 @@ class AMFTTrainer(GRPOTrainer):
     def _vision_placeholder(self, prompt: Any, images: list[Any]) -> dict[str, Any]:
         """A zero-weight row with the prompt's images (the vision tower runs on every process): EOS as completion."""
         eos = getattr(self.processing_class, "tokenizer", self.processing_class).eos_token
+        if not images and self._rl_image_parts:
+            prompt, images = split_image_parts(prompt)
         example = vision_demonstration(
             self.processing_class, prompt, as_completion(prompt, eos), images, None
         )
@@ -990,6 +1003,16 @@ class AMFTTrainer(GRPOTrainer):
             )
         self._relift = self.strategy
 
+    def _relift_entry(self, row: dict[str, Any], column: str) -> tuple[Any, ...]:
+        """What the buffer keeps of a row: (prompt, demonstration), plus its images for image prompts (from its image
+        column, or taken out of its prompt's image parts, so that the checkpoint can store them)."""
+        if self._rl_image_column is not None:
+            return row["prompt"], row.get(column), row_images(row, self._rl_image_column)
+        if self._rl_image_parts:
+            prompt, images = split_image_parts(row["prompt"])
+            return prompt, row.get(column), images
+        return row["prompt"], row.get(column)
+
     def _relift_example(self, entry: tuple[Any, ...]) -> dict[str, Any] | None:
         """A buffered (prompt, demonstration[, images]) tokenised like the SFT data (`max_sft_length`, with the
         row's images for image prompts); None when no completion token is left."""
@@ -1006,9 +1029,8 @@ class AMFTTrainer(GRPOTrainer):
         failed = all_failed(total.view(-1, g), self._relift.fail_reward).repeat_interleave(g).cpu().tolist()
         first = self.accelerator.process_index * len(inputs)
         column = self._relift.demonstration_column
-        images = self._rl_image_column  # image prompts: each buffered prompt keeps its row's images
         local = [
-            (row["prompt"], row.get(column)) + (() if images is None else (row_images(row, images),))
+            self._relift_entry(row, column)
             for i, row in enumerate(inputs)
             if (first + i) % g == 0 and failed[first + i]
         ]
@@ -1032,7 +1054,7 @@ class AMFTTrainer(GRPOTrainer):
         per_micro = per_process // num_micro
         pad = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
         tokenised = [self._relift_example(entry) for entry in local]
-        if self._rl_image_column is not None:
+        if self._rl_image_column is not None or self._rl_image_parts:
             collate = self._collate_demonstrations
         else:
             collate = lambda examples: collate_sft(examples, pad)  # noqa: E731

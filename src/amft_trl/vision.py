@@ -55,7 +55,7 @@ def check_image_inputs(
         if column is None:
             if not isinstance(dataset, Dataset):
                 continue
-            row = _first_image_part(dataset)
+            row = first_image_part(dataset)
             if row is not None and name == "sft_dataset":
                 raise ValueError(
                     f"`{name}` row {row[0]}: column `{row[1]}` has an image part, but the dataset has no `images` "
@@ -182,7 +182,7 @@ def _probe_prompts(processor: Any, rows: list[dict[str, Any]], column: str) -> N
     processor(images=images, text=texts, padding=True, return_tensors="pt")
 
 
-def _first_image_part(dataset: Any) -> tuple[int, str] | None:
+def first_image_part(dataset: Any) -> tuple[int, str] | None:
     """(row, column) of the first `{"type": "image"}` message part in `prompt` or `messages`, or None. Columns
     whose message contents are plain strings are skipped without reading them."""
     for column in ("prompt", "messages"):
