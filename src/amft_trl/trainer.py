@@ -88,9 +88,9 @@ from .vision import check_image_inputs, first_image_part, reload_converted_check
 logger = logging.getLogger(__name__)
 
 AMFT_STATE_NAME = "amft_state.json"
+AMFT_STATE_VERSION = 2
 # the columns TRL's `is_conversational` may read a row's format from (it takes any one of those present)
 _TRL_FORMAT_KEYS = ("prompt", "chosen", "rejected", "completion", "messages")
-AMFT_STATE_VERSION = 2
 
 
 @dataclass
