@@ -65,6 +65,9 @@ def test_private_members_exist_with_the_assumed_signatures():
         "num_generations",
     ]
     assert "self._generate_single_turn(" in inspect.getsource(GRPOTrainer._generate)
+    # ... with image prompts, from the on-policy rows' own tokenisation
+    assert list(inspect.signature(GRPOTrainer._tokenize_prompts).parameters)[1:] == ["prompts"]
+    assert "self._tokenize_prompts(prompts)" in inspect.getsource(GRPOTrainer._generate)
     assert "[::num_generations]" in inspect.getsource(
         importlib.import_module("trl.generation.vllm_generation").VLLMGeneration.generate
     )

@@ -574,19 +574,6 @@ def test_every_strategy_trains_with_images(tmp_path, vlm_dir, processor, name):
     assert any(not torch.equal(before[n], p) for n, p in vision_params(trainer.model).items())
 
 
-def test_hpt_refuses_image_prompts(tmp_path, vlm_dir, processor):
-    prompts = image_addition_prompts(8, seed=1).add_column("solution", ["1"] * 8)
-    with pytest.raises(ValueError, match=r"balancing='hpt'.*`image` column.*not supported"):
-        amft(
-            tmp_path,
-            vlm_dir,
-            processor,
-            train_dataset=prompts,
-            balancing="hpt",
-            hpt_demonstration_column="solution",
-        )
-
-
 class StopAt(TrainerCallback):
     def __init__(self, step: int):
         self.step = step

@@ -9,6 +9,11 @@ Data (`dataset_name`: a hub id or a folder written by `DatasetDict.save_to_disk`
 `amft_trl.rewards.math_accuracy_reward`) and, for the rows that have one, a demonstration `completion` (an assistant
 message list or a string). Rows of `train_split` are the RL prompts; those of them with a demonstration are the SFT
 data; `val_split` gives AMFT's validation prompts (Eq. 4).
+
+`--balancing hpt|luffy|relift` read each prompt's demonstration from its own row instead: the RL prompts then keep
+the demonstration column, renamed to the strategy's `hpt_demonstration_column` / `luffy_demonstration_column` /
+`relift_demonstration_column` (default `demonstration`); LUFFY, which needs one per prompt, trains on the rows that
+have one.
 """
 
 from __future__ import annotations
@@ -21,6 +26,13 @@ from trl import ModelConfig, TrlParser, get_peft_config
 
 from amft_trl import AMFTConfig, AMFTTrainer
 from amft_trl.rewards import boxed_format_reward, math_accuracy_reward
+
+#: The strategies that read each prompt's demonstration from the RL prompts' rows, and the field naming its column.
+ROW_DEMONSTRATIONS = {
+    "hpt": "hpt_demonstration_column",
+    "luffy": "luffy_demonstration_column",
+    "relift": "relift_demonstration_column",
+}
 
 #: Parameter-name fragments of the vision encoder (and projector) of the VLM families transformers ships.
 VISION_MODULES = ("vision_tower", ".visual.", "vision_model", "multi_modal_projector")
@@ -55,7 +67,9 @@ def freeze_vision(model) -> int:
     return frozen
 
 
-def load_splits(script_args: VLMScriptArguments):
+def load_splits(script_args: VLMScriptArguments, balancing: str = "amft", row_column: str | None = None):
+    """(RL prompts, SFT demonstrations, validation prompts). For `ROW_DEMONSTRATIONS` strategies the RL prompts keep
+    the demonstration column, as `row_column` (LUFFY: only the rows that have one)."""
     from datasets import Value, load_dataset, load_from_disk
 
     if os.path.isdir(script_args.dataset_name):
@@ -75,7 +89,16 @@ def load_splits(script_args: VLMScriptArguments):
     )
     if isinstance(sft.features["completion"], Value):  # a string: the assistant's message after the prompt
         sft = sft.map(lambda row: {"completion": [{"role": "assistant", "content": row["completion"]}]})
-    prompts = train.remove_columns(column)
+    if balancing not in ROW_DEMONSTRATIONS:
+        return train.remove_columns(column), sft, val
+    prompts = with_demo if balancing == "luffy" else train
+    if row_column != column:
+        if row_column in prompts.column_names:
+            raise ValueError(
+                f"{script_args.train_split} already has a column {row_column!r}: pick another name for the "
+                f"demonstrations of --balancing {balancing} ({ROW_DEMONSTRATIONS[balancing]})."
+            )
+        prompts = prompts.rename_column(column, row_column)
     return prompts, sft, val
 
 
@@ -93,7 +116,9 @@ def main(script_args: VLMScriptArguments, training_args: AMFTConfig, model_args:
     peft_config = get_peft_config(model_args)
     if script_args.freeze_vision_tower and peft_config is None:
         print(f"Froze {freeze_vision(model)} vision parameter tensors.")
-    prompts, sft, val = load_splits(script_args)
+    field_name = ROW_DEMONSTRATIONS.get(training_args.balancing)
+    row_column = getattr(training_args, field_name) if field_name else None
+    prompts, sft, val = load_splits(script_args, training_args.balancing, row_column)
     print(f"{len(prompts)} RL prompts, {len(sft)} SFT demonstrations, {len(val)} validation prompts")
     trainer = AMFTTrainer(
         model=model,

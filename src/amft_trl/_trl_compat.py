@@ -18,6 +18,7 @@ Two kinds of use:
 | `GRPOTrainer._calculate_rewards(inputs, prompts, completions, completion_ids_list)` | TRL | overridden by `AMFTTrainer` | returns the rewards of every process, (N_global, num_funcs), NaN for None |
 | `GRPOTrainer._compute_loss(model, inputs)` | TRL | behind `compute_loss` (per-rollout advantages, `rl_advantages`); overridden by `AMFTTrainer` for LUFFY | reads `inputs["advantages"]` after its one call of `_get_per_token_logps_and_entropies(..., compute_entropy=True)`, whose log-probs (at `args.temperature`) carry the graph; its policy term is zero on rows with advantage 0; its normaliser per `loss_type` is what `balancing.luffy.aggregate_token_loss` reproduces |
 | `GRPOTrainer._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, ...)` | TRL | overridden by `AMFTTrainer` for LUFFY (generates the on-policy rows only) | one completion per entry of `prompt_ids`, as `(completion_ids, logprobs or None)`; the vLLM server takes every `num_generations`-th entry as a group's prompt; `_generate` decodes, scores and pads whatever it returns |
+| `GRPOTrainer._tokenize_prompts(prompts)` | TRL | overridden by `AMFTTrainer` for LUFFY with image prompts (tokenises the on-policy rows alone too) | `(prompt_ids, images, multimodal_fields)` for `_generate_single_turn`, one entry per prompt, the same ids whether a prompt is tokenised in a batch or alone |
 | `GRPOTrainer.eos_token_ids`, `tools`, `rollout_func`, `environment_factories`, `max_completion_length`, `loss_type` | TRL (public, undocumented) | LUFFY | the generation's stop tokens; the multi-turn paths LUFFY refuses; the loss settings |
 | `GRPOTrainer._get_per_token_logps_and_entropies` | TRL | overridden by `AMFTTrainer` (SRFT's entropy hook); called for SFT log-probs and entropies and the validation surrogate (`per_token_logps_and_entropies`) | `(logps, entropies, aux)` at `args.temperature` |
 | `GRPOTrainer._metrics`, `_logs`, `_pending_extra_logs`, `_pending_metrics` | TRL | `isolated_generation`, `train_metrics` | every log container generation writes to; `_metrics["train"]` is averaged and logged at each `log` |
@@ -60,6 +61,7 @@ OVERRIDDEN: dict[str, dict[str, tuple[str, ...] | None]] = {
         "_get_per_token_logps_and_entropies": ("model", "input_ids", "attention_mask", "logits_to_keep"),
         "_compute_loss": ("model", "inputs"),
         "_generate_single_turn": ("prompt_ids", "images", "multimodal_fields", "num_generations"),
+        "_tokenize_prompts": ("prompts",),
         "_tag_names": None,
         "_name": None,
     },

@@ -28,6 +28,10 @@ the generation batch sends a rollout row:
 
 `steps_per_generation` must be a multiple of `gradient_accumulation_steps` (`check_layout`, at construction): a step
 spanning two generation batches would need the second batch's demonstration tokens at its first backward.
+
+Image prompts (`image_column`, a VLM): each demonstration carries its row's images, as the rollouts of its prompt do;
+`tokenize` then also takes them, and `collate` (the trainer's VLM collation) turns a micro-step's demonstrations into
+the model's inputs (`SFTBatch.model_inputs`: `pixel_values`, ...).
 """
 
 from __future__ import annotations
@@ -40,9 +44,9 @@ import torch
 
 from ._distributed import global_sum
 from .balancing.base import BalancingStrategy, RolloutBatch, StepPlan
-from .sft_data import SFTBatch, collate_sft
+from .sft_data import SFTBatch, collate_sft, row_images
 
-Example = dict[str, list[int]]
+Example = dict[str, Any]  # `prompt_ids` / `completion_ids`; for image prompts also the raw row for collation
 
 
 @dataclass
@@ -97,9 +101,14 @@ class AttachedDemonstrations:
         strategy: a strategy whose `sft_source` is `"train_column"`: it has `demonstration_column` and `sft_gate`.
         accelerator: the trainer's Accelerator (process index and count, the all-reduce).
         tokenize: `(prompt, demonstration) -> example | None`, tokenised like the SFT data (None: no completion
-            token left after truncation).
+            token left after truncation); with `image_column`, `(prompt, demonstration, images) -> example | None`.
+            An example has at least `completion_ids` (its trained tokens are counted from them).
         pad_token_id, eos_token_id: of the tokenizer (padding; the placeholder row when a process has no text).
         gradient_accumulation_steps, steps_per_generation, num_generations: the run's layout (`GRPOConfig`).
+        image_column: the RL dataset's image column (`images` / `image`), None for text prompts.
+        collate: `examples -> SFTBatch`; default: `collate_sft` (padding token ids).
+        placeholder: `(prompt, images) -> example`, the zero-weight row of a process none of whose demonstrations
+            can be trained (default: one EOS token as prompt and completion; a VLM needs a row with images).
     """
 
     def __init__(
@@ -112,6 +121,9 @@ class AttachedDemonstrations:
         gradient_accumulation_steps: int,
         steps_per_generation: int,
         num_generations: int,
+        image_column: str | None = None,
+        collate: Callable[[list[Example]], SFTBatch] | None = None,
+        placeholder: Callable[[Any, list[Any]], Example] | None = None,
     ):
         self.strategy = strategy
         self.accelerator = accelerator
@@ -120,7 +132,15 @@ class AttachedDemonstrations:
         self.accumulation = gradient_accumulation_steps
         self.steps_per_generation = steps_per_generation
         self.num_generations = num_generations
+        self.image_column = image_column
+        self.collate = collate or (lambda examples: collate_sft(examples, self.pad_token_id))
+        self.placeholder = placeholder
         self._generation: _Generation | None = None
+
+    def _example(self, prompt: Any, demonstration: Any, images: list[Any] | None) -> Example | None:
+        if images is None:
+            return self.tokenize(prompt, demonstration)
+        return self.tokenize(prompt, demonstration, images)
 
     @staticmethod
     def check_layout(args: Any, strategy: BalancingStrategy) -> None:
@@ -156,6 +176,7 @@ class AttachedDemonstrations:
         column = self.strategy.demonstration_column
         prompts = [row["prompt"] for row in inputs]
         demonstrations = [row[column] for row in inputs]
+        images = [None if self.image_column is None else row_images(row, self.image_column) for row in inputs]
         gate = self.strategy.sft_gate(
             RolloutBatch(
                 advantages=out["advantages"],
@@ -177,7 +198,7 @@ class AttachedDemonstrations:
                 continue
             k = q % steps
             prompt_counts[k] += 1
-            example = self.tokenize(prompt, demonstration) if gated and demonstration else None
+            example = self._example(prompt, demonstration, images[i]) if gated and demonstration else None
             if example is None:
                 continue
             examples[k][to_sft[k] % self.accumulation].append(example)
@@ -196,7 +217,7 @@ class AttachedDemonstrations:
             forward=forward,
             prompts=prompt_counts,
             prompts_to_sft=to_sft,
-            placeholder=self._placeholder(examples, prompts, demonstrations),
+            placeholder=self._placeholder(examples, prompts, demonstrations, images),
         )
         return {
             "amft_prompt": prompts,
@@ -205,16 +226,18 @@ class AttachedDemonstrations:
             "amft_sft_tokens": torch.tensor(sum(reduced[:steps]), device=out["advantages"].device),
         }
 
-    def _placeholder(self, examples, prompts, demonstrations) -> Example:
+    def _placeholder(self, examples, prompts, demonstrations, images) -> Example:
         """A zero-weight row for a micro-step where this process has no demonstration but another has."""
         for per_step in examples:
             for micro in per_step:
                 if micro:
                     return micro[0]
-        for prompt, demonstration in zip(prompts, demonstrations, strict=True):
-            example = self.tokenize(prompt, demonstration) if demonstration else None
+        for prompt, demonstration, row_images_ in zip(prompts, demonstrations, images, strict=True):
+            example = self._example(prompt, demonstration, row_images_) if demonstration else None
             if example is not None:
                 return example
+        if self.placeholder is not None:
+            return self.placeholder(prompts[0], images[0] or [])
         return {"prompt_ids": [self.eos_token_id], "completion_ids": [self.eos_token_id]}
 
     # ---- once per GRPO micro-step ----------------------------------------------------------------------------
@@ -235,7 +258,5 @@ class AttachedDemonstrations:
         row_weights = torch.ones(len(examples))
         if not examples:  # another process trains one here: a zero-weight row keeps the forward counts equal
             examples, row_weights = [plan.placeholder], torch.zeros(1)
-        out.sft = DemonstrationMicroBatch(
-            collate_sft(examples, self.pad_token_id), row_weights, plan.normalizers[k]
-        )
+        out.sft = DemonstrationMicroBatch(self.collate(examples), row_weights, plan.normalizers[k])
         return out

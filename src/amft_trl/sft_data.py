@@ -595,3 +595,55 @@ def collate_vision_sft(
             laid_out[key][i, p_len : p_len + c] = value[i][completion[i]]
     model_inputs = {**dict(out), **laid_out, "num_images": [len(row_images(e, column)) for e in examples]}
     return SFTBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, model_inputs)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Demonstrations attached to RL prompts (HPT, ReLIFT, LUFFY read them from a column of train_dataset)
+# ------------------------------------------------------------------------------------------------------------------
+def as_completion(prompt: Any, demonstration: Any) -> Any:
+    """A demonstration from an RL dataset's column as the completion of `prompt`: a string demonstration of a
+    conversational prompt becomes one assistant message; anything else is returned as is."""
+    if isinstance(demonstration, str) and is_conversational({"prompt": prompt}):
+        return [{"role": "assistant", "content": demonstration}]
+    return demonstration
+
+
+def vision_demonstration(
+    processor: Any, prompt: Any, completion: Any, images: list[Any], max_length: int | None
+) -> dict[str, Any] | None:
+    """One demonstration of an RL prompt with images, as `collate_vision_sft` takes it: `prompt`, `completion`,
+    `images`, plus its `prompt_ids` / `completion_ids` (image tokens included, truncated to `max_length` as the
+    collator truncates it). None when the prompt with its image tokens leaves no room for a completion token within
+    `max_length`: such a demonstration is dropped, never cut through its image tokens (as `prepare_vision_sft_dataset`
+    drops them from `sft_dataset`)."""
+    example = {"prompt": prompt, "completion": completion, "images": list(images)}
+    batch = collate_vision_sft([example], processor, None, "images")
+    prompt_ids = batch.prompt_ids[0][batch.prompt_mask[0].bool()].tolist()
+    completion_ids = batch.completion_ids[0][batch.completion_mask[0].bool()].tolist()
+    if max_length is not None:
+        completion_ids = completion_ids[: max(max_length - len(prompt_ids), 0)]
+    if not prompt_ids or not completion_ids:
+        return None
+    return {**example, "prompt_ids": prompt_ids, "completion_ids": completion_ids}
+
+
+def split_image_parts(prompt: Any) -> tuple[Any, list[Any]]:
+    """A conversational prompt that carries its images in its messages (`{"type": "image", "image": ...}` parts, one of
+    TRL's GRPO formats) as (the prompt with bare `{"type": "image"}` placeholders, its images in order): how TRL's VLM
+    collator takes them. Any other prompt as (prompt, []). The prompt itself is not modified."""
+    if not is_conversational({"prompt": prompt}):
+        return prompt, []
+    images: list[Any] = []
+    messages = []
+    for message in prompt:
+        content = message.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if isinstance(part, dict) and part.get("type") == "image" and part.get("image") is not None:
+                    images.append(part["image"])
+                    part = {k: v for k, v in part.items() if k != "image"}
+                parts.append(part)
+            message = {**message, "content": parts}
+        messages.append(message)
+    return messages, images

@@ -69,15 +69,19 @@ from .config import AMFTConfig
 from .sft_data import (
     InfiniteStream,
     SFTBatch,
+    as_completion,
     check_sft_columns,
     collate_sft,
     collate_vision_sft,
     image_column,
     prepare_vision_sft_dataset,
+    row_images,
+    split_image_parts,
     tokenize_prompt_completion,
     tokenize_sft_dataset,
+    vision_demonstration,
 )
-from .vision import check_image_inputs, reload_converted_checkpoint
+from .vision import check_image_inputs, first_image_part, reload_converted_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +91,9 @@ AMFT_STATE_VERSION = 2
 #: (the SFT batches, and HPT's demonstrations of the prompts sent to SFT); `completion`, the completion tokens of the
 #: training rollouts; `val_completion`, those of AMFT's validation rollouts (meta steps). Summed over processes.
 TOKEN_COUNTS = ("sft", "completion", "val_completion")
+
+# the columns TRL's `is_conversational` may read a row's format from (it takes any one of those present)
+_TRL_FORMAT_KEYS = ("prompt", "chosen", "rejected", "completion", "messages")
 
 
 @dataclass
@@ -189,13 +196,6 @@ class AMFTTrainer(GRPOTrainer):
             "val_dataset": val_dataset,
         }
         check_image_inputs(model, processing_class, image_datasets, args.trust_remote_code)
-        if strategy.sft_source == "train_column" and image_column(train_dataset) is not None:
-            raise ValueError(
-                f"balancing={strategy.name!r} attaches each prompt's demonstration to its rollouts, but train_dataset "
-                f"has an `{image_column(train_dataset)}` column and demonstrations of image prompts are not supported "
-                "by this strategy yet (they would be trained on without their images). Use image prompts with another "
-                "strategy, or text prompts with this one."
-            )
         self.strategy = strategy
         super().__init__(
             model=model,
@@ -239,6 +239,16 @@ class AMFTTrainer(GRPOTrainer):
         if val_dataset is not None:
             self._val_stream = InfiniteStream(len(val_dataset), seed=args.seed + 1)
         self._sft_batch_size = args.sft_per_device_train_batch_size or args.per_device_train_batch_size
+        # image prompts: demonstrations read from train_dataset (HPT, ReLIFT) carry their row's images, from its
+        # image column or from the image parts of its prompt
+        self._rl_image_column = image_column(train_dataset)
+        self._rl_image_parts = (
+            self._rl_image_column is None
+            and getattr(strategy, "demonstration_column", None) is not None
+            and isinstance(train_dataset, Dataset)
+            and first_image_part(train_dataset) is not None
+        )
+        vision = self._rl_image_column is not None or self._rl_image_parts
         self._attached: AttachedDemonstrations | None = None
         if strategy.sft_source == "train_column":
             tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
@@ -247,10 +257,13 @@ class AMFTTrainer(GRPOTrainer):
                 self.accelerator,
                 self._tokenize_demonstration,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=self.processing_class.eos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
                 gradient_accumulation_steps=args.gradient_accumulation_steps,
                 steps_per_generation=args.steps_per_generation,
                 num_generations=self.num_generations,
+                image_column=self._rl_image_column,
+                collate=self._collate_demonstrations if vision else None,
+                placeholder=self._vision_placeholder if vision else None,
             )
         self._step_state: _StepState | None = None  # set for the duration of one optimizer step
         self._captured_rewards: torch.Tensor | None = None
@@ -299,6 +312,23 @@ class AMFTTrainer(GRPOTrainer):
         if val_dataset is not None and "prompt" not in (val_dataset.column_names or []):
             raise ValueError(f"`val_dataset` must have a `prompt` column; it has {val_dataset.column_names}.")
         strategy.check_datasets(train_dataset=train_dataset, sft_dataset=sft_dataset, val_dataset=val_dataset)
+        column = getattr(strategy, "demonstration_column", None)
+        if (
+            column in _TRL_FORMAT_KEYS
+            and isinstance(train_dataset, Dataset)
+            and {"prompt", column} <= set(train_dataset.column_names)
+        ):
+            row = train_dataset.select_columns(["prompt", column])[0]
+            prompt_chat = is_conversational({"prompt": row["prompt"]})
+            if prompt_chat != is_conversational({"prompt": row[column]}):
+                raise ValueError(
+                    f"{name} reads the demonstrations from train_dataset[{column!r}], whose row 0 is "
+                    f"{'not ' if prompt_chat else ''}a list of messages while the prompts are"
+                    f"{'' if prompt_chat else ' not'}. TRL tells a dataset's format from whichever of its "
+                    f"{list(_TRL_FORMAT_KEYS)} columns it happens to pick (an unordered choice), so GRPOTrainer would "
+                    "read these prompts as conversational or not at random. Rename the column (e.g. `demonstration`, "
+                    "the strategy's default), or give the demonstrations in the prompts' format."
+                )
 
     # ------------------------------------------------------------------------------------------------------
     # the learning-rate schedule (sft_warmup_learning_rate, reset_optimizer_after_warmup)
@@ -688,6 +718,7 @@ class AMFTTrainer(GRPOTrainer):
             out = super()._generate_and_score_completions(inputs)
         finally:
             demonstrations, self._luffy_demonstrations = self._luffy_demonstrations, None
+            self._luffy_on_policy_prompts = None
         rewards, self._captured_rewards = self._captured_rewards, None
         if demonstrations is not None:
             self._luffy_mark(out, demonstrations, rewards)
@@ -724,16 +755,47 @@ class AMFTTrainer(GRPOTrainer):
             demonstrations=inputs.get("amft_demonstration"),
         )
 
-    def _tokenize_demonstration(self, prompt: Any, demonstration: Any) -> dict[str, list[int]] | None:
-        """A prompt's demonstration tokenised like the SFT data; None when truncation leaves no completion token."""
+    def _tokenize_demonstration(
+        self, prompt: Any, demonstration: Any, images: list[Any] | None = None
+    ) -> dict[str, Any] | None:
+        """A prompt's demonstration (from a train_dataset column) tokenised like the SFT data; None when truncation
+        leaves no completion token. A string demonstration of a conversational prompt is the assistant's message.
+
+        `images` (image prompts): the row's images, which the demonstration carries into the SFT forward; the example
+        is then one for `_collate_demonstrations` (`amft_trl.sft_data.vision_demonstration`), None also when the prompt
+        and its image tokens leave no room for a completion token within `max_sft_length`. Prompts that hold their
+        images in image parts give them here."""
+        completion = as_completion(prompt, demonstration)
+        if images is None and self._rl_image_parts:
+            prompt, images = split_image_parts(prompt)
+        if images is not None:
+            return vision_demonstration(
+                self.processing_class, prompt, completion, images, self.args.max_sft_length
+            )
         example = tokenize_prompt_completion(
             self.processing_class,
             prompt,
-            demonstration,
+            completion,
             self.args.max_sft_length,
             chat_template=self.chat_template,
         )
         return example if example["completion_ids"] else None
+
+    def _collate_demonstrations(self, examples: list[dict[str, Any]]) -> SFTBatch:
+        """Demonstrations of image prompts (`_tokenize_demonstration` with images), through TRL's VLM collator."""
+        return collate_vision_sft(examples, self.processing_class, self.args.max_sft_length, "images")
+
+    def _vision_placeholder(self, prompt: Any, images: list[Any]) -> dict[str, Any]:
+        """A zero-weight row with the prompt's images (the vision tower runs on every process): EOS as completion."""
+        eos = getattr(self.processing_class, "tokenizer", self.processing_class).eos_token
+        if not images and self._rl_image_parts:
+            prompt, images = split_image_parts(prompt)
+        example = vision_demonstration(
+            self.processing_class, prompt, as_completion(prompt, eos), images, None
+        )
+        if example is None:
+            raise RuntimeError(f"No placeholder demonstration can be built for the prompt {prompt!r}.")
+        return example
 
     # ------------------------------------------------------------------------------------------------------
     # LUFFY (balancing="luffy", `amft_trl.balancing.luffy`): demonstrations as off-policy rollouts. Begin.
@@ -743,6 +805,7 @@ class AMFTTrainer(GRPOTrainer):
         self._luffy: LUFFYStrategy | None = None
         self._luffy_demonstrations: list[list[int] | None] | None = None
         self._luffy_logps_hook = None
+        self._luffy_on_policy_prompts = None  # image prompts: TRL's tokenisation of the on-policy rows alone
         # this step's sums: f(p) and p over the off-policy tokens, their count, and all completion tokens
         self._luffy_sums = [0.0] * 4
         strategy = self.strategy
@@ -797,12 +860,23 @@ class AMFTTrainer(GRPOTrainer):
             out.append(ids)
         return out
 
+    def _tokenize_prompts(self, prompts: list):
+        """TRL's prompt tokenisation; under LUFFY with image prompts, also that of the on-policy rows alone (their
+        images and the processor's fields for them: `pixel_values`, ...), so that only those rows are generated."""
+        out = super()._tokenize_prompts(prompts)
+        demonstrations = self._luffy_demonstrations
+        multimodal = out[1] is not None or bool(out[2])
+        if demonstrations is not None and multimodal and len(prompts) == len(demonstrations):
+            on = [i for i, d in enumerate(demonstrations) if d is None]
+            self._luffy_on_policy_prompts = super()._tokenize_prompts([prompts[i] for i in on])
+        return out
+
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
         """TRL's generation, for the on-policy rows only; the off-policy rows get their demonstration's tokens.
 
-        Text-only prompts: the demonstrations cost no generation (TRL generates `num_generations -
-        luffy_num_off_policy` completions per prompt, in every generation mode). With images, every row is generated
-        and the off-policy ones then replaced (a wasted generation per demonstration)."""
+        The demonstrations cost no generation: TRL generates `num_generations - luffy_num_off_policy` completions per
+        prompt, in every generation mode. Image prompts are generated from the on-policy rows' own tokenisation
+        (`_tokenize_prompts`), with their images."""
         demonstrations = self._luffy_demonstrations
         if demonstrations is None:
             return super()._generate_single_turn(
@@ -815,20 +889,19 @@ class AMFTTrainer(GRPOTrainer):
             )
         on = [i for i, d in enumerate(demonstrations) if d is None]
         if images is None and not multimodal_fields:
-            generated, logprobs = super()._generate_single_turn(
-                [prompt_ids[i] for i in on],
-                None,
-                multimodal_fields,
-                num_generations - self._luffy.num_off_policy,
-                *args,
-                **kwargs,
-            )
-        else:  # multimodal rows: generate them all, keep the on-policy ones
-            generated, logprobs = super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
-            )
-            generated = [generated[i] for i in on]
-            logprobs = None if logprobs is None else [logprobs[i] for i in on]
+            on_prompts = ([prompt_ids[i] for i in on], None, multimodal_fields)
+        else:
+            on_prompts, self._luffy_on_policy_prompts = self._luffy_on_policy_prompts, None
+            if on_prompts is None or [list(ids) for ids in on_prompts[0]] != [
+                list(prompt_ids[i]) for i in on
+            ]:
+                raise RuntimeError(
+                    "balancing='luffy': the on-policy rows of an image batch were not tokenised as in the full batch; "
+                    "their generation cannot be separated from the demonstrations'."
+                )
+        generated, logprobs = super()._generate_single_turn(
+            *on_prompts, num_generations - self._luffy.num_off_policy, *args, **kwargs
+        )
         completion_ids: list[list[int]] = []
         all_logprobs: list[list[float]] | None = None if logprobs is None else []
         cursor = 0
@@ -924,20 +997,22 @@ class AMFTTrainer(GRPOTrainer):
             )
         self._relift = self.strategy
 
-    def _relift_demonstration_ids(self, prompt: Any, demonstration: Any) -> dict[str, list[int]] | None:
-        """A buffered pair tokenised like the SFT data (`max_sft_length`); None when no completion token is left."""
-        if isinstance(demonstration, str) and is_conversational({"prompt": prompt}):
-            demonstration = [{"role": "assistant", "content": demonstration}]
-        if not demonstration:
+    def _relift_entry(self, row: dict[str, Any], column: str) -> tuple[Any, ...]:
+        """What the buffer keeps of a row: (prompt, demonstration), plus its images for image prompts (from its image
+        column, or taken out of its prompt's image parts, so that the checkpoint can store them)."""
+        if self._rl_image_column is not None:
+            return row["prompt"], row.get(column), row_images(row, self._rl_image_column)
+        if self._rl_image_parts:
+            prompt, images = split_image_parts(row["prompt"])
+            return prompt, row.get(column), images
+        return row["prompt"], row.get(column)
+
+    def _relift_example(self, entry: tuple[Any, ...]) -> dict[str, Any] | None:
+        """A buffered (prompt, demonstration[, images]) tokenised like the SFT data (`max_sft_length`, with the
+        row's images for image prompts); None when no completion token is left."""
+        if not entry[1]:
             return None
-        example = tokenize_prompt_completion(
-            self.processing_class,
-            prompt,
-            demonstration,
-            self.args.max_sft_length,
-            chat_template=self.chat_template,
-        )
-        return example if example["completion_ids"] else None
+        return self._tokenize_demonstration(*entry)
 
     def _relift_fill(self, inputs: list[dict[str, Any]], rewards: torch.Tensor) -> None:
         """Buffer the generation batch's all-failed prompts with their demonstrations, in global row order, on every
@@ -949,12 +1024,12 @@ class AMFTTrainer(GRPOTrainer):
         first = self.accelerator.process_index * len(inputs)
         column = self._relift.demonstration_column
         local = [
-            (row["prompt"], row.get(column))
+            self._relift_entry(row, column)
             for i, row in enumerate(inputs)
             if (first + i) % g == 0 and failed[first + i]
         ]
         gathered = gather_object(local) if self.accelerator.num_processes > 1 else local
-        kept = [(p, d) for p, d in gathered if self._relift_demonstration_ids(p, d) is not None]
+        kept = [entry for entry in gathered if self._relift_example(entry) is not None]
         if len(kept) < len(gathered):
             logger.warning(
                 "ReLIFT: %d all-failed prompt(s) not buffered: their demonstration (train_dataset[%r]) is empty or "
@@ -964,15 +1039,20 @@ class AMFTTrainer(GRPOTrainer):
             )
         self._relift.add_failed(kept)
 
-    def _relift_sft_batches(self, examples: list[tuple[Any, Any]], num_micro: int) -> list[SFTBatch]:
-        """The SFT step's micro-batches: this process's equal share of the buffered pairs, split over micro-steps."""
+    def _relift_sft_batches(self, examples: list[tuple[Any, ...]], num_micro: int) -> list[SFTBatch]:
+        """The SFT step's micro-batches: this process's equal share of the buffered entries, split over micro-steps
+        (image prompts' through TRL's VLM collation, with their images)."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         per_process = len(examples) // world
         local = examples[rank * per_process : (rank + 1) * per_process]
         per_micro = per_process // num_micro
         pad = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
-        tokenised = [self._relift_demonstration_ids(p, d) for p, d in local]
-        return [collate_sft(tokenised[m * per_micro : (m + 1) * per_micro], pad) for m in range(num_micro)]
+        tokenised = [self._relift_example(entry) for entry in local]
+        if self._rl_image_column is not None or self._rl_image_parts:
+            collate = self._collate_demonstrations
+        else:
+            collate = lambda examples: collate_sft(examples, pad)  # noqa: E731
+        return [collate(tokenised[m * per_micro : (m + 1) * per_micro]) for m in range(num_micro)]
 
     # ------------------------------------------------------------------------------------------------------
     # ReLIFT. End.

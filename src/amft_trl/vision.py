@@ -55,7 +55,7 @@ def check_image_inputs(
         if column is None:
             if not isinstance(dataset, Dataset):
                 continue
-            row = _first_image_part(dataset)
+            row = first_image_part(dataset)
             if row is not None and name == "sft_dataset":
                 raise ValueError(
                     f"`{name}` row {row[0]}: column `{row[1]}` has an image part, but the dataset has no `images` "
@@ -182,7 +182,7 @@ def _probe_prompts(processor: Any, rows: list[dict[str, Any]], column: str) -> N
     processor(images=images, text=texts, padding=True, return_tensors="pt")
 
 
-def _first_image_part(dataset: Any) -> tuple[int, str] | None:
+def first_image_part(dataset: Any) -> tuple[int, str] | None:
     """(row, column) of the first `{"type": "image"}` message part in `prompt` or `messages`, or None. Columns
     whose message contents are plain strings are skipped without reading them."""
     for column in ("prompt", "messages"):
@@ -241,3 +241,53 @@ def reload_converted_checkpoint(model: Any, checkpoint: str) -> bool:
             f"(missing {missing[:5]}, unexpected {unexpected[:5]})."
         )
     return True
+
+
+def images_to_json(images: list[Any]) -> list[Any]:
+    """A row's images as JSON values, for a checkpoint (ReLIFT's buffer): a PIL image as `{"image": base64,
+    "format": ...}` of its lossless PNG (TIFF for modes PNG cannot hold), so that it reloads pixel for pixel; a path
+    or URL (a string) as is. Anything else is a TypeError naming it."""
+    import base64
+
+    from PIL import Image
+
+    out: list[Any] = []
+    for image in images:
+        if isinstance(image, str):
+            out.append(image)
+            continue
+        if not isinstance(image, Image.Image):
+            raise TypeError(
+                f"Cannot store an image of type {type(image).__name__} in the checkpoint: expected a PIL image or a "
+                "path / URL string (as `datasets.Image` columns give them)."
+            )
+        for fmt in ("PNG", "TIFF"):
+            buffer = io.BytesIO()
+            try:
+                image.save(buffer, format=fmt)
+            except (OSError, ValueError, KeyError):
+                continue
+            out.append({"image": base64.b64encode(buffer.getvalue()).decode("ascii"), "format": fmt})
+            break
+        else:
+            raise TypeError(f"Cannot store a PIL image of mode {image.mode!r} losslessly in the checkpoint.")
+    return out
+
+
+def images_from_json(values: list[Any]) -> list[Any]:
+    """The inverse of `images_to_json` (a ValueError on anything it did not write)."""
+    import base64
+
+    from PIL import Image
+
+    out: list[Any] = []
+    for value in values:
+        if isinstance(value, str):
+            out.append(value)
+        elif isinstance(value, dict) and isinstance(value.get("image"), str):
+            image = Image.open(io.BytesIO(base64.b64decode(value["image"])))
+            image.load()
+            out.append(image)
+        else:
+            raise ValueError(f"an image must be a path string or an encoded image object, got {value!r:.80}")
+    return out

@@ -20,6 +20,9 @@ Each prompt's demonstration comes from a column of the RL dataset (`hpt_demonstr
   rollout rows. Its SFT term is `beta` times the token-mean NLL of the demonstrations of its own gated prompts,
   over all processes (the reimplementation takes a token mean per micro-batch); a step with none runs no SFT
   forward;
+- image prompts (a VLM, an `image`/`images` column): a demonstration is trained with its row's images, through TRL's
+  VLM collation (`amft_trl.sft_data.vision_demonstration`); one whose prompt and image tokens leave no completion
+  token within `max_sft_length` is skipped, like a text one that truncation empties;
 - logged: `amft/hpt_sft_fraction`, the fraction of the step's prompts sent to SFT, and `amft/mu`, the SFT weight the
   step applied: `beta` when it trained a demonstration, 0 otherwise.
 """

@@ -23,6 +23,9 @@ step is an SFT step on them instead of an RL step. Each choice, against the refe
   schedule, and no entropy bonus.
 - Logged: `amft/relift_buffer_fill` (buffered prompts / `relift_buffer_size` after each step), `amft/relift_sft_step`
   (1 on an SFT step, 0 otherwise) and `amft/relift_sft_steps` (SFT steps so far); `amft/mu` is 1 on SFT steps.
+- **Image prompts** (a VLM, an `image`/`images` column in train_dataset): a buffered prompt keeps its row's images,
+  which its demonstration is trained with (TRL's VLM collation, as for `sft_dataset` images). The checkpoint stores
+  them losslessly (`amft_trl.vision.images_to_json`).
 """
 
 from __future__ import annotations
@@ -60,9 +63,10 @@ class ReLIFTStrategy(BalancingStrategy):
         self.demonstration_column = demonstration_column
         self.buffer_size = int(buffer_size)
         self.fail_reward = float(fail_reward)
-        self.buffer: list[tuple[Any, Any]] = []  # (prompt, demonstration), newest first
+        # (prompt, demonstration), or (prompt, demonstration, images) for image prompts; newest first
+        self.buffer: list[tuple[Any, ...]] = []
         self.sft_steps = 0
-        self._taken: list[tuple[Any, Any]] | None = None  # the SFT step in progress trains on these
+        self._taken: list[tuple[Any, ...]] | None = None  # the SFT step in progress trains on these
 
     @classmethod
     def from_config(cls, args: Any) -> ReLIFTStrategy:
@@ -101,16 +105,18 @@ class ReLIFTStrategy(BalancingStrategy):
             )
 
     # ---- the buffer ---------------------------------------------------------------------------------------------
-    def add_failed(self, examples: list[tuple[Any, Any]]) -> None:
-        """Buffer one generation batch's all-failed prompts (in batch order), in front of the older ones."""
+    def add_failed(self, examples: list[tuple[Any, ...]]) -> None:
+        """Buffer one generation batch's all-failed prompts (in batch order), in front of the older ones: (prompt,
+        demonstration) pairs, or (prompt, demonstration, images) for image prompts."""
         self.buffer = [tuple(e) for e in examples] + self.buffer
 
     @property
     def buffer_full(self) -> bool:
         return len(self.buffer) >= self.buffer_size
 
-    def buffered_demonstrations(self) -> list[tuple[Any, Any]] | None:
-        """The (prompt, demonstration) pairs the SFT step being planned trains on (taken out of the buffer)."""
+    def buffered_demonstrations(self) -> list[tuple[Any, ...]] | None:
+        """The (prompt, demonstration[, images]) entries the SFT step being planned trains on (taken out of the
+        buffer)."""
         return self._taken
 
     def plan(self, global_step: int) -> StepPlan:
@@ -136,17 +142,25 @@ class ReLIFTStrategy(BalancingStrategy):
 
     # ---- checkpointing ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"buffer": [list(e) for e in self.buffer], "sft_steps": self.sft_steps}
+        from ..vision import images_to_json
+
+        buffer = [[e[0], e[1], images_to_json(e[2])] if len(e) == 3 else list(e) for e in self.buffer]
+        return {"buffer": buffer, "sft_steps": self.sft_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         buffer, sft_steps = state["buffer"], state["sft_steps"]
+        from ..vision import images_from_json
+
         if not isinstance(buffer, list) or not all(
-            isinstance(e, list | tuple) and len(e) == 2 for e in buffer
+            isinstance(e, list | tuple) and (len(e) == 2 or (len(e) == 3 and isinstance(e[2], list)))
+            for e in buffer
         ):
-            raise ValueError("'buffer' must be a list of [prompt, demonstration] pairs")
+            raise ValueError(
+                "'buffer' must be a list of [prompt, demonstration] pairs or [prompt, demonstration, images] triples"
+            )
         if not isinstance(sft_steps, int) or sft_steps < 0:
             raise ValueError(f"'sft_steps' must be an integer >= 0, got {sft_steps!r}")
-        self.buffer = [tuple(e) for e in buffer]
+        self.buffer = [(e[0], e[1], images_from_json(e[2])) if len(e) == 3 else tuple(e) for e in buffer]
         self.sft_steps = sft_steps
         self._taken = None
