@@ -1,4 +1,5 @@
-"""Tasks with verifiable rewards: General Points (the AMFT paper's arithmetic card game)."""
+"""Tasks with verifiable rewards: General Points (the AMFT paper's arithmetic card game), text and visual, with
+the sequential-revision environment."""
 
 from amft_trl.tasks.general_points import (
     GeneralPointsDatasets,
@@ -12,8 +13,24 @@ from amft_trl.tasks.general_points import (
     sft_dataset,
     solve,
 )
+from amft_trl.tasks.general_points_visual import (
+    GeneralPointsRevisionEnv,
+    GeneralPointsVisualDatasets,
+    build_general_points_visual_datasets,
+    general_points_revision_env_factory,
+    general_points_verifier_reward,
+    render_hand,
+    verify_answer,
+)
 
 __all__ = [
+    "GeneralPointsRevisionEnv",
+    "GeneralPointsVisualDatasets",
+    "build_general_points_visual_datasets",
+    "general_points_revision_env_factory",
+    "general_points_verifier_reward",
+    "render_hand",
+    "verify_answer",
     "GeneralPointsDatasets",
     "build_general_points_datasets",
     "demonstration",
