@@ -253,7 +253,7 @@ def test_demonstrations_are_revision_conversations_the_environment_accepts(datas
 def test_language_variant_and_bad_arguments():
     d = build_general_points_visual_datasets(2, 1, 1, visual=False)
     assert "images" not in d.rl.column_names and d.rl[0]["visual"] is False
-    assert json.dumps(d.rl[0]["cards"]) in d.rl[0]["prompt"][0]["content"][0]["text"]
+    assert json.dumps(d.rl[0]["cards"]) in d.rl[0]["prompt"][0]["content"]
     assert verify_answer(d.sft[0]["completion"][0]["content"], d.rl[0]["cards"], visual=False)[0] == 5.0
     with pytest.raises(ValueError, match="ood_color must differ"):
         build_general_points_visual_datasets(1, 1, 1, ood_color="black")

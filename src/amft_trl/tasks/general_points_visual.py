@@ -623,10 +623,9 @@ class GeneralPointsVisualDatasets:
 
 
 def _user_message(text: str, visual: bool) -> list[dict[str, Any]]:
-    content = (
-        [{"type": "image"}, {"type": "text", "text": text}] if visual else [{"type": "text", "text": text}]
-    )
-    return [{"role": "user", "content": content}]
+    if not visual:  # text models' chat templates expect string content
+        return [{"role": "user", "content": text}]
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
 
 
 def _rows(
