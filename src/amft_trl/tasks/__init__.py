@@ -1,5 +1,5 @@
 """Tasks with verifiable rewards: General Points (the AMFT paper's arithmetic card game), text and visual, with
-the sequential-revision environment."""
+the sequential-revision environment, and V-IRL navigation."""
 
 from amft_trl.tasks.general_points import (
     GeneralPointsDatasets,
@@ -22,8 +22,22 @@ from amft_trl.tasks.general_points_visual import (
     render_hand,
     verify_answer,
 )
+from amft_trl.tasks.virl import (
+    VIRLDataError,
+    VIRLNavigationEnv,
+    build_virl_datasets,
+    load_virl_data,
+    virl_env_factory,
+    virl_step_reward,
+)
 
 __all__ = [
+    "VIRLDataError",
+    "VIRLNavigationEnv",
+    "build_virl_datasets",
+    "load_virl_data",
+    "virl_env_factory",
+    "virl_step_reward",
     "GeneralPointsRevisionEnv",
     "GeneralPointsVisualDatasets",
     "build_general_points_visual_datasets",
