@@ -235,3 +235,23 @@ def test_a_hostile_pickle_is_refused_without_running(tmp_path, monkeypatch):
         load_virl_data(path, vision=True)
     assert "refusing to load" in one_line(err) and "system" in str(err.value)
     assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("vision", [False, True])
+def test_demonstrations_are_the_ground_truth_episode_as_tool_calls(data_dir, vision):
+    d = build_virl_datasets(data_dir, 2, 0, 1, vision=vision, resolution=16)
+    assert len(d.sft) == 2
+    for demo, prompt in zip(d.sft, d.rl):
+        env = VIRLNavigationEnv(load_virl_data(data_dir, vision=vision), resolution=16)
+        env.reset(route_index=prompt["route_index"], vision=vision)
+        calls = [m["tool_calls"][0]["function"]["arguments"] for m in demo["completion"] if m["tool_calls"]]
+        assert [c["action"] for c in calls] == [s.action for s in env.rail]
+        for args in calls:
+            env.take_action(**args)
+        assert env.success
+        tools = [m for m in demo["completion"] if m["role"] == "tool"]
+        if vision:  # one image for the prompt, one per reply that shows a new view
+            assert len(demo["images"]) == 1 + sum(1 for m in tools if m["content"][0]["type"] == "image")
+        else:
+            assert "images" not in d.sft.column_names
+            assert demo["prompt"][0]["content"].endswith(prompt["first_observation"])

@@ -53,6 +53,10 @@ from datasets import Dataset
 
 __all__ = [
     "ABSOLUTE_DIRECTIONS",
+    "VIRLDataError",
+    "VIRLDatasets",
+    "action_space",
+    "virl_demonstration",
     "MAPPING_RADIUS_M",
     "RELATIVE_DIRECTIONS",
     "VIRL_REWARD_TABLE",
@@ -521,8 +525,47 @@ _PROMPT = (
 )
 
 
+def virl_demonstration(env: VIRLNavigationEnv) -> tuple[list[dict[str, Any]], list[Any]]:
+    """The ground-truth episode of a freshly reset environment as a tool-calling conversation (the loop's own
+    format): one `take_action` call per rail position with the environment's real replies, then a closing message.
+    Returns the messages and, for the vision-language variant, the images of the tool replies in order."""
+    messages: list[dict[str, Any]] = []
+    images: list[Any] = []
+    for step in list(env.rail):
+        arguments = {
+            "action": step.action,
+            "current_observation": step.observation,
+            "current_instruction": step.instruction,
+        }
+        call = {"type": "function", "function": {"name": "take_action", "arguments": arguments}}
+        messages.append({"role": "assistant", "content": _text("", env.vision), "tool_calls": [call]})
+        reply = env.take_action(**arguments)
+        if isinstance(reply, list):
+            images.append(reply[0]["image"])
+            reply = [{"type": "image"}, {"type": "text", "text": reply[1]["text"]}]
+        else:
+            reply = _text(reply, env.vision)
+        messages.append({"role": "tool", "name": "take_action", "content": reply})
+    if not env.success:
+        raise VIRLDataError("V-IRL route: its ground-truth actions do not reach the destination.")
+    messages.append({"role": "assistant", "content": _text("I reached the destination.", env.vision)})
+    return messages, images
+
+
+def _text(text: str, parts: bool) -> Any:
+    """Message content: a string, or (vision-language conversations, where every content is a list) one text part."""
+    return [{"type": "text", "text": text}] if parts else text
+
+
 def _route_rows(
-    data: VIRLData, indices: Sequence[int], *, absolute_action: bool, vision: bool, seed: int, resolution: int
+    data: VIRLData,
+    indices: Sequence[int],
+    *,
+    absolute_action: bool,
+    vision: bool,
+    seed: int,
+    resolution: int,
+    sft: bool = False,
 ) -> Dataset:
     rows = []
     env = VIRLNavigationEnv(data, resolution=resolution)
@@ -547,16 +590,28 @@ def _route_rows(
         }
         if vision:
             row["images"] = [env.observation_image()]
+        if sft:
+            # The demonstration's prompt carries the first observation itself (in the loop, `reset` appends it).
+            if vision:
+                row["prompt"][0]["content"][1]["text"] += first
+            else:
+                row["prompt"][0]["content"] += first
+            row["completion"], replies = virl_demonstration(env)
+            if vision:
+                row["images"] += replies
+            row = {k: row[k] for k in ("prompt", "completion", *(("images",) if vision else ()))}
         rows.append(row)
     return Dataset.from_list(rows)
 
 
 @dataclass
 class VIRLDatasets:
-    """V-IRL prompt datasets. `eval_ood_rule` is `eval_id`'s routes in the relative action space;
+    """V-IRL datasets (prompt rows carry `route_index`, `absolute_action`, `vision`, `seed` for
+    `VIRLNavigationEnv.reset`; `sft` holds `prompt` / `completion`). `eval_ood_rule` is `eval_id`'s routes in the relative action space;
     `eval_ood_visual` is the routes of `ood_path` (another city), None when no `ood_path` was given."""
 
     rl: Dataset
+    sft: Dataset
     validation: Dataset
     eval_id: Dataset
     eval_ood_rule: Dataset
@@ -574,7 +629,8 @@ def build_virl_datasets(
     seed: int = 0,
     resolution: int = 256,
 ) -> VIRLDatasets:
-    """Split the routes at `path` (seeded shuffle) into RL, validation and ID evaluation routes, and build the
+    """Split the routes at `path` (seeded shuffle) into RL (with SFT demonstrations on the same routes: the
+    ground-truth episodes as tool-calling conversations), validation and ID evaluation routes, and build the
     reference's OOD splits: the rule OOD (the same evaluation routes, relative actions) and, from `ood_path`, the
     visual OOD (another city's routes, absolute actions).
 
@@ -606,6 +662,7 @@ def build_virl_datasets(
         ood_visual = _route_rows(ood, range(num_eval), absolute_action=True, **kw)
     return VIRLDatasets(
         rl=_route_rows(data, train, absolute_action=True, **kw),
+        sft=_route_rows(data, train, absolute_action=True, sft=True, **kw),
         validation=_route_rows(data, validation, absolute_action=True, **kw),
         eval_id=_route_rows(data, test, absolute_action=True, **kw),
         eval_ood_rule=_route_rows(data, test, absolute_action=False, **kw),
