@@ -165,3 +165,78 @@ def test_trls_loop_stops_at_the_first_correct_answer_or_the_turn_limit(
     assert log["tools/call_frequency"] > 0
     assert episodes and all(scores == expected_scores for scores in episodes), episodes
     assert log["rewards/Recording/mean"] == expected_scores[-1]
+
+
+def test_virl_episodes_run_in_trls_loop_one_action_per_turn(tmp_path, monkeypatch):
+    """A scripted policy that always takes the ground-truth action reaches every destination through TRL's loop."""
+    import json
+    import re
+
+    import torch
+    from test_virl import write_fixture
+
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    from amft_trl import AMFTTrainer
+    from amft_trl.tasks.virl import VIRLNavigationEnv, build_rail, build_virl_datasets, load_virl_data
+    from amft_trl.toy import build_model
+
+    path = write_fixture(tmp_path / "virl", n_routes=4, vision=False)
+    data = load_virl_data(path)
+    rails = {i: build_rail(r, straight_line_length=0)[1] for i, r in enumerate(data.routes)}
+    d = build_virl_datasets(path, 2, 1, 1, straight_line_length=0)
+    tokenizer = tool_tokenizer()
+    model = build_model(tokenizer)
+    model.config.max_position_embeddings = 65536
+
+    def generate(input_ids, attention_mask=None, **kwargs):
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask):
+            text = tokenizer.decode(ids[mask.bool()])
+            rail = rails[int(re.search(r"Cafe (\d+)", text).group(1))]
+            done = text.count("Correct action.")
+            if done >= len(rail):
+                reply = "Arrived.<|im_end|>"
+            else:
+                step = rail[done]
+                args = {"action": step.action, "current_observation": step.observation}
+                reply = (
+                    "<tool_call>\n"
+                    + json.dumps({"name": "take_action", "arguments": args})
+                    + "\n</tool_call>"
+                )
+            rows.append(tokenizer(reply, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id])
+        width = max(map(len, rows))
+        completion = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, completion], dim=1)
+
+    model.generate = generate
+    episodes: list[VIRLNavigationEnv] = []
+
+    class Recording(VIRLNavigationEnv):
+        def get_reward(self):
+            episodes.append(self)
+            return super().get_reward()
+
+    args = make_config(
+        tmp_path,
+        max_steps=1,
+        max_completion_length=4096,
+        max_tool_calling_iterations=16,
+        max_sft_length=4096,
+        meta_update_steps=100,
+        per_device_train_batch_size=2,
+        num_generations=2,
+    )
+    trainer = AMFTTrainer(
+        model=model,
+        reward_funcs=[],
+        environment_factory=lambda: Recording(data, straight_line_length=0),
+        args=args,
+        processing_class=tokenizer,
+        train_dataset=d.rl,
+        sft_dataset=d.sft,
+        val_dataset=d.validation,
+    )
+    trainer.train()
+    assert episodes and all(env.success for env in episodes)
+    assert all(sum(env.scores) == len(env.rail) for env in episodes)

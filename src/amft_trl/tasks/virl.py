@@ -565,10 +565,11 @@ def _route_rows(
     vision: bool,
     seed: int,
     resolution: int,
+    straight_line_length: int = 2,
     sft: bool = False,
 ) -> Dataset:
     rows = []
-    env = VIRLNavigationEnv(data, resolution=resolution)
+    env = VIRLNavigationEnv(data, resolution=resolution, straight_line_length=straight_line_length)
     for index in indices:
         first = env.reset(route_index=index, absolute_action=absolute_action, vision=vision, seed=seed)
         text = _PROMPT.format(
@@ -628,11 +629,13 @@ def build_virl_datasets(
     vision: bool = False,
     seed: int = 0,
     resolution: int = 256,
+    straight_line_length: int = 2,
 ) -> VIRLDatasets:
     """Split the routes at `path` (seeded shuffle) into RL (with SFT demonstrations on the same routes: the
     ground-truth episodes as tool-calling conversations), validation and ID evaluation routes, and build the
     reference's OOD splits: the rule OOD (the same evaluation routes, relative actions) and, from `ood_path`, the
-    visual OOD (another city's routes, absolute actions).
+    visual OOD (another city's routes, absolute actions). `straight_line_length` is the number of `forward()`
+    points between intersections in the demonstrations (pass the same value to `virl_env_factory`).
 
     Raises:
         VIRLDataError: for a missing or incomplete data folder, or a split that cannot be built (one line saying
@@ -650,7 +653,12 @@ def build_virl_datasets(
     train = order[:num_train]
     validation = order[num_train : num_train + num_validation]
     test = order[num_train + num_validation : wanted]
-    kw = {"vision": vision, "seed": seed, "resolution": resolution}
+    kw = {
+        "vision": vision,
+        "seed": seed,
+        "resolution": resolution,
+        "straight_line_length": straight_line_length,
+    }
     ood_visual = None
     if ood_path is not None:
         ood = load_virl_data(ood_path, vision=vision)
