@@ -48,7 +48,7 @@ def test_amft_trains_with_the_revision_environment_in_the_loop(tmp_path, monkeyp
         return made[-1]
 
     args = make_config(
-        tmp_path, max_steps=2, max_completion_length=8, max_tool_calling_iterations=2, max_sft_length=2048
+        tmp_path, max_steps=1, max_completion_length=8, max_tool_calling_iterations=2, max_sft_length=2048
     )
     trainer = AMFTTrainer(
         model=model,
@@ -63,7 +63,7 @@ def test_amft_trains_with_the_revision_environment_in_the_loop(tmp_path, monkeyp
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert len(logs) == 2
+    assert len(logs) == 1 and "amft/meta_gradient" in logs[0]  # the meta step ran
     reward_keys = [k for k in logs[0] if k.startswith("rewards/Recording")]
     assert reward_keys, sorted(logs[0])
     # Every rollout was reset with its row's hand, and scored by the environment (a random model never submits,
