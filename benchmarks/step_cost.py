@@ -69,7 +69,8 @@ Usage (the issue's setup, on the embedded SmolLM2-135M-Instruct; ~20 min on 2 sh
 `--model`: a checkpoint directory; `embedded` (SmolLM2-135M-Instruct, `amft_trl.models.embedded_model_path()`);
 `random:smollm2-135m` / `random:qwen2.5-0.5b` (random weights in that architecture's shape, built offline with
 `from_config`, with the SmolLM2 tokenizer; ids beyond its vocabulary decode to nothing); `tiny` (`amft_trl.toy`'s
-tiny random Qwen2 and its tokenizer: seconds, for smoke tests). `--out` is a path prefix: `<out>.json` and
+tiny random Qwen2 and its tokenizer: seconds, for smoke tests); `tiny-vlm` (`amft_trl.toy`'s tiny LLaVA and its processor,
+image prompts and image demonstrations). `--out` is a path prefix: `<out>.json` and
 `<out>.md` are written.
 """
 
@@ -420,12 +421,24 @@ def _torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def is_vlm_checkpoint(spec: str) -> bool:
+    """A checkpoint directory holding an image processor (`tiny-vlm`, or any VLM checkpoint)."""
+    return Path(spec, "preprocessor_config.json").is_file() or Path(spec, "processor_config.json").is_file()
+
+
 def load_model(spec: str, tokenizer_dir: str, dtype_name: str, seed: int):
-    """(model, tokenizer) for a checkpoint directory or a `random:<arch>` spec (the parent resolves the rest)."""
+    """(model, tokenizer or processor) for a checkpoint directory or a `random:<arch>` spec (the parent resolves
+    the rest). A VLM checkpoint comes with its processor."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     dtype = _torch_dtype(dtype_name)
+    if is_vlm_checkpoint(spec):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        return AutoModelForImageTextToText.from_pretrained(spec, dtype=dtype), AutoProcessor.from_pretrained(
+            spec
+        )
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if spec.startswith("random:"):
         fields = dict(RANDOM_MODELS[spec.split(":", 1)[1]])
@@ -525,9 +538,18 @@ def run_worker(args: argparse.Namespace) -> None:
     param_bytes = next(model.parameters()).element_size()
 
     n_rows = max(64, 2 * (args.warmup_steps + args.steps) * args.prompts)
-    train = make_prompts(n_rows, seed=args.seed + 1)
-    demos = make_demos(max(64, 2 * (args.warmup_steps + args.steps) * args.sft_batch), seed=args.seed + 2)
-    val = make_prompts(max(64, 2 * (args.warmup_steps + args.steps) * args.val_prompts), seed=args.seed + 3)
+    n_demos = max(64, 2 * (args.warmup_steps + args.steps) * args.sft_batch)
+    n_val = max(64, 2 * (args.warmup_steps + args.steps) * args.val_prompts)
+    if is_vlm_checkpoint(args.model_spec):  # one image per prompt and per demonstration (conversational)
+        from amft_trl.toy import image_addition_demos, image_addition_prompts
+
+        train = image_addition_prompts(n_rows, seed=args.seed + 1)
+        demos = image_addition_demos(n_demos, seed=args.seed + 2)
+        val = image_addition_prompts(n_val, seed=args.seed + 3)
+    else:
+        train = make_prompts(n_rows, seed=args.seed + 1)
+        demos = make_demos(n_demos, seed=args.seed + 2)
+        val = make_prompts(n_val, seed=args.seed + 3)
 
     sampler = RSSSampler(args.rss_interval)
     gen = GenerateTimer(model, cuda)
@@ -651,6 +673,14 @@ def resolve_model(model: str, workdir: Path, src: Path) -> tuple[str, str, str]:
         build_model(tokenizer).save_pretrained(path)
         tokenizer.save_pretrained(path)
         return str(path), str(path), "tiny random Qwen2 (amft_trl.toy)"
+    if model == "tiny-vlm":
+        from amft_trl.toy import build_vlm, build_vlm_processor
+
+        path = workdir / "tiny-llava"
+        processor = build_vlm_processor()
+        build_vlm(processor).save_pretrained(path)
+        processor.save_pretrained(path)
+        return str(path), str(path), "tiny random LLaVA (amft_trl.toy, one 16x16 image = 4 tokens per prompt)"
     if not Path(model, "config.json").is_file():
         raise SystemExit(f"error: --model {model!r} is not a checkpoint directory (no config.json)")
     return model, model, Path(model).name
@@ -941,7 +971,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         default="embedded",
-        help="checkpoint directory, 'embedded', 'random:smollm2-135m', 'random:qwen2.5-0.5b' or 'tiny'",
+        help="checkpoint directory, 'embedded', 'random:smollm2-135m', 'random:qwen2.5-0.5b', 'tiny' or 'tiny-vlm'",
     )
     parser.add_argument(
         "--prompts", type=int, default=4, help="prompts per step (x --num-generations rollouts)"

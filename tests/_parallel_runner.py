@@ -22,19 +22,26 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
+from trl import GRPOTrainer  # noqa: E402
 
 from amft_trl import AMFTConfig, AMFTTrainer  # noqa: E402
 from amft_trl.toy import addition_demos, addition_prompts, digit_fraction_reward  # noqa: E402
 
 
-class DeterministicRolloutTrainer(AMFTTrainer):
+class DeterministicGeneration(GRPOTrainer):
     """Completions are pseudo-random token strings seeded by the prompt, the row's rank in its group and the step."""
 
     def _generate_single_turn(
         self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False
     ):
-        vocab = len(self.processing_class)
-        eos = self.processing_class.eos_token_id
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)  # a VLM's processor
+        vocab = len(tokenizer)
+        image_token = getattr(self.processing_class, "image_token", None)
+        if (
+            image_token is not None
+        ):  # never an image placeholder (the last token): the forward would want its image
+            vocab = min(vocab, tokenizer.convert_tokens_to_ids(image_token))
+        eos = tokenizer.eos_token_id
         seen: dict[tuple[int, ...], int] = {}
         completions = []
         for ids in prompt_ids:
@@ -49,6 +56,11 @@ class DeterministicRolloutTrainer(AMFTTrainer):
                 tokens.append(eos)
             completions.append(tokens)
         return completions, None
+
+
+class DeterministicRolloutTrainer(AMFTTrainer, DeterministicGeneration):
+    """AMFTTrainer over the deterministic generation: `AMFTTrainer._generate_single_turn` (LUFFY's, which generates
+    the on-policy rows only) comes first in the MRO and its `super()` reaches `DeterministicGeneration`'s."""
 
 
 class PerturbMu(TrainerCallback):
@@ -96,6 +108,11 @@ def main() -> None:
     parser.add_argument(
         "--perturb_rank", type=int, default=None, help="nudge mu on this rank (the check must fire)"
     )
+    parser.add_argument(
+        "--vlm",
+        action="store_true",
+        help="model_dir is the tiny LLaVA: image prompts, demonstrations, validation",
+    )
     cli = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -112,11 +129,10 @@ def main() -> None:
     if cli.deepspeed_stage == 3:
         # Loaded before the config exists: with a ZeRO-3 config alive, `from_pretrained` would partition the weights
         # under `deepspeed.zero.Init` before a multi-process CPU group exists. The engine partitions them instead.
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-        model = AutoModelForCausalLM.from_pretrained(
-            cli.model_dir, dtype=torch.float64 if cli.float64 else torch.float32
-        )
+        auto = AutoModelForImageTextToText if cli.vlm else AutoModelForCausalLM
+        model = auto.from_pretrained(cli.model_dir, dtype=torch.float64 if cli.float64 else torch.float32)
     out_dir = os.path.join(os.path.dirname(os.path.abspath(cli.output_json)), "run")
     args = AMFTConfig(
         output_dir=out_dir,
@@ -147,17 +163,32 @@ def main() -> None:
         **{"target_entropy_num_samples": 8, **json.loads(cli.strategy_args)},
     )
     train_dataset = addition_prompts(32, seed=1)
-    if cli.balancing == "hpt":  # HPT reads each prompt's demonstration from the RL dataset
+    if cli.balancing in (
+        "hpt",
+        "luffy",
+        "relift",
+    ):  # they read each prompt's demonstration from the RL dataset
         train_dataset = train_dataset.map(
             lambda row: {"demonstration": f" {row['answer']}. The answer is {row['answer']}."}
         )
-    trainer = DeterministicRolloutTrainer(
-        model=model,
-        reward_funcs=digit_fraction_reward,
-        args=args,
+    datasets = dict(
         train_dataset=train_dataset,
         sft_dataset=addition_demos(32, seed=2),
         val_dataset=addition_prompts(16, seed=3),
+    )
+    if cli.vlm:
+        from transformers import AutoProcessor
+
+        from amft_trl.toy import image_addition_demos, image_addition_prompts
+
+        datasets = dict(
+            train_dataset=image_addition_prompts(32, seed=1),
+            sft_dataset=image_addition_demos(32, seed=2),
+            val_dataset=image_addition_prompts(16, seed=3),
+            processing_class=AutoProcessor.from_pretrained(cli.model_dir),
+        )
+    trainer = DeterministicRolloutTrainer(
+        model=model, reward_funcs=digit_fraction_reward, args=args, **datasets
     )
     if cli.stop_at is not None:
         trainer.add_callback(StopAt(cli.stop_at))
@@ -181,10 +212,14 @@ def main() -> None:
             "mu": [r["mu"] for r in history] or [h["amft/mu"] for h in logs],
             "meta_term": [r["meta_term"] for r in history],
             "meta_gradient": [h.get("amft/meta_gradient") for h in logs],
-            "sft_loss": [h["amft/sft_loss"] for h in logs],
+            "sft_loss": [h.get("amft/sft_loss") for h in logs],
             "rl_loss": [h.get("amft/rl_loss") for h in logs],
             "val_reward": [h.get("amft/val_reward") for h in logs],
             "hpt_sft_fraction": [h.get("amft/hpt_sft_fraction") for h in logs],
+            "luffy_importance_weight": [h.get("amft/luffy_importance_weight") for h in logs],
+            "luffy_off_policy_fraction": [h.get("amft/luffy_off_policy_fraction") for h in logs],
+            "relift_sft_step": [h.get("amft/relift_sft_step") for h in logs],
+            "relift_buffer_fill": [h.get("amft/relift_buffer_fill") for h in logs],
             "target_entropy": [h.get("amft/target_entropy") for h in logs],
             "param_checksum": checksum,
         }

@@ -126,18 +126,19 @@ def test_mu_family_plans():
 
 # ---- registry and config -----------------------------------------------------------------------------------------
 def test_registry_names_the_choices(tmp_path):
-    assert set(STRATEGIES) == {"amft", "fixed", "sft_then_rl", "chord", "srft", "hpt"}
+    assert set(STRATEGIES) == {"amft", "fixed", "sft_then_rl", "chord", "srft", "hpt", "luffy", "relift"}
     with pytest.raises(ValueError, match=r"`balancing` must be one of \['amft', 'chord'"):
-        get_strategy_class("luffy")
+        get_strategy_class("grpo")
     with pytest.raises(ValueError, match="balancing"):
-        config(tmp_path, balancing="luffy")
+        config(tmp_path, balancing="grpo")
     for name in STRATEGIES:
         extra = {"sft_warmup_steps": 2} if name == "sft_then_rl" else {}
         assert build_strategy(config(tmp_path, balancing=name, **extra)).name == name
 
 
 @pytest.mark.parametrize(
-    "balancing, expected", [("amft", 50), ("fixed", 50), ("chord", 0), ("srft", 0), ("hpt", 0)]
+    "balancing, expected",
+    [("amft", 50), ("fixed", 50), ("chord", 0), ("srft", 0), ("hpt", 0), ("luffy", 0), ("relift", 0)],
 )
 def test_warmup_default_is_the_strategys(tmp_path, balancing, expected):
     assert config(tmp_path, balancing=balancing).sft_warmup_steps == expected

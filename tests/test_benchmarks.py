@@ -129,6 +129,25 @@ def test_end_to_end_tiny(tmp_path):
     assert sum(step["phase_seconds"].values()) <= step["seconds"]
 
 
+@pytest.mark.slow
+def test_end_to_end_tiny_vlm(tmp_path):
+    """The tiny LLaVA: image prompts, image demonstrations and image validation prompts in a meta step."""
+    out = tmp_path / "tiny_vlm"
+    cmd = [
+        sys.executable, str(SCRIPT), "--model", "tiny-vlm", "--configs", "amft_meta",
+        "--prompts", "2", "--num-generations", "2", "--completion-length", "4", "--sft-batch", "2",
+        "--steps", "1", "--warmup-steps", "1", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(Path(f"{out}.json").read_text())
+    meta = result["summary"]["amft_meta"]
+    assert meta["generated_tokens_per_step"] == 2 * 2 * 2 * 4
+    assert "LLaVA" in Path(f"{out}.md").read_text()
+    step = result["workers"]["amft_meta"]["steps"][-1]
+    assert all(step["phase_seconds"][p] > 0 for p in ("rl", "sft", "meta_validation", "optimizer"))
+
+
 SUMMARY = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_summary.py"
 
 

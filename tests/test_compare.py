@@ -393,12 +393,17 @@ def test_gpu_recipe_smoke_on_the_tiny_model(tmp_path):
         max_completion_length=8,
         max_sft_length=128,
     )
-    raw["methods"] = {m: {"args": raw["methods"][m].get("args", {})} for m in ("two_stage", "amft", "hpt")}
+    raw["methods"] = {
+        m: {"args": raw["methods"][m].get("args", {})}
+        for m in ("two_stage", "amft", "hpt", "luffy", "relift")
+    }
     raw["methods"]["amft"]["args"].update(meta_update_steps=1, meta_val_batch_size=2)
     out = run_grid(parse_grid(raw), tmp_path / "math", progress=False)
     rows = _rows(out / "results.csv")
     assert {(r["method"], r["eval_set"], r["group"]) for r in rows} == {
-        (m, s, g) for m in ("two_stage", "amft", "hpt") for s, g in (("math500", "ID"), ("arc_c", "OOD"))
+        (m, s, g)
+        for m in ("two_stage", "amft", "hpt", "luffy", "relift")
+        for s, g in (("math500", "ID"), ("arc_c", "OOD"))
     }
 
 

@@ -110,11 +110,28 @@ def test_general_points_script_trains_end_to_end(tiny_model_dir, tmp_path):
             "general_points_cpu.yaml",
             ["--balancing", "srft", "--eval_at_end", "false"],
         ),
+        (
+            "train_general_points.py",
+            "general_points_cpu.yaml",
+            ["--balancing", "luffy", "--eval_at_end", "false"],
+        ),
+        (
+            "train_general_points.py",
+            "general_points_cpu.yaml",
+            ["--balancing", "relift", "--relift_buffer_size", "2", "--eval_at_end", "false"],
+        ),
     ],
-    ids=["math-chord-phi", "general-points-hpt", "general-points-srft"],
+    ids=[
+        "math-chord-phi",
+        "general-points-hpt",
+        "general-points-srft",
+        "general-points-luffy",
+        "general-points-relift",
+    ],
 )
 def test_scripts_run_other_strategies(tiny_model_dir, tmp_path, script, recipe, strategy):
-    """`--balancing ...` is all it takes: HPT reads the RL prompts' `demonstration` column the builders write."""
+    """`--balancing ...` is all it takes: HPT, LUFFY and ReLIFT read the RL prompts' `demonstration` column the builders
+    write."""
     out = tmp_path / "run"
     result = _run(
         [sys.executable, f"examples/{script}", "--config", f"examples/configs/{recipe}"]

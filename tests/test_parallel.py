@@ -314,6 +314,10 @@ STRATEGY_FAMILIES = {
     "srft": {},
     # a per-prompt gate: demonstrations from the RL batch, a different number on each process
     "hpt": {"hpt_success_reward": 0.3},
+    # demonstrations as off-policy rows of the groups (generation of the other rows only), shaped loss
+    "luffy": {"luffy_num_off_policy": 1},
+    # a buffer of all-failed prompts gathered from every process, and an SFT step on it when it is full
+    "relift": {"relift_buffer_size": 4, "relift_fail_reward": 0.2},
 }
 
 
@@ -330,7 +334,8 @@ def test_strategies_give_the_one_process_trajectory_on_two(tiny_model_dir, tmp_p
     two = _run(tiny_model_dir, tmp_path / "two" / "r.json", *extra, processes=2)
     assert two["world_size"] == 2
     # HPT's mu is its hpt_sft_coef on every step that trains a demonstration: its fraction varies instead (below)
-    assert len(one["mu"]) == 4 and len(set(one["mu"][1:])) > 1 or balancing in ("srft", "hpt"), one["mu"]
+    mu_varies = len(one["mu"]) == 4 and len(set(one["mu"][1:])) > 1
+    assert mu_varies or balancing in ("srft", "hpt", "luffy"), one["mu"]
     assert _close(one["mu"], two["mu"], 1e-6), (one["mu"], two["mu"])
     assert _close(one["sft_loss"], two["sft_loss"], 1e-6), (one["sft_loss"], two["sft_loss"])
     assert _close(one["rl_loss"], two["rl_loss"], 1e-5), (one["rl_loss"], two["rl_loss"])
@@ -340,7 +345,37 @@ def test_strategies_give_the_one_process_trajectory_on_two(tiny_model_dir, tmp_p
             f"the gate must split the prompts for the check to bite: {fractions}"
         )
         assert _close(one["hpt_sft_fraction"], two["hpt_sft_fraction"], 1e-9)
+    if balancing == "luffy":
+        weights = one["luffy_importance_weight"][1:]
+        assert len(weights) == 3 and all(0 < w < 1 for w in weights), one["luffy_importance_weight"]
+        assert _close(one["luffy_importance_weight"], two["luffy_importance_weight"], 1e-6)
+        assert _close(one["luffy_off_policy_fraction"], two["luffy_off_policy_fraction"], 1e-6)
+    if balancing == "relift":
+        assert 1.0 in one["relift_sft_step"], (
+            f"no SFT step: the check would be vacuous {one['relift_sft_step']}"
+        )
+        assert one["relift_sft_step"] == two["relift_sft_step"]
+        assert one["relift_buffer_fill"] == two["relift_buffer_fill"]
     assert math.isclose(one["param_checksum"], two["param_checksum"], rel_tol=1e-9)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("balancing", ["luffy", "relift"])
+def test_luffy_and_relift_under_zero2_single_process_match_plain(tiny_model_dir, tmp_path, balancing):
+    """LUFFY's added off-policy term and ReLIFT's SFT step on the buffer under ZeRO-2: the same losses as without
+    DeepSpeed (float32 Adam: rounding only)."""
+    extra = (
+        "--max_steps=4",
+        f"--balancing={balancing}",
+        f"--strategy_args={json.dumps(STRATEGY_FAMILIES[balancing])}",
+    )
+    plain, zero = _plain_and_zero(tiny_model_dir, tmp_path, 2, *extra)
+    assert _close(plain["rl_loss"], zero["rl_loss"], 1e-3), (plain["rl_loss"], zero["rl_loss"])
+    assert _close(plain["sft_loss"], zero["sft_loss"], 1e-3), (plain["sft_loss"], zero["sft_loss"])
+    if balancing == "relift":
+        assert 1.0 in plain["relift_sft_step"] and plain["relift_sft_step"] == zero["relift_sft_step"]
+    else:
+        assert _close(plain["luffy_importance_weight"], zero["luffy_importance_weight"], 1e-3)
 
 
 @pytest.mark.parametrize("samples", [1, 2, 3])

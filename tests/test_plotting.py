@@ -129,7 +129,7 @@ def test_output_dir_without_checkpoints_says_how_to_get_the_history(recorded_run
 
 
 def test_a_strategys_own_signals_are_drawn(tmp_path):
-    """CHORD's schedule, HPT's fraction and SRFT's rollout weight (above 1) share the weights' axis; without the
+    """CHORD's schedule, HPT's fraction, SRFT's rollout weight (above 1) LUFFY's off-policy share and weight, and ReLIFT's buffer fill and SFT steps share the weights' axis; without the
     demonstrations' entropy H_t, the rollouts' entropy TRL logs fills the lower panel."""
     history = [
         {
@@ -138,6 +138,10 @@ def test_a_strategys_own_signals_are_drawn(tmp_path):
             "amft/chord_mu": 0.5,
             "amft/hpt_sft_fraction": 0.25,
             "amft/srft_rl_weight": 1.4,
+            "amft/luffy_off_policy_fraction": 0.2,
+            "amft/luffy_importance_weight": 0.03 * t,
+            "amft/relift_buffer_fill": 0.25 * (t % 4),
+            "amft/relift_sft_step": float(t == 4),
         }
         | {"reward": 0.1 * t, "entropy": 1.0 / t}
         for t in range(1, 6)

@@ -9,6 +9,7 @@ trainer's attributes before and after one, so a container TRL adds would be caug
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import time
 from collections import deque
@@ -50,6 +51,19 @@ def test_private_members_exist_with_the_assumed_signatures():
     params = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
     assert list(params)[1:5] == ["model", "input_ids", "attention_mask", "logits_to_keep"]
     assert "compute_entropy" in params
+    # LUFFY generates the on-policy rows only, through TRL's own single-turn generation
+    assert list(inspect.signature(GRPOTrainer._generate_single_turn).parameters)[1:5] == [
+        "prompt_ids",
+        "images",
+        "multimodal_fields",
+        "num_generations",
+    ]
+    assert "self._generate_single_turn(" in inspect.getsource(GRPOTrainer._generate)
+    assert "[::num_generations]" in inspect.getsource(
+        importlib.import_module("trl.generation.vllm_generation").VLLMGeneration.generate
+    )
+    for name in ("grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo", "luspo"):  # LUFFY's normalisers
+        assert f'"{name}"' in inspect.getsource(GRPOTrainer._compute_loss), name
     assert list(inspect.signature(GRPOTrainer._calculate_rewards).parameters)[1:] == [
         "inputs",
         "prompts",
@@ -209,3 +223,27 @@ def test_resume_warns_about_tied_weights_in_the_form_the_filter_reads(caplog):
             assert caplog.records
     finally:
         trainer_logger.propagate = propagate
+
+
+def test_vision_members_exist_with_the_assumed_signatures():
+    """The VLM path: TRL's log-prob helper takes every multimodal key its generation output may hold (and
+    `_compute_loss` passes them, so the SFT and validation forwards pass the same), its micro-batch splitter for
+    pixel values exists, and transformers' `Trainer._load_from_checkpoint` (wrapped to reload VLM checkpoints)."""
+    from transformers import Trainer
+    from trl import GRPOTrainer
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+    from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid  # noqa: F401
+
+    from amft_trl._trl_compat import MULTIMODAL_KEYS
+
+    params = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
+    assert set(MULTIMODAL_KEYS) <= set(params)
+    source = inspect.getsource(GRPOTrainer._compute_loss)
+    assert all(f'inputs.get("{key}")' in source for key in MULTIMODAL_KEYS)
+    assert list(inspect.signature(Trainer._load_from_checkpoint).parameters) == [
+        "self",
+        "resume_from_checkpoint",
+        "model",
+    ]
+    fields = inspect.signature(DataCollatorForVisionLanguageModeling).parameters
+    assert {"processor", "max_length", "completion_only_loss"} <= set(fields)

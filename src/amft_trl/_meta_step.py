@@ -225,14 +225,38 @@ def validation_backward(
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
     tokens = accelerator.gather(mask.sum()).sum().clamp(min=1)
+    multimodal = _per_row_multimodal(out)
     for start in range(0, input_ids.size(0), chunk_size):
         rows_ = slice(start, start + chunk_size)
         with trainer.compute_loss_context_manager():
             logps, _ = _trl_compat.per_token_logps_and_entropies(
-                trainer, model, input_ids[rows_], attention_mask[rows_], completion_ids.size(1)
+                trainer,
+                model,
+                input_ids[rows_],
+                attention_mask[rows_],
+                completion_ids.size(1),
+                **_rows_of(multimodal, rows_),
             )
         loss = -(advantages[rows_] * logps * mask[rows_]).sum() / tokens * accelerator.num_processes
         trainer._amft_backward(loss)
         if after_each_backward is not None:
             after_each_backward()
     return val_reward
+
+
+def _per_row_multimodal(out: dict[str, Any]) -> dict[str, Any]:
+    """The VLM inputs of a generation output (images of the validation prompts), split per row the way TRL splits
+    its generation batch into micro-batches (`trl.trainer.utils.split_pixel_values_by_grid`). Empty for text."""
+    from trl.trainer.utils import split_pixel_values_by_grid
+
+    fields = {k: out[k] for k in _trl_compat.MULTIMODAL_KEYS if out.get(k) is not None}
+    return split_pixel_values_by_grid(fields) if fields else {}
+
+
+def _rows_of(multimodal: dict[str, Any], rows: slice) -> dict[str, Any]:
+    """The rows `rows` of `_per_row_multimodal`'s output, merged back into the model's layout."""
+    from trl.trainer.utils import unsplit_pixel_values_by_grid
+
+    if not multimodal:
+        return {}
+    return unsplit_pixel_values_by_grid({k: v[rows] for k, v in multimodal.items()})

@@ -7,13 +7,17 @@ function names the member it relies on and what it assumes:
 |---|---|---|
 | `GRPOTrainer._generate_and_score_completions(inputs)` | validation rollouts; `AMFTTrainer` wraps it | rows in, a dict out with `prompt_ids`, `prompt_mask`, `completion_ids`, `completion_mask`, `advantages` (B,); extra keys survive TRL's shuffle and split |
 | `GRPOTrainer._calculate_rewards(...)` | `AMFTTrainer` wraps it | returns the rewards of every process, (N_global, num_funcs), NaN for None |
-| `GRPOTrainer._compute_loss(model, inputs)` | per-rollout advantages (`rl_advantages`) | reads `inputs["advantages"]` after its one call of `_get_per_token_logps_and_entropies(..., compute_entropy=True)` |
+| `GRPOTrainer._compute_loss(model, inputs)` | per-rollout advantages (`rl_advantages`); `AMFTTrainer` wraps it for LUFFY | reads `inputs["advantages"]` after its one call of `_get_per_token_logps_and_entropies(..., compute_entropy=True)`, whose log-probs (at `args.temperature`) carry the graph; its policy term is zero on rows with advantage 0; its normaliser per `loss_type` is what `balancing.luffy.aggregate_token_loss` reproduces |
+| `GRPOTrainer._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, ...)` | `AMFTTrainer` wraps it for LUFFY (generates the on-policy rows only) | one completion per entry of `prompt_ids`, as `(completion_ids, logprobs or None)`; the vLLM server takes every `num_generations`-th entry as a group's prompt; `_generate` decodes, scores and pads whatever it returns |
+| `GRPOTrainer.eos_token_ids`, `tools`, `rollout_func`, `environment_factories`, `max_completion_length`, `loss_type` | LUFFY | the generation's stop tokens; the multi-turn paths LUFFY refuses; the loss settings |
 | `GRPOTrainer._get_per_token_logps_and_entropies` | SFT log-probs and entropies, the validation surrogate | `(logps, entropies, aux)` at `args.temperature` |
 | `GRPOTrainer._metrics`, `_logs`, `_pending_extra_logs`, `_pending_metrics` | `isolated_generation` | every log container generation writes to |
 | `GRPOTrainer._metrics["train"]["step_time"]` | whole-step timing | one value appended per optimizer step by `GRPOTrainer.training_step` |
 | `GradientState._set_sync_gradients` | `deferred_boundary` | toggles whether the next backward is at an accumulation boundary |
 | `Accelerator.deepspeed_engine_wrapped` | `swapped_deepspeed_backward` | `accelerator.backward` calls its `.backward(loss, sync_gradients=..., **kwargs)` |
 | `trl.data_utils._tokenize` | `amft_trl.sft_data` | tokenises a prompt or conversation like TRL's SFTTrainer |
+| `GRPOTrainer._get_per_token_logps_and_entropies(..., **MULTIMODAL_KEYS)` | image demonstrations, validation rollouts | takes a VLM's extra inputs as `_compute_loss` passes them |
+| `Trainer._load_from_checkpoint(resume_from_checkpoint, model)` | `AMFTTrainer` wraps it | loads the weights of a resumed run (VLM checkpoints then reloaded by `amft_trl.vision`) |
 | DeepSpeed `safe_get_local_grad` / `safe_set_local_grad`, `param._hp_mapping` | `amft_trl._distributed.ZeroGrads` | the local ZeRO partition of a gradient |
 | transformers `Trainer._issue_warnings_after_load` | `quiet_tied_weights_on_resume` | warns `MISSING_KEYS_WARNING` + the list of missing keys on logger `transformers.trainer` |
 """
@@ -31,6 +35,21 @@ from trl.data_utils import _tokenize as tokenize  # noqa: F401  (re-exported for
 # Names of the generation output keys AMFT reads (the contract test checks TRL still produces them).
 GENERATION_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages")
 
+# The multimodal keys of TRL's generation output that `GRPOTrainer._compute_loss` hands to
+# `_get_per_token_logps_and_entropies` (all optional; `num_images` / `num_tiles` are per-row lists).
+MULTIMODAL_KEYS = (
+    "pixel_values",
+    "image_grid_thw",
+    "num_images",
+    "pixel_attention_mask",
+    "spatial_shapes",
+    "num_tiles",
+    "image_sizes",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "image_position_ids",
+)
+
 
 def train_metrics(trainer: Any) -> dict[str, list[float]]:
     """The training metrics TRL averages and logs at each `log` call (`GRPOTrainer._metrics["train"]`)."""
@@ -44,11 +63,13 @@ def per_token_logps_and_entropies(
     attention_mask: torch.Tensor,
     logits_to_keep: int,
     compute_entropy: bool = False,
+    **multimodal: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """TRL's fused log-prob head: per-token log-probs (and entropies) of the last `logits_to_keep` tokens, at the
-    sampling temperature `args.temperature`, without materialising the logits."""
+    sampling temperature `args.temperature`, without materialising the logits. `multimodal`: a VLM's other inputs
+    as TRL's generation output holds them (`MULTIMODAL_KEYS`)."""
     logps, entropies, _ = trainer._get_per_token_logps_and_entropies(
-        model, input_ids, attention_mask, logits_to_keep, compute_entropy=compute_entropy
+        model, input_ids, attention_mask, logits_to_keep, compute_entropy=compute_entropy, **multimodal
     )
     return logps, entropies
 

@@ -142,6 +142,31 @@ class AMFTConfig(GRPOConfig):
             A rollout counts as correct when its reward (the weighted sum of the reward functions) is at least this.
         hpt_sft_coef (`float`, *optional*, defaults to `1.0`):
             HPT's beta: the weight of the demonstrations' NLL (reference scripts: 1.0 for 7B, 0.3 for 1.5B).
+
+        > Parameters that control LUFFY (`balancing="luffy"`, arXiv 2504.14945)
+
+        luffy_demonstration_column (`str`, *optional*, defaults to `"demonstration"`):
+            The column of `train_dataset` that holds each prompt's demonstration (a string, or assistant messages for
+            conversational prompts), put into the prompt's group as an off-policy rollout. OpenR1-Math's is
+            `"target"`.
+        luffy_num_off_policy (`int`, *optional*, defaults to `1`):
+            How many of each prompt's `num_generations` rollouts are its demonstration instead of a generation (the
+            paper: 1 of 8). `0` is plain GRPO.
+        luffy_shaping_gamma (`float`, *optional*, defaults to `0.1`):
+            gamma of the policy shaping `f(p) = p / (p + gamma)` on the demonstration tokens (the reference's
+            `off_policy_reshape="p_div_p_0.1"`).
+
+        > Parameters that control ReLIFT (`balancing="relift"`, arXiv 2506.07527)
+
+        relift_demonstration_column (`str`, *optional*, defaults to `"demonstration"`):
+            The column of `train_dataset` that holds each prompt's demonstration, buffered when all of the prompt's
+            rollouts fail.
+        relift_buffer_size (`int`, *optional*, defaults to `128`):
+            When the buffer holds this many all-failed prompts, the next optimizer step fine-tunes on them instead of
+            an RL step (the reference's 128). Must be divisible by processes x `gradient_accumulation_steps`.
+        relift_fail_reward (`float`, *optional*, defaults to `0.0`):
+            A rollout fails when its reward (the weighted sum of the reward functions) is at most this; a prompt is
+            buffered when all its rollouts fail.
     """
 
     # ---- the strategy ----
@@ -150,7 +175,9 @@ class AMFTConfig(GRPOConfig):
         metadata={
             "help": "How the SFT and RL losses are weighed: 'amft' (Eq. 6 + Eq. 25, the default), 'fixed' (mu = "
             "mu_init), 'sft_then_rl' (SFT for sft_warmup_steps, then GRPO only), 'chord' (CHORD's mu schedule, "
-            "optional phi), 'srft' (SRFT's entropy-aware weights), 'hpt' (HPT's per-prompt SFT/RL switch).",
+            "optional phi), 'srft' (SRFT's entropy-aware weights), 'hpt' (HPT's per-prompt SFT/RL switch), 'luffy' (LUFFY: the demonstration as an off-policy rollout in "
+            "each GRPO group), 'relift' (ReLIFT: GRPO, and SFT on the buffered all-failed prompts when the buffer is "
+            "full).",
             "choices": list(STRATEGIES),
         },
     )
@@ -159,7 +186,7 @@ class AMFTConfig(GRPOConfig):
         metadata={
             "help": "W: optimizer steps of pure SFT before the strategy starts; no rollouts are generated during "
             "them. They count inside max_steps. None: the strategy's default (amft and fixed: 50, the paper's W; "
-            "chord, srft and hpt: 0; sft_then_rl must set it: it is the length of its SFT stage)."
+            "chord, srft, hpt, luffy and relift: 0; sft_then_rl must set it: it is the length of its SFT stage)."
         },
     )
     sft_warmup_learning_rate: float | None = field(
@@ -320,6 +347,55 @@ class AMFTConfig(GRPOConfig):
         default=1.0,
         metadata={
             "help": "HPT's beta: the weight of the demonstrations' NLL (reference scripts: 1.0 for 7B, 0.3 for 1.5B)."
+        },
+    )
+
+    # ---- balancing="luffy" (arXiv 2504.14945; reference github ElliottYan/LUFFY) ----
+    luffy_demonstration_column: str = field(
+        default="demonstration",
+        metadata={
+            "help": "LUFFY: the column of train_dataset that holds each prompt's demonstration (a string for "
+            "standard prompts; a string or assistant messages for conversational ones), used as an off-policy "
+            "rollout of the prompt's group. OpenR1-Math's is 'target'."
+        },
+    )
+    luffy_num_off_policy: int = field(
+        default=1,
+        metadata={
+            "help": "LUFFY: how many of each prompt's num_generations rollouts are its demonstration instead of a "
+            "generation (the paper: 1 of 8). 0: plain GRPO."
+        },
+    )
+    luffy_shaping_gamma: float = field(
+        default=0.1,
+        metadata={
+            "help": "LUFFY: gamma of the policy shaping f(p) = p / (p + gamma) on the demonstration tokens (the "
+            "reference's off_policy_reshape='p_div_p_0.1')."
+        },
+    )
+
+    # ---- balancing="relift" (arXiv 2506.07527; reference github TheRoadQaQ/ReLIFT) ----
+    relift_demonstration_column: str = field(
+        default="demonstration",
+        metadata={
+            "help": "ReLIFT: the column of train_dataset that holds each prompt's demonstration (a string for "
+            "standard prompts; a string or assistant messages for conversational ones), buffered when all of the "
+            "prompt's rollouts fail. OpenR1-Math's is 'target'."
+        },
+    )
+    relift_buffer_size: int = field(
+        default=128,
+        metadata={
+            "help": "ReLIFT: when the buffer holds this many all-failed prompts, the next optimizer step fine-tunes "
+            "on the newest this many of them instead of an RL step (the reference's sft_data_size: 128, its batch's "
+            "prompt count). Must be divisible by processes x gradient_accumulation_steps."
+        },
+    )
+    relift_fail_reward: float = field(
+        default=0.0,
+        metadata={
+            "help": "ReLIFT: a rollout fails when its reward (the weighted sum of the reward functions) is at most "
+            "this (the reference: its verifier's fail value, 0); a prompt is buffered when all its rollouts fail."
         },
     )
 

@@ -11,7 +11,7 @@ plot_training_dynamics(trainer.state.log_history, "dynamics.png", extra={"held-o
 Two panels over optimizer steps: (1) train reward, validation reward (`amft/val_reward`) and any logged
 `eval_*accuracy*` or user-supplied series, with the weights on a second y-axis: mu (`amft/mu`, the SFT weight each
 step used, for every strategy) and the strategy's own signals (CHORD's scheduled mu, HPT's fraction of prompts sent
-to SFT, SRFT's positive-rollout weight); (2) the token entropy H_t on demonstrations (`amft/entropy`) with the
+to SFT, SRFT's positive-rollout weight, LUFFY's off-policy token share and mean shaped weight, ReLIFT's buffer fill and its SFT steps); (2) the token entropy H_t on demonstrations (`amft/entropy`) with the
 target H* (`amft/target_entropy`) dashed, or, for strategies that do not measure it, the rollouts' entropy that TRL
 logs. The SFT warm-up (logged steps with mu but neither reward nor entropy, before the first that has one) is
 shaded.
@@ -43,6 +43,10 @@ _WEIGHT_SERIES = (
     ("amft/chord_mu", "CHORD: scheduled mu", "tab:brown"),
     ("amft/hpt_sft_fraction", "HPT: prompts sent to SFT", "tab:olive"),
     ("amft/srft_rl_weight", "SRFT: positive-rollout weight", "tab:cyan"),
+    ("amft/luffy_off_policy_fraction", "LUFFY: off-policy token share", "tab:pink"),
+    ("amft/luffy_importance_weight", "LUFFY: mean weight p/(p+gamma)", "tab:green"),
+    ("amft/relift_buffer_fill", "ReLIFT: buffer fill", "tab:red"),
+    ("amft/relift_sft_step", "ReLIFT: SFT step", "tab:orange"),
 )
 
 

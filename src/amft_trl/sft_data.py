@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -410,12 +410,15 @@ class SFTBatch:
     prompt_mask:     (B, P)
     completion_ids:  (B, C) right-padded
     completion_mask: (B, C)
+    model_inputs:    the model's other inputs for image demonstrations (`pixel_values`, `image_grid_thw`, ...,
+                     `num_images` per row; per-token ones laid out as (B, P + C)); empty for text
     """
 
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
+    model_inputs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_tokens(self) -> int:
@@ -426,7 +429,8 @@ class SFTBatch:
             *(
                 t.to(device)
                 for t in (self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask)
-            )
+            ),
+            {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.model_inputs.items()},
         )
 
 
@@ -447,3 +451,147 @@ def collate_sft(examples: list[dict[str, list[int]]], pad_token_id: int) -> SFTB
         completion_ids[i, : len(c)] = torch.tensor(c)
         completion_mask[i, : len(c)] = 1
     return SFTBatch(prompt_ids, prompt_mask, completion_ids, completion_mask)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Demonstrations with images (vision-language models)
+# ------------------------------------------------------------------------------------------------------------------
+#: The columns that make a dataset multimodal, as TRL's GRPOTrainer and SFTTrainer read them.
+IMAGE_COLUMNS = ("images", "image")
+
+
+def image_column(dataset: Any) -> str | None:
+    """The dataset's image column (`images`, else `image`, as TRL reads them), or None for a text-only dataset."""
+    columns = list(getattr(dataset, "column_names", None) or [])
+    return next((c for c in IMAGE_COLUMNS if c in columns), None)
+
+
+def row_images(example: dict[str, Any], column: str) -> list[Any]:
+    """The images of one row as a list (`image`: one image or none; `images`: a list, None read as empty)."""
+    value = example.get(column)
+    if column == "image":
+        return [] if value is None else [value]
+    return list(value or [])
+
+
+def _vision_example(example: dict[str, Any], column: str) -> dict[str, Any]:
+    """One image demonstration as TRL's VLM collator takes it: `prompt`, `completion`, `images` (fresh objects)."""
+    prompt, completion = _as_prompt_completion(example)
+    return {"prompt": prompt, "completion": completion, "images": row_images(example, column)}
+
+
+def vision_collator(processor: Any, max_length: int | None) -> Any:
+    """TRL's `DataCollatorForVisionLanguageModeling` with completion-only loss, as SFTTrainer builds it for
+    prompt-completion image data."""
+    from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
+
+    return DataCollatorForVisionLanguageModeling(
+        processor=processor, max_length=max_length, completion_only_loss=True
+    )
+
+
+def prepare_vision_sft_dataset(
+    dataset: Dataset, processor: Any, max_length: int | None, name: str = "sft_dataset"
+) -> tuple[Dataset, int]:
+    """Check and measure image demonstrations; keep those whose prompt (with its image tokens) fits `max_length`.
+
+    Demonstrations stay raw (images are turned into pixels batch by batch, by `collate_vision_sft`, as TRL's
+    SFTTrainer does for vision data). Each row is processed once here by TRL's VLM collator, which loads its images
+    and counts its prompt tokens (image tokens included) and completion tokens: a row whose images cannot be loaded
+    or processed is named in the error. A demonstration is dropped (and counted, like text ones) when its prompt
+    leaves no room for a completion token within `max_length`: truncation then cuts only completion tokens, never
+    image tokens. Raises a ValueError naming `max_sft_length` when that drops every demonstration.
+    """
+    check_sft_columns(dataset, name)
+    column = image_column(dataset)
+    if column is None:
+        raise ValueError(f"`{name}` has no `images` or `image` column: use `tokenize_sft_dataset` for text.")
+    if getattr(processor, "image_processor", None) is None:
+        raise ValueError(
+            f"`{name}` has an `{column}` column, but the processing class ({type(processor).__name__}) has no image "
+            "processor: pass the model's processor (`AutoProcessor.from_pretrained(...)`) as `processing_class`."
+        )
+    collate = vision_collator(processor, None)
+    prompt_tokens, keep = [], []
+    for index in range(len(dataset)):
+        try:
+            example = dataset[index]
+        except Exception as error:  # datasets decodes the images of a row when it is read
+            raise ValueError(
+                f"`{name}` row {index}: cannot load the row's images from column `{column}` "
+                f"({type(error).__name__}: {error})."
+            ) from error
+        try:
+            labels = collate([_vision_example(example, column)])["labels"][0]
+        except Exception as error:
+            raise ValueError(
+                f"`{name}` row {index}: the processor cannot process this image demonstration (column `{column}` "
+                f"holds {len(row_images(example, column))} image(s)) ({type(error).__name__}: {error}). "
+                f"Accepted formats: {ACCEPTED_SFT_FORMATS}, plus an `images` (list) or `image` column."
+            ) from error
+        completion = int((labels != -100).sum())
+        prompt = len(labels) - completion
+        prompt_tokens.append(prompt)
+        if prompt > 0 and completion > 0 and (max_length is None or prompt < max_length):
+            keep.append(index)
+    dropped = len(dataset) - len(keep)
+    if dropped:
+        logger.warning(
+            "AMFT: %d of %d image demonstrations have no room for a completion token within max_sft_length=%s once "
+            "their prompt and its image tokens are counted (or have no prompt or no completion token); they are "
+            "dropped (first indices: %s). Raise `max_sft_length` to keep them.",
+            dropped,
+            len(dataset),
+            max_length,
+            sorted(set(range(len(dataset))) - set(keep))[:10],
+        )
+        if not keep:
+            raise ValueError(
+                f"`{name}`: none of the {len(dataset)} image demonstrations fits max_sft_length={max_length} tokens "
+                f"with at least one completion token: their prompts, image tokens included, take "
+                f"{min(prompt_tokens)} to {max(prompt_tokens)} tokens. Raise `max_sft_length` above the prompt "
+                "lengths (truncation never cuts image tokens)."
+            )
+        dataset = dataset.select(keep)
+    return dataset, dropped
+
+
+#: Per-token model inputs a VLM processor may return beside `input_ids` (laid out like them).
+_PER_TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")
+
+
+def collate_vision_sft(
+    examples: list[dict[str, Any]], processor: Any, max_length: int | None, column: str
+) -> SFTBatch:
+    """Image demonstrations through TRL's VLM collator (chat template, image processor, completion-only labels),
+    laid out like GRPO's rollouts: prompts (with their image tokens) left-padded, completions right-padded.
+
+    The model's extra inputs (`pixel_values`, `image_grid_thw`, `image_sizes`, ...) ride in `model_inputs`, with
+    `num_images` per row (how TRL's log-prob helper splits them); per-token ones are laid out like `prompt_ids` +
+    `completion_ids`. Rows must fit `max_length` with a completion token (`prepare_vision_sft_dataset`).
+    """
+    out = vision_collator(processor, max_length)([_vision_example(e, column) for e in examples])
+    input_ids, attention_mask, labels = out.pop("input_ids"), out.pop("attention_mask"), out.pop("labels")
+    completion = labels != -100
+    prompt = attention_mask.bool() & ~completion
+    pad = processor.tokenizer.pad_token_id
+    b = input_ids.size(0)
+    p_lens, c_lens = prompt.sum(1).tolist(), completion.sum(1).tolist()
+    p_len, c_len = max(p_lens), max(c_lens)
+    prompt_ids = torch.full((b, p_len), pad, dtype=torch.long)
+    prompt_mask = torch.zeros((b, p_len), dtype=torch.long)
+    completion_ids = torch.full((b, c_len), pad, dtype=torch.long)
+    completion_mask = torch.zeros((b, c_len), dtype=torch.long)
+    per_token = {k: out.pop(k) for k in _PER_TOKEN_INPUTS if k in out}
+    laid_out = {k: torch.zeros((b, p_len + c_len), dtype=v.dtype) for k, v in per_token.items()}
+    for i in range(b):
+        p, c = p_lens[i], c_lens[i]
+        prompt_ids[i, p_len - p :] = input_ids[i][prompt[i]]
+        prompt_mask[i, p_len - p :] = 1
+        completion_ids[i, :c] = input_ids[i][completion[i]]
+        completion_mask[i, :c] = 1
+        for key, value in per_token.items():
+            laid_out[key][i, p_len - p : p_len] = value[i][prompt[i]]
+            laid_out[key][i, p_len : p_len + c] = value[i][completion[i]]
+    model_inputs = {**dict(out), **laid_out, "num_images": [len(row_images(e, column)) for e in examples]}
+    return SFTBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, model_inputs)

@@ -38,11 +38,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 from datasets import Dataset
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
+from trl.data_utils import is_conversational
 from trl.import_utils import is_vllm_available
 
 from . import _trl_compat
@@ -58,15 +59,27 @@ from ._reward_columns import check_reward_columns
 from .attached_demonstrations import AttachedDemonstrations, DemonstrationMicroBatch
 from .balancing import BalancingStrategy, RolloutBatch, StepMeasurements, StepPlan, build_strategy
 from .balancing.amft import MuController
+from .balancing.luffy import (
+    LUFFYStrategy,
+    aggregate_token_loss,
+    demonstration_completion_ids,
+    off_policy_rows,
+    off_policy_token_loss,
+)
+from .balancing.relift import ReLIFTStrategy, all_failed
 from .config import AMFTConfig
 from .sft_data import (
     InfiniteStream,
     SFTBatch,
     check_sft_columns,
     collate_sft,
+    collate_vision_sft,
+    image_column,
+    prepare_vision_sft_dataset,
     tokenize_prompt_completion,
     tokenize_sft_dataset,
 )
+from .vision import check_image_inputs, reload_converted_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -171,6 +184,20 @@ class AMFTTrainer(GRPOTrainer):
         )
         if strategy.sft_source == "train_column":
             AttachedDemonstrations.check_layout(args, strategy)
+        # before GRPOTrainer, which fails obscurely on some of these (a text-only model with a processor)
+        image_datasets = {
+            "train_dataset": train_dataset,
+            "sft_dataset": sft_dataset,
+            "val_dataset": val_dataset,
+        }
+        check_image_inputs(model, processing_class, image_datasets, args.trust_remote_code)
+        if strategy.sft_source == "train_column" and image_column(train_dataset) is not None:
+            raise ValueError(
+                f"balancing={strategy.name!r} attaches each prompt's demonstration to its rollouts, but train_dataset "
+                f"has an `{image_column(train_dataset)}` column and demonstrations of image prompts are not supported "
+                "by this strategy yet (they would be trained on without their images). Use image prompts with another "
+                "strategy, or text prompts with this one."
+            )
         self.strategy = strategy
         super().__init__(
             model=model,
@@ -196,8 +223,16 @@ class AMFTTrainer(GRPOTrainer):
                 "The meta-gradient needs trainable parameters, but every parameter of the model is frozen."
             )
 
+        if processing_class is None:  # GRPOTrainer loaded the model's own: check it too
+            check_image_inputs(self.model, self.processing_class, image_datasets)
         self.sft_dataset, self.sft_num_dropped = None, 0
-        if sft_dataset is not None:
+        self._sft_image_column = image_column(sft_dataset)
+        if self._sft_image_column is not None:  # raw rows, processed batch by batch by TRL's VLM collator
+            self.sft_dataset, self.sft_num_dropped = prepare_vision_sft_dataset(
+                sft_dataset, self.processing_class, args.max_sft_length
+            )
+            self._sft_stream = InfiniteStream(len(self.sft_dataset), seed=args.seed)
+        elif sft_dataset is not None:
             self.sft_dataset, self.sft_num_dropped = tokenize_sft_dataset(
                 sft_dataset, self.processing_class, args.max_sft_length, chat_template=self.chat_template
             )
@@ -225,6 +260,8 @@ class AMFTTrainer(GRPOTrainer):
         self._generating_validation = False
         self._rl_entropy_hook = None
         self._num_skipped_rl_steps = 0
+        self._luffy_setup()  # LUFFY (balancing="luffy"): demonstrations as off-policy rollouts
+        self._relift_setup()  # ReLIFT (balancing="relift"): a buffer of all-failed prompts
 
     @property
     def mu_controller(self) -> BalancingStrategy:
@@ -371,7 +408,13 @@ class AMFTTrainer(GRPOTrainer):
             )
         step = _StepState(plan)
         if plan.sft:
-            step.sft_batches = self._draw_sft_batches(self.current_gradient_accumulation_steps)
+            buffered = self.strategy.buffered_demonstrations()  # ReLIFT's buffer, else the sft_dataset stream
+            if buffered is None:
+                step.sft_batches = self._draw_sft_batches(self.current_gradient_accumulation_steps)
+            else:
+                step.sft_batches = self._relift_sft_batches(
+                    buffered, self.current_gradient_accumulation_steps
+                )
             step.sft_tokens = int(
                 global_sum(self.accelerator, float(sum(b.num_tokens for b in step.sft_batches)))
             )
@@ -456,6 +499,9 @@ class AMFTTrainer(GRPOTrainer):
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
+        luffy_hook, self._luffy_logps_hook = self._luffy_logps_hook, None
+        if luffy_hook is not None:  # armed by the LUFFY `_compute_loss` for the RL loss's forward only
+            luffy_hook(out[0])
         hook, self._rl_entropy_hook = self._rl_entropy_hook, None
         if hook is not None:  # armed by `compute_loss` for the RL loss's forward only
             hook(out[1])
@@ -521,13 +567,15 @@ class AMFTTrainer(GRPOTrainer):
         input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
         attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
         c = batch.completion_ids.size(1)
+        extra = batch.model_inputs  # image demonstrations: pixel_values, image_grid_thw, ..., num_images
         if self.temperature == 1.0:
             return _trl_compat.per_token_logps_and_entropies(
-                self, model, input_ids, attention_mask, c, compute_entropy=compute_entropy
+                self, model, input_ids, attention_mask, c, compute_entropy=compute_entropy, **extra
             )
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=c + 1).logits[
-            :, :-1
-        ]
+        forward = {k: v for k, v in extra.items() if k != "num_images"}
+        logits = model(
+            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=c + 1, **forward
+        ).logits[:, :-1]
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         logps = logprobs.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
         entropies = -(logprobs.exp() * logprobs).sum(-1) if compute_entropy else None
@@ -646,10 +694,18 @@ class AMFTTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs):
         self._captured_rewards = None
-        out = super()._generate_and_score_completions(inputs)
+        self._luffy_demonstrations = self._luffy_prepare(inputs)
+        try:
+            out = super()._generate_and_score_completions(inputs)
+        finally:
+            demonstrations, self._luffy_demonstrations = self._luffy_demonstrations, None
         rewards, self._captured_rewards = self._captured_rewards, None
+        if demonstrations is not None:
+            self._luffy_mark(out, demonstrations, rewards)
         if self._generating_validation or not self.model.training or rewards is None:
             return out
+        if self._relift is not None:
+            self._relift_fill(inputs, rewards)
         total = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
         unscorable = torch.isnan(rewards).all(dim=1)
         total[unscorable] = float("nan")
@@ -687,6 +743,249 @@ class AMFTTrainer(GRPOTrainer):
         return example if example["completion_ids"] else None
 
     # ------------------------------------------------------------------------------------------------------
+    # LUFFY (balancing="luffy", `amft_trl.balancing.luffy`): demonstrations as off-policy rollouts. Begin.
+    # ------------------------------------------------------------------------------------------------------
+    def _luffy_setup(self) -> None:
+        """Arm the LUFFY hooks when the strategy puts demonstrations into the groups; refuse what they cannot serve."""
+        self._luffy: LUFFYStrategy | None = None
+        self._luffy_demonstrations: list[list[int] | None] | None = None
+        self._luffy_logps_hook = None
+        # this step's sums: f(p) and p over the off-policy tokens, their count, and all completion tokens
+        self._luffy_sums = [0.0] * 4
+        strategy = self.strategy
+        if not isinstance(strategy, LUFFYStrategy) or strategy.num_off_policy == 0:
+            return
+        if self.tools or self.rollout_func is not None or getattr(self, "environment_factories", None):
+            raise ValueError(
+                "balancing='luffy' puts each prompt's demonstration into its group as a finished single-turn "
+                "completion; it cannot be combined with `tools`, `environment_factory` or `rollout_func`."
+            )
+        g, world = self.num_generations, self.accelerator.num_processes
+        local = self.args.per_device_train_batch_size * self.args.steps_per_generation
+        if world > 1 and local % g != 0:
+            raise ValueError(
+                f"balancing='luffy' with {world} processes needs each process's generation batch "
+                f"(per_device_train_batch_size x steps_per_generation = {local}) to hold whole groups of "
+                f"`num_generations` ({g}) rollouts, so that every process generates the same number of completions."
+            )
+        self._luffy = strategy
+
+    def _luffy_prepare(self, inputs: list[dict[str, Any]]) -> list[list[int] | None] | None:
+        """Per row of this process's generation batch: the demonstration's completion token ids where the row is an
+        off-policy slot (the first `luffy_num_off_policy` rows of each group), None where it is generated.
+        None (no LUFFY) outside training, for validation rollouts, or without LUFFY."""
+        if self._luffy is None or self._generating_validation or not self.model.training:
+            return None
+        column = self._luffy.demonstration_column
+        first = self.accelerator.process_index * len(inputs)
+        rows = off_policy_rows(len(inputs), first, self.num_generations, self._luffy.num_off_policy)
+        out: list[list[int] | None] = []
+        for row, off in zip(inputs, rows, strict=True):
+            if not off:
+                out.append(None)
+                continue
+            demonstration = row.get(column)
+            if isinstance(demonstration, str) and is_conversational(row):
+                demonstration = [{"role": "assistant", "content": demonstration}]
+            if not demonstration:
+                raise ValueError(
+                    f"balancing='luffy': train_dataset[{column!r}] (`luffy_demonstration_column`) is empty for the "
+                    f"prompt {row['prompt']!r}; every prompt needs a demonstration."
+                )
+            ids = tokenize_prompt_completion(
+                self.processing_class, row["prompt"], demonstration, None, chat_template=self.chat_template
+            )["completion_ids"]
+            ids = demonstration_completion_ids(ids, list(self.eos_token_ids), self.args.max_completion_length)
+            if not ids:
+                raise ValueError(
+                    f"balancing='luffy': the demonstration of the prompt {row['prompt']!r} tokenises to no completion "
+                    "token."
+                )
+            out.append(ids)
+        return out
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
+        """TRL's generation, for the on-policy rows only; the off-policy rows get their demonstration's tokens.
+
+        Text-only prompts: the demonstrations cost no generation (TRL generates `num_generations -
+        luffy_num_off_policy` completions per prompt, in every generation mode). With images, every row is generated
+        and the off-policy ones then replaced (a wasted generation per demonstration)."""
+        demonstrations = self._luffy_demonstrations
+        if demonstrations is None:
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+            )
+        if len(demonstrations) != len(prompt_ids):  # TRL generates for other rows than the batch's: refuse
+            raise RuntimeError(
+                f"balancing='luffy': TRL asked for {len(prompt_ids)} completions of a generation batch of "
+                f"{len(demonstrations)} rows; the demonstrations cannot be placed."
+            )
+        on = [i for i, d in enumerate(demonstrations) if d is None]
+        if images is None and not multimodal_fields:
+            generated, logprobs = super()._generate_single_turn(
+                [prompt_ids[i] for i in on],
+                None,
+                multimodal_fields,
+                num_generations - self._luffy.num_off_policy,
+                *args,
+                **kwargs,
+            )
+        else:  # multimodal rows: generate them all, keep the on-policy ones
+            generated, logprobs = super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+            )
+            generated = [generated[i] for i in on]
+            logprobs = None if logprobs is None else [logprobs[i] for i in on]
+        completion_ids: list[list[int]] = []
+        all_logprobs: list[list[float]] | None = None if logprobs is None else []
+        cursor = 0
+        for demonstration in demonstrations:
+            if demonstration is None:
+                completion_ids.append(list(generated[cursor]))
+                if all_logprobs is not None:
+                    all_logprobs.append(list(logprobs[cursor]))
+                cursor += 1
+            else:
+                completion_ids.append(list(demonstration))
+                if all_logprobs is not None:  # no sampling log-prob: TRL's importance correction is 1 there
+                    all_logprobs.append([float("nan")] * len(demonstration))
+        return completion_ids, all_logprobs
+
+    def _luffy_mark(self, out: dict[str, Any], demonstrations: list, rewards: torch.Tensor | None) -> None:
+        """Mark the off-policy rows of a generation batch (`amft_off_policy`) and log their mean reward."""
+        device = out["advantages"].device
+        out["amft_off_policy"] = torch.tensor([d is not None for d in demonstrations], device=device)
+        if rewards is None:
+            return
+        total = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
+        rows = off_policy_rows(len(total), 0, self.num_generations, self._luffy.num_off_policy)
+        off = torch.tensor(rows, device=total.device)
+        mean = torch.nanmean(total[off])
+        if not torch.isnan(mean):
+            _trl_compat.train_metrics(self)["amft/luffy_off_policy_reward"].append(float(mean))
+
+    def _compute_loss(self, model, inputs):
+        """TRL's GRPO loss on the on-policy rows; on the off-policy rows LUFFY's shaped, unclipped term
+        `-A * p / (p + gamma)` per token (`amft_trl.balancing.luffy`), reduced with the same `loss_type` normaliser."""
+        off = inputs.get("amft_off_policy")
+        if off is None or self._luffy is None or not self.model.training:
+            return super()._compute_loss(model, inputs)
+        captured: list[torch.Tensor] = []
+        self._luffy_logps_hook = captured.append
+        advantages = inputs["advantages"]
+        rows = off.view(-1, *([1] * (advantages.dim() - 1)))
+        try:
+            loss = super()._compute_loss(model, {**inputs, "advantages": advantages.masked_fill(rows, 0.0)})
+        finally:
+            self._luffy_logps_hook = None
+        logps = captured[0]
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        mask = mask.to(logps.dtype)
+        off_mask = mask * off.to(logps.dtype).unsqueeze(1)
+        token_loss = off_policy_token_loss(logps, advantages, self._luffy.shaping_gamma) * off_mask
+        loss = loss + aggregate_token_loss(
+            token_loss,
+            mask,
+            self.loss_type,
+            accumulation_steps=self.current_gradient_accumulation_steps,
+            max_completion_length=self.max_completion_length,
+            num_items_in_batch=inputs["num_items_in_batch"],
+            num_processes=self.accelerator.num_processes,
+            steps_per_generation=self.args.steps_per_generation,
+        )
+        with torch.no_grad():  # the step's sums: logged as ratios of sums over the step and every process
+            p = logps.detach().exp()
+            weight = p / (p + self._luffy.shaping_gamma)
+            local = [(weight * off_mask).sum(), (p * off_mask).sum(), off_mask.sum(), mask.sum()]
+            self._luffy_sums = [a + float(b) for a, b in zip(self._luffy_sums, local, strict=True)]
+        step = self._step_state
+        if step is None or step.micro == self.current_gradient_accumulation_steps - 1:
+            weight_sum, prob_sum, off_tokens, tokens = global_sum(self.accelerator, self._luffy_sums)
+            self._luffy_sums = [0.0] * 4
+            metrics = _trl_compat.train_metrics(self)
+            metrics["amft/luffy_off_policy_fraction"].append(off_tokens / max(tokens, 1.0))
+            if off_tokens > 0:
+                metrics["amft/luffy_importance_weight"].append(weight_sum / off_tokens)
+                metrics["amft/luffy_off_policy_prob"].append(prob_sum / off_tokens)
+        return loss
+
+    # ------------------------------------------------------------------------------------------------------
+    # LUFFY. End.
+    # ------------------------------------------------------------------------------------------------------
+
+    # ------------------------------------------------------------------------------------------------------
+    # ReLIFT (balancing="relift", `amft_trl.balancing.relift`): the buffer of all-failed prompts. Begin.
+    # ------------------------------------------------------------------------------------------------------
+    def _relift_setup(self) -> None:
+        self._relift: ReLIFTStrategy | None = None
+        if not isinstance(self.strategy, ReLIFTStrategy):
+            return
+        world, accumulation = self.accelerator.num_processes, self.args.gradient_accumulation_steps
+        if self.strategy.buffer_size % (world * accumulation) != 0:
+            raise ValueError(
+                f"`relift_buffer_size` ({self.strategy.buffer_size}) must be divisible by processes x "
+                f"gradient_accumulation_steps ({world} x {accumulation}): each SFT step splits the buffer evenly "
+                "over them."
+            )
+        self._relift = self.strategy
+
+    def _relift_demonstration_ids(self, prompt: Any, demonstration: Any) -> dict[str, list[int]] | None:
+        """A buffered pair tokenised like the SFT data (`max_sft_length`); None when no completion token is left."""
+        if isinstance(demonstration, str) and is_conversational({"prompt": prompt}):
+            demonstration = [{"role": "assistant", "content": demonstration}]
+        if not demonstration:
+            return None
+        example = tokenize_prompt_completion(
+            self.processing_class,
+            prompt,
+            demonstration,
+            self.args.max_sft_length,
+            chat_template=self.chat_template,
+        )
+        return example if example["completion_ids"] else None
+
+    def _relift_fill(self, inputs: list[dict[str, Any]], rewards: torch.Tensor) -> None:
+        """Buffer the generation batch's all-failed prompts with their demonstrations, in global row order, on every
+        process (each group's first row carries it; the buffer is the same everywhere)."""
+        total = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
+        total[torch.isnan(rewards).all(dim=1)] = float("nan")
+        g = self.num_generations
+        failed = all_failed(total.view(-1, g), self._relift.fail_reward).repeat_interleave(g).cpu().tolist()
+        first = self.accelerator.process_index * len(inputs)
+        column = self._relift.demonstration_column
+        local = [
+            (row["prompt"], row.get(column))
+            for i, row in enumerate(inputs)
+            if (first + i) % g == 0 and failed[first + i]
+        ]
+        gathered = gather_object(local) if self.accelerator.num_processes > 1 else local
+        kept = [(p, d) for p, d in gathered if self._relift_demonstration_ids(p, d) is not None]
+        if len(kept) < len(gathered):
+            logger.warning(
+                "ReLIFT: %d all-failed prompt(s) not buffered: their demonstration (train_dataset[%r]) is empty or "
+                "truncated away by max_sft_length.",
+                len(gathered) - len(kept),
+                column,
+            )
+        self._relift.add_failed(kept)
+
+    def _relift_sft_batches(self, examples: list[tuple[Any, Any]], num_micro: int) -> list[SFTBatch]:
+        """The SFT step's micro-batches: this process's equal share of the buffered pairs, split over micro-steps."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        per_process = len(examples) // world
+        local = examples[rank * per_process : (rank + 1) * per_process]
+        per_micro = per_process // num_micro
+        pad = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
+        tokenised = [self._relift_demonstration_ids(p, d) for p, d in local]
+        return [collate_sft(tokenised[m * per_micro : (m + 1) * per_micro], pad) for m in range(num_micro)]
+
+    # ------------------------------------------------------------------------------------------------------
+    # ReLIFT. End.
+    # ------------------------------------------------------------------------------------------------------
+
+    # ------------------------------------------------------------------------------------------------------
     # SFT data
     # ------------------------------------------------------------------------------------------------------
     def _draw_sft_batches(self, num_micro: int) -> list[SFTBatch]:
@@ -698,7 +997,14 @@ class AMFTTrainer(GRPOTrainer):
         return [self._collate_sft(local[m * per_micro : (m + 1) * per_micro]) for m in range(num_micro)]
 
     def _collate_sft(self, indices: list[int]) -> SFTBatch:
-        """The tokenised demonstrations at `indices`, padded into one batch."""
+        """The tokenised demonstrations at `indices`, padded into one batch (image ones processed here)."""
+        if self._sft_image_column is not None:
+            return collate_vision_sft(
+                [self.sft_dataset[i] for i in indices],
+                self.processing_class,
+                self.args.max_sft_length,
+                self._sft_image_column,
+            )
         pad = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
         return collate_sft([self.sft_dataset[i] for i in indices], pad)
 
@@ -803,6 +1109,14 @@ class AMFTTrainer(GRPOTrainer):
             )
             with open(os.path.join(folder, AMFT_STATE_NAME), "w") as f:
                 json.dump(self.amft_state_dict(), f)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # transformers' resume loads VLM checkpoints (saved under their original names) into nothing
+        if reload_converted_checkpoint(self.model if model is None else model, resume_from_checkpoint):
+            logger.info(
+                "AMFT: %s reloaded with transformers' weight-name conversion.", resume_from_checkpoint
+            )
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -10,6 +10,8 @@ Choose one with `AMFTConfig(balancing=...)`:
 | `chord`       | `chord.py`       | CHORD's scheduled mu, optional per-token phi = p(1 - p)                 |
 | `srft`        | `srft.py`        | SRFT's entropy-aware weights on demonstrations and positive rollouts    |
 | `hpt`         | `hpt.py`         | HPT's per-prompt switch: SFT when the prompt's rollouts mostly fail     |
+| `luffy`       | `luffy.py`       | LUFFY: the demonstration as an off-policy rollout in the GRPO group     |
+| `relift`      | `relift.py`      | ReLIFT: GRPO, and an SFT step on the buffered all-failed prompts        |
 
 The interface is `base.BalancingStrategy`. A new strategy is one module here, one line in `STRATEGIES`, its fields in
 `AMFTConfig`, and its tests (`docs/source/strategies.md`, "Adding a strategy", shows one end to end).
@@ -24,6 +26,8 @@ from .base import BalancingStrategy, MuStrategy, RolloutBatch, StepMeasurements,
 from .chord import ChordStrategy
 from .fixed import FixedMu
 from .hpt import HPTStrategy
+from .luffy import LUFFYStrategy
+from .relift import ReLIFTStrategy
 from .sft_then_rl import SFTThenRL
 from .srft import SRFTStrategy
 
@@ -34,6 +38,8 @@ STRATEGIES: dict[str, type[BalancingStrategy]] = {
     "chord": ChordStrategy,
     "srft": SRFTStrategy,
     "hpt": HPTStrategy,
+    "luffy": LUFFYStrategy,
+    "relift": ReLIFTStrategy,
 }
 
 
@@ -56,8 +62,10 @@ __all__ = [
     "ChordStrategy",
     "FixedMu",
     "HPTStrategy",
+    "LUFFYStrategy",
     "MuController",
     "MuStrategy",
+    "ReLIFTStrategy",
     "RolloutBatch",
     "SFTThenRL",
     "SRFTStrategy",

@@ -211,6 +211,11 @@ class BalancingStrategy(TrainerCallback):
         has, and is trained at the optimizer step that owns it (`amft_trl.attached_demonstrations`)."""
         raise NotImplementedError(f"{type(self).__name__} takes its demonstrations from sft_dataset.")
 
+    def buffered_demonstrations(self) -> list[tuple[Any, Any]] | None:
+        """The (prompt, demonstration) pairs the step just planned trains on instead of an `sft_dataset` batch (ReLIFT's
+        buffer); None: the step's SFT batch, if any, comes from `sft_dataset`. Asked once per step, after `plan`."""
+        return None
+
     def set_target_entropy(self, value: float) -> None:
         """Receive H*, measured when the plan asked for it (`measure_target_entropy`)."""
         raise NotImplementedError(f"{type(self).__name__} does not use a target entropy.")

@@ -15,6 +15,8 @@ schedule, for the remaining steps.
 | `chord`, `chord_phi`| CHORD's mu schedule, without / with the per-token phi weight                | `chord_mu_peak`, `chord_mu_valley` |
 | `srft`              | SRFT's entropy-aware weights                                                | `srft_sft_coef`              |
 | `hpt`               | HPT's per-prompt switch (demonstrations from the RL rows)                   | `hpt_accuracy_threshold`     |
+| `luffy`             | LUFFY: the demonstration as an off-policy rollout of each group, shaped     | `luffy_shaping_gamma`        |
+| `relift`            | ReLIFT: GRPO, and an SFT step on the buffered all-failed prompts            | `relift_buffer_size`         |
 | `amft`              | AMFT: entropy rule (Eq. 6) + meta-gradient (Eq. 25)                          | `meta_learning_rate`, `entropy_learning_rate` |
 | `amft_entropy_only` | AMFT without the meta-gradient                                              | `entropy_learning_rate`      |
 | `amft_meta_only`    | AMFT without the entropy term                                               | `meta_learning_rate`         |
@@ -114,6 +116,32 @@ METHODS: dict[str, Method] = {
             needs_demonstrations=False,
             needs_demonstration_column=True,
             knob=("hpt_accuracy_threshold",),
+        ),
+        Method(
+            "luffy",
+            # the paper's run: A = r - group mean (grpo_use_std=False), loss_remove_token_mean (dr_grpo)
+            lambda b: {
+                "balancing": "luffy",
+                "luffy_demonstration_column": "demonstration",
+                "scale_rewards": "none",
+                "loss_type": "dr_grpo",
+            },
+            needs_demonstrations=False,
+            needs_demonstration_column=True,
+            knob=("luffy_shaping_gamma",),
+        ),
+        Method(
+            "relift",
+            # the reference's run: A = r - group mean (grpo_use_std=False), loss_remove_token_mean (dr_grpo)
+            lambda b: {
+                "balancing": "relift",
+                "relift_demonstration_column": "demonstration",
+                "scale_rewards": "none",
+                "loss_type": "dr_grpo",
+            },
+            needs_demonstrations=False,
+            needs_demonstration_column=True,
+            knob=("relift_buffer_size",),
         ),
         Method("amft", _amft(), needs_val=True, knob=("meta_learning_rate", "entropy_learning_rate")),
         Method(
