@@ -188,6 +188,8 @@ def test_rendering_is_deterministic_and_each_card_is_drawn_where_recorded():
     assert red_pixels(render_card("Q", "S", width)) == 0 and red_pixels(render_card("Q", "C", width)) == 0
     with pytest.raises(ValueError, match="one suit per card"):
         render_hand(cards, suits[:3])
+    with pytest.raises(ValueError, match="resolution must be at least 113 pixels for 4 cards, got 64"):
+        render_hand(cards, suits, 64)
     with pytest.raises(ValueError, match="Unknown rank"):
         render_card("11", "H")
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 import re
 from collections import Counter
@@ -199,7 +200,8 @@ def render_hand(cards: Sequence[str], suits: Sequence[str], resolution: int = DE
     A pure function of `(cards, suits, resolution)`: the same hand renders to the same pixels.
 
     Raises:
-        ValueError: for mismatched `cards` / `suits`, an unknown rank or suit, or a resolution under 64.
+        ValueError: for mismatched `cards` / `suits`, an unknown rank or suit, or a resolution too small for
+            24-pixel-wide cards.
     """
     from PIL import Image
 
@@ -207,8 +209,11 @@ def render_hand(cards: Sequence[str], suits: Sequence[str], resolution: int = DE
         raise ValueError(
             f"render_hand needs one suit per card, got {len(cards)} cards and {len(suits)} suits."
         )
-    if resolution < 64:
-        raise ValueError(f"resolution must be at least 64 pixels, got {resolution}.")
+    smallest = math.ceil(24 * len(cards) / 0.85)  # each card at least 24 pixels wide
+    if resolution < smallest:
+        raise ValueError(
+            f"resolution must be at least {smallest} pixels for {len(cards)} cards, got {resolution}."
+        )
     canvas = Image.new("RGB", (resolution, resolution), _TABLE_GREEN)
     width, _, origins = _layout(len(cards), resolution)
     for rank, suit, origin in zip(cards, suits, origins):
