@@ -1,5 +1,5 @@
-"""AMFTTrainer trains on General Points with sequential revision through TRL's own multi-turn loop
-(`environment_factory`), on the tiny offline text model."""
+"""AMFTTrainer trains with sequential revision (General Points) and one-action-per-turn episodes (V-IRL) through
+TRL's own multi-turn loop (`environment_factory`), on the tiny offline text model with a scripted `generate`."""
 
 from __future__ import annotations
 
@@ -20,73 +20,9 @@ def tool_tokenizer():
     return tokenizer
 
 
-def test_amft_trains_with_the_revision_environment_in_the_loop(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
-    from amft_trl import AMFTTrainer
-    from amft_trl.tasks.general_points_visual import (
-        GeneralPointsRevisionEnv,
-        build_general_points_visual_datasets,
-        general_points_revision_env_factory,
-    )
-    from amft_trl.toy import build_model
-
-    data = build_general_points_visual_datasets(4, 2, 1, visual=False, revision=True, num_cards=3, target=10)
-    tokenizer = tool_tokenizer()
-    model = build_model(tokenizer)
-    model.config.max_position_embeddings = 4096  # RoPE: prompts with the tool schema are long
-    made: list[GeneralPointsRevisionEnv] = []
-    resets: list[tuple[str, ...]] = []
-    base = general_points_revision_env_factory(verify_iter=2)
-
-    class Recording(GeneralPointsRevisionEnv):
-        def reset(self, cards=(), **kwargs):
-            resets.append(tuple(sorted(cards)))
-            return super().reset(cards, **kwargs)
-
-    def factory():
-        made.append(Recording(base().verify_iter))
-        return made[-1]
-
-    args = make_config(
-        tmp_path, max_steps=1, max_completion_length=8, max_tool_calling_iterations=2, max_sft_length=2048
-    )
-    trainer = AMFTTrainer(
-        model=model,
-        reward_funcs=[],
-        environment_factory=factory,
-        args=args,
-        processing_class=tokenizer,
-        train_dataset=data.rl,
-        sft_dataset=data.sft,
-        val_dataset=data.validation,
-    )
-    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    trainer.train()
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert len(logs) == 1 and "amft/meta_gradient" in logs[0]  # the meta step ran
-    reward_keys = [k for k in logs[0] if k.startswith("rewards/Recording")]
-    assert reward_keys, sorted(logs[0])
-    # Every rollout was reset with its row's hand, and scored by the environment (a random model never submits,
-    # so each episode scores as an answer without a formula).
-    episodes = [env for env in made if env.cards]
-    assert episodes and all(len(env.cards) == 3 for env in episodes)
-    assert all(env.get_reward() == -3.0 for env in episodes)
-    # The meta step's validation rollouts (GRPOTrainer's `_generate_and_score_completions` on validation prompts)
-    # run the same loop: the environments were reset with validation hands too.
-    validation_hands = {tuple(sorted(h)) for h in data.validation["cards"]}
-    train_hands = {tuple(sorted(h)) for h in data.rl["cards"]}
-    assert validation_hands & set(resets) and train_hands & set(resets), (
-        resets,
-        validation_hands,
-        train_hands,
-    )
-    changed = [n for n, p in trainer.model.named_parameters() if not p.detach().equal(before[n])]
-    assert changed
-
-
-def scripted_generate(tokenizer, correct_at: int | None):
+def scripted_generate(tokenizer, correct_at):
     """A stand-in for `model.generate` that answers like a model using the tool: a wrong `submit_answer` call
-    each turn, a correct one at turn `correct_at` (1-based; None: never), and a plain final message once the
+    each turn, a correct one at turn `correct_at(cards)` (1-based; None: never), and a plain final message once the
     verifier said "Correct solution."."""
     import json
     import re
@@ -105,7 +41,7 @@ def scripted_generate(tokenizer, correct_at: int | None):
                 reply = "Solved.<|im_end|>"
             else:
                 answer = _answer(cards, "id", 10)
-                if turn != correct_at:
+                if turn != correct_at(cards):
                     answer["formula"] = "+".join(str(n) for n in answer["number"]) + "+99"
                 call = json.dumps({"name": "submit_answer", "arguments": answer})
                 reply = f"<tool_call>\n{call}\n</tool_call><|im_end|>"
@@ -117,10 +53,7 @@ def scripted_generate(tokenizer, correct_at: int | None):
     return generate
 
 
-@pytest.mark.parametrize("correct_at,expected_scores", [(2, [-2.0, 5.0]), (None, [-2.0, -2.0, -2.0])])
-def test_trls_loop_stops_at_the_first_correct_answer_or_the_turn_limit(
-    tmp_path, monkeypatch, correct_at, expected_scores
-):
+def test_trls_loop_stops_at_the_first_correct_answer_or_the_turn_limit(tmp_path, monkeypatch):
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     from amft_trl import AMFTTrainer
     from amft_trl.tasks.general_points_visual import (
@@ -129,22 +62,30 @@ def test_trls_loop_stops_at_the_first_correct_answer_or_the_turn_limit(
     )
     from amft_trl.toy import build_model
 
-    data = build_general_points_visual_datasets(4, 2, 1, visual=False, revision=True, num_cards=3, target=10)
+    data = build_general_points_visual_datasets(8, 2, 1, visual=False, revision=True, num_cards=3, target=10)
+    # One hand the scripted model solves at its second try, one it never solves.
+    sums = [sum(int(c) if c.isdigit() else 1 if c == "A" else 10 for c in h) % 2 for h in data.rl["cards"]]
+    data.rl = data.rl.select([sums.index(0), sums.index(1)])
+
+    def correct_at(cards):
+        return 2 if sum(int(c) if c.isdigit() else 1 if c == "A" else 10 for c in cards) % 2 == 0 else None
+
     tokenizer = tool_tokenizer()
     model = build_model(tokenizer)
     model.config.max_position_embeddings = 8192
     model.generate = scripted_generate(tokenizer, correct_at)
-    episodes: list[list[float]] = []
+    episodes: list[tuple[list[str], list[float]]] = []
 
     class Recording(GeneralPointsRevisionEnv):
         def get_reward(self):
-            episodes.append(list(self.scores))
+            episodes.append((list(self.cards), list(self.scores)))
             return super().get_reward()
 
     # TRL's own limit is looser than the environment's: the environment ends the revision.
     args = make_config(
         tmp_path,
         max_steps=1,
+        num_generations=2,
         max_completion_length=2048,
         max_tool_calling_iterations=4,
         max_sft_length=2048,
@@ -160,11 +101,23 @@ def test_trls_loop_stops_at_the_first_correct_answer_or_the_turn_limit(
         sft_dataset=data.sft,
         val_dataset=data.validation,
     )
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
     (log,) = [h for h in trainer.state.log_history if "loss" in h]
-    assert log["tools/call_frequency"] > 0
-    assert episodes and all(scores == expected_scores for scores in episodes), episodes
-    assert log["rewards/Recording/mean"] == expected_scores[-1]
+    assert log["tools/call_frequency"] > 0 and "amft/meta_gradient" in log
+    assert any(not p.detach().equal(before[n]) for n, p in trainer.model.named_parameters())
+    # The meta step's validation rollouts (GRPOTrainer's `_generate_and_score_completions` on validation prompts)
+    # ran the same loop: environments were reset with validation hands and scored by the same script.
+    validation = {tuple(h) for h in data.validation["cards"]}
+    assert any(tuple(cards) in validation for cards, _ in episodes)
+    train = {tuple(h) for h in data.rl["cards"]}
+    rollouts = [scores for cards, scores in episodes if tuple(cards) in train]  # (the rest: the meta step's)
+    # Solved at the second try: the loop stops there (+5). Never solved: three verified tries, the fourth call
+    # (TRL allows four) is answered but not verified; the outcome is the last verified score.
+    expected = {True: [-2.0, 5.0], False: [-2.0, -2.0, -2.0]}
+    assert sorted(len(scores) for scores in rollouts) == [2, 2, 3, 3]
+    assert all(scores == expected[correct_at(cards) == 2] for cards, scores in episodes), episodes
+    assert log["rewards/Recording/mean"] == (5.0 - 2.0) / 2
 
 
 def test_virl_episodes_run_in_trls_loop_one_action_per_turn(tmp_path, monkeypatch):
