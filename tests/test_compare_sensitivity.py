@@ -235,3 +235,17 @@ def test_building_the_shipped_recipe_on_this_host_reproduces_it(tmp_path):
     runner_module._toy_base(grid, build_task(grid.task, grid.task_options), tmp_path)
     (entry,) = base_models.shipped().values()
     assert runner_module.parameter_checksum(runner_module.load_model(str(tmp_path))[0]) == entry["checksum"]
+
+
+# ------------------------------------------------------------------------------------------------ committed grids
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "benchmarks" / "grids").glob("*.yaml")), ids=lambda p: p.stem)
+def test_committed_grids_parse_and_new_smollm2_grids_evaluate_on_300_problems(path):
+    """Every committed grid is valid; a SmolLM2 grid without published results scores >= 300 problems per split
+    (issue 25: the published ones, 60 problems, resolve 1.7 points per problem)."""
+    grid = load_grid(path)
+    published = (ROOT / "benchmarks" / "results" / "compare" / path.stem / "base_eval.json").exists()
+    if grid.task == "arithmetic" and not published:
+        options = build_task(grid.task, grid.task_options).options
+        assert min(options.num_test, options.num_ood, options.num_val) >= 300
