@@ -276,7 +276,10 @@ def plot(grid: Grid, out: Path, sweeps: dict, sets: list[str]) -> dict[str, Path
                 isinstance(p[knob[0]], int | float) for m in methods for p in grid.methods[m].sweep
             )
             labels: list[str] = []
-            for method in methods:
+            xs_all = [p[knob[0]] for m in methods for p in grid.methods[m].sweep] if numeric else [0, 1]
+            span = (max(xs_all) - min(xs_all)) or 1.0
+            for j, method in enumerate(methods):
+                dodge = (j - (len(methods) - 1) / 2) * 0.012 * span  # the curves' error bars side by side
                 xs, ys, lo, hi = [], [], [], []
                 for i, point in enumerate(grid.methods[method].sweep):
                     by_seed = sweeps[method].get(i)
@@ -290,7 +293,7 @@ def plot(grid: Grid, out: Path, sweeps: dict, sets: list[str]) -> dict[str, Path
                         if label not in labels:
                             labels.append(label)
                         x = labels.index(label)
-                    xs.append(x)
+                    xs.append(x + dodge)
                     ys.append(100 * iv.mean)
                     low = iv.low if math.isfinite(iv.low) else iv.mean
                     high = iv.high if math.isfinite(iv.high) else iv.mean
