@@ -76,6 +76,14 @@ def test_bad_sweep_is_named(methods, message):
     assert message in str(error.value)
 
 
+def test_a_sweep_point_torch_would_refuse_stops_the_grid_before_it_runs(tmp_path):
+    """Every sweep point's configs are built before the first run, and the refused one is named."""
+    grid = parse_grid(_grid(methods={"fixed": {"sweep": {"learning_rate": [1.0e-3, -1.0]}}}))
+    with pytest.raises(GridError, match=r"method 'fixed' \(sweep point \{'learning_rate': -1.0\}\)"):
+        run_grid(grid, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_changed_sweep_is_a_different_grid(tmp_path):
     """A finished sweep's directory refuses a grid with other knob values (they would mix in one report)."""
     from amft_trl.compare.runner import compare_grids
