@@ -42,7 +42,7 @@ def default_point(grid: Grid, method: str) -> dict[str, Any]:
     settings = grid.settings(method)
     defaults = {f.name: f.default for f in fields(AMFTConfig)}
     out = {}
-    for key in {k for p in entry.sweep for k in p}:
+    for key in dict.fromkeys(k for p in entry.sweep for k in p):  # in the order the points name them
         if key in SWEEP_BUDGET_FIELDS:
             out[key] = getattr(grid.budget, key.removeprefix("budget."))
         else:
@@ -179,7 +179,13 @@ def markdown(grid: Grid, out: Path, sweeps: dict, sets: list[str]) -> str:
                 )
                 + " |"
             )
-        lines += ["", "Every point:", "", "| method | point | " + name + " | final mu |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Every point (final SFT weight: the `amft/mu` of the last step, mean over seeds):",
+            "",
+            "| method | point | " + name + " | final SFT weight |",
+            "|---|---|---|---|",
+        ]
         for method, entry in grid.methods.items():
             for i, point in enumerate(entry.sweep):
                 by_seed = sweeps.get(method, {}).get(i)
