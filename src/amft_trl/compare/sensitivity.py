@@ -274,7 +274,7 @@ def plot(grid: Grid, out: Path, sweeps: dict, sets: list[str]) -> dict[str, Path
     if not panels:
         return {}
     rows, cols = len(sets), len(panels)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.8 * rows), squeeze=False, sharey="row")
     for r, name in enumerate(sets):
         for c, (knob, methods) in enumerate(panels.items()):
             ax = axes[r][c]
