@@ -174,6 +174,23 @@ def test_sensitivity_report_against_the_run_files(swept):
         assert len(list(csv.DictReader(f))) == 10
 
 
+def test_a_grid_mixing_a_sweep_and_plain_methods_reports_both(tmp_path):
+    grid = parse_grid(_grid(seeds=[0], methods={"grpo_only": {}, "fixed": {"sweep": {"mu_init": [0.5]}}}))
+    out = run_grid(grid, tmp_path / "out", progress=False)
+    table = (out / "table.md").read_text()
+    assert (
+        "| `grpo_only` |" in table and "## Knob sensitivity" in table and "| `fixed` | mu_init=0.5 |" in table
+    )
+    assert (out / "accuracy_vs_steps.png").is_file() and (out / "sensitivity.png").is_file()
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {(r["method"], r["point"]) for r in rows} == {("grpo_only", ""), ("fixed", '{"mu_init": 0.5}')}
+    with open(out / "runs.csv") as f:
+        runs = {r["method"]: r for r in csv.DictReader(f)}
+    plain = json.loads((out / "runs" / "grpo_only" / "seed-0" / "result.json").read_text())
+    assert runs["grpo_only"]["checksum"] == plain["checksum"] and runs["fixed"]["point"] == '{"mu_init": 0.5}'
+
+
 # ------------------------------------------------------------------------------------------------ shipped start
 
 TOY_GRIDS = ("toy_addition", "toy_addition_lr", "toy_addition_sft40", "toy_addition_sensitivity")
