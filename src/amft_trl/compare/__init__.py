@@ -8,12 +8,14 @@ run_grid(load_grid("benchmarks/grids/toy_addition.yaml"), "compare/toy_addition"
 
 or `amft-compare benchmarks/grids/toy_addition.yaml --output-dir compare/toy_addition`.
 
-- `grid`: the YAML grid (methods x seeds x one task, budget, shared settings, tuning) and its checks;
+- `grid`: the YAML grid (methods x seeds x one task, budget, shared settings, tuning, knob sweeps) and its checks;
 - `methods`: what each method name means (`two_stage` is TRL's `SFTTrainer` then `GRPOTrainer`);
 - `tasks`: the tasks (data, reward, starting model, ID/OOD evaluation sets);
 - `runner`: the runs (resumable, budgets measured), the tuning trials on the validation split;
 - `stats`: means with Student-t intervals over seeds, paired differences to the reference;
-- `report`: `table.md`, `results.csv`, `runs.csv` and the plots.
+- `report`: `table.md`, `results.csv`, `runs.csv` and the plots;
+- `sensitivity`: the report of knob sweeps (best, mean and worst over a knob grid, the default, AMFT vs fixed);
+- `base_models`: the shipped starting checkpoint of the published toy grids (the same start on any machine).
 """
 
 from amft_trl.compare.grid import Grid, GridError, load_grid, parse_grid

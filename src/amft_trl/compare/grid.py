@@ -14,11 +14,18 @@ methods:
   two_stage: {tune: {sft_learning_rate: [1.0e-3, 3.0e-3]}}
   fixed: {args: {mu_init: 0.3}, tune: {mu_init: [0.1, 0.3, 0.5]}}
   amft: {tune: [{meta_learning_rate: 0.05, entropy_learning_rate: 0.05}, {meta_learning_rate: 0.1}]}
+  srft: {sweep: {srft_sft_coef: [0.25, 0.5, 1.0]}}   # a knob grid: every value on every seed, nothing chosen
 ```
 
 A method's settings are, in order of precedence: its tuned value, its `args`, what makes it that method
 (`methods.METHODS`), the shared `training`. `tune` is a mapping of field to candidate values (every combination is a
 trial) or a list of explicit trials.
+
+`sweep` takes the same two forms, but is a knob grid without tuning: every point runs on every seed of the grid,
+on the grid's budget, and nothing is selected; the report gives each method's best, mean and worst accuracy over its
+points and the accuracy at its default (`amft_trl.compare.sensitivity`). Besides the method's fields, a point may
+set `budget.sft_steps` or `budget.warmup_steps` (e.g. the length of `two_stage`'s SFT stage). A method either
+sweeps or tunes (`sweep` with `tune` is refused): to sweep at a tuned value, write that value into `args`.
 """
 
 from __future__ import annotations
@@ -82,6 +89,11 @@ class MethodEntry:
     name: str
     args: dict[str, Any] = field(default_factory=dict)
     trials: list[dict[str, Any]] = field(default_factory=list)
+    sweep: list[dict[str, Any]] = field(default_factory=list)  # knob points, each run on every seed
+
+
+#: The budget fields a sweep point may set (`budget.sft_steps: [10, 20, 40]`), for the placement of the SFT phases.
+SWEEP_BUDGET_FIELDS = ("budget.sft_steps", "budget.warmup_steps")
 
 
 @dataclass
@@ -115,6 +127,14 @@ class Grid:
             **entry.args,
             **(trial or {}),
         }
+
+    def sweep_point(self, point: dict[str, Any]) -> tuple[dict[str, Any], Budget]:
+        """A sweep point's settings (the trial passed to `settings`) and its budget (`budget.*` fields applied)."""
+        b = self.budget
+        sft = point.get("budget.sft_steps", b.sft_steps)
+        warmup = point.get("budget.warmup_steps", b.warmup_steps)
+        trial = {k: v for k, v in point.items() if k not in SWEEP_BUDGET_FIELDS}
+        return trial, Budget(b.max_steps, sft, warmup, b.eval_every)
 
     def tuning_budget(self) -> Budget:
         b = self.budget
@@ -218,16 +238,40 @@ def parse_grid(raw: dict[str, Any]) -> Grid:
         if name not in METHODS:
             raise _fail(f"unknown method {name!r}; known methods: {sorted(METHODS)}.")
         spec = _mapping(spec, f"methods.{name}")
-        extra = sorted(set(spec) - {"args", "tune"})
+        extra = sorted(set(spec) - {"args", "tune", "sweep"})
         if extra:
-            raise _fail(f"unknown field `methods.{name}.{extra[0]}`; a method takes `args` and `tune`.")
+            raise _fail(
+                f"unknown field `methods.{name}.{extra[0]}`; a method takes `args`, `tune` and `sweep`."
+            )
+        if spec.get("tune") is not None and spec.get("sweep") is not None:
+            raise _fail(
+                f"`methods.{name}` has both `tune` and `sweep`: a sweep runs every value on every seed and selects "
+                "nothing. Sweep at a tuned value by writing it into `args`, or tune without sweeping."
+            )
         own = allowed | (set(TWO_STAGE_FIELDS) if METHODS[name].trainer == "two_stage" else set())
         args = _mapping(spec.get("args"), f"methods.{name}.args")
         _check_fields(args, f"methods.{name}.args", own)
         trials = _trials(spec.get("tune"), f"methods.{name}.tune")
         for trial in trials:
             _check_fields(trial, f"methods.{name}.tune", own)
-        methods[name] = MethodEntry(name, args, trials)
+        sweep = _trials(spec.get("sweep"), f"methods.{name}.sweep")
+        for point in sweep:
+            _check_fields(
+                {k: v for k, v in point.items() if k not in SWEEP_BUDGET_FIELDS}, f"methods.{name}.sweep", own
+            )
+        if len({yaml.safe_dump(p, sort_keys=True) for p in sweep}) != len(sweep):
+            raise _fail(f"`methods.{name}.sweep` repeats a point: {sweep}.")
+        methods[name] = MethodEntry(name, args, trials, sweep)
+    for name, entry in methods.items():
+        for point in entry.sweep:
+            for key in SWEEP_BUDGET_FIELDS:
+                if key in point:
+                    value = _int(point[key], f"methods.{name}.sweep.{key}", 0)
+                    if value >= max_steps:
+                        raise _fail(
+                            f"`methods.{name}.sweep.{key}` = {value} must be < budget.max_steps = {max_steps}: "
+                            "no RL steps would be left."
+                        )
     reference = raw.get("reference")
     if reference is not None and reference not in methods:
         raise _fail(f"`reference` = {reference!r} must be one of the grid's methods {list(methods)}.")
@@ -324,35 +368,39 @@ def check_against_data(grid: Grid, data: Any) -> None:
     from amft_trl.config import check_optimizer_settings
 
     for name, entry in grid.methods.items():
-        for trial in entry.trials or [None]:
-            for budget in (grid.budget, grid.tuning_budget()) if entry.trials else (grid.budget,):
-                where = f"method {name!r}" + (f" (trial {trial})" if trial else "")
+        if entry.sweep:
+            cases = [(*grid.sweep_point(p), p) for p in entry.sweep]
+        else:
+            budgets = (grid.budget, grid.tuning_budget()) if entry.trials else (grid.budget,)
+            cases = [(trial, budget, trial) for trial in entry.trials or [None] for budget in budgets]
+        for trial, budget, shown in cases:
+            where = f"method {name!r}" + (
+                f" ({'sweep point' if entry.sweep else 'trial'} {shown})" if shown else ""
+            )
+            try:
+                configs = build_configs(grid, name, trial, budget=budget, output_dir="/nonexistent", seed=0)
+            except (ValueError, TypeError) as error:
+                raise _fail(f"{where}: {str(error).splitlines()[0]}") from None
+            for config in configs:  # AMFTConfig checks its own at construction; TRL's configs do not
                 try:
-                    configs = build_configs(
-                        grid, name, trial, budget=budget, output_dir="/nonexistent", seed=0
-                    )
-                except (ValueError, TypeError) as error:
-                    raise _fail(f"{where}: {str(error).splitlines()[0]}") from None
-                for config in configs:  # AMFTConfig checks its own at construction; TRL's configs do not
-                    try:
-                        check_optimizer_settings(config, config.max_steps)
-                    except ValueError as error:
-                        stage = f", its {type(config).__name__} stage" if len(configs) > 1 else ""
-                        raise _fail(f"{where}{stage}: {str(error).splitlines()[0]}") from None
-                rl = configs[-1]
-                per_step = rl.per_device_train_batch_size * rl.gradient_accumulation_steps
-                prompts_per_step = max(1, per_step // rl.num_generations)
-                if prompts_per_step > len(data.train):
-                    raise _fail(
-                        f"method {name!r}: a step needs {prompts_per_step} RL prompts but the task has "
-                        f"{len(data.train)}."
-                    )
-                val_batch = getattr(rl, "meta_val_batch_size", 0)
-                if method_needs_val(name, rl) and val_batch > len(data.val):
-                    raise _fail(
-                        f"method {name!r}: meta_val_batch_size = {val_batch} exceeds the {len(data.val)} validation "
-                        "prompts of the task."
-                    )
+                    check_optimizer_settings(config, config.max_steps)
+                except ValueError as error:
+                    stage = f", its {type(config).__name__} stage" if len(configs) > 1 else ""
+                    raise _fail(f"{where}{stage}: {str(error).splitlines()[0]}") from None
+            rl = configs[-1]
+            per_step = rl.per_device_train_batch_size * rl.gradient_accumulation_steps
+            prompts_per_step = max(1, per_step // rl.num_generations)
+            if prompts_per_step > len(data.train):
+                raise _fail(
+                    f"method {name!r}: a step needs {prompts_per_step} RL prompts but the task has "
+                    f"{len(data.train)}."
+                )
+            val_batch = getattr(rl, "meta_val_batch_size", 0)
+            if method_needs_val(name, rl) and val_batch > len(data.val):
+                raise _fail(
+                    f"method {name!r}: meta_val_batch_size = {val_batch} exceeds the {len(data.val)} validation "
+                    "prompts of the task."
+                )
 
 
 def method_needs_val(name: str, config: Any) -> bool:

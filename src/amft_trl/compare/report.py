@@ -110,24 +110,39 @@ def _test_names(base: dict[str, Any] | None, runs: dict) -> list[str]:
 
 def write_report(grid: Grid, out: str | Path) -> dict[str, Path]:
     """Write `runs.csv`, `results.csv`, `table.md` and the plots from the finished runs in `out`."""
+    from amft_trl.compare import sensitivity
+
     out = Path(out)
     runs, base = load_runs(out), load_base(out)
     rows = summarize(grid, out, runs, base)
+    sweeps = sensitivity.load_sweeps(out)
+    sets = _test_names(base, runs or {m: p for by_point in sweeps.values() for m, p in by_point.items()})
+    if sweeps:  # the sweep points' rows follow the table's, with the point they ran
+        rows = rows + sensitivity.summarize_sweeps(grid, out, sweeps, sets)
     paths = {"results": out / "results.csv", "runs": out / "runs.csv", "table": out / "table.md"}
     if rows:
         with paths["results"].open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(
+                f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)), restval=""
+            )
             writer.writeheader()
             writer.writerows(rows)
-    sets = _test_names(base, runs)
     with paths["runs"].open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["method", "seed", *sets, *SPENT_COLUMNS, "optimizer_steps", "checksum"])
-        for method, by_seed in runs.items():
+        point = ["point"] if sweeps else []
+        writer.writerow(["method", *point, "seed", *sets, *SPENT_COLUMNS, "optimizer_steps", "checksum"])
+        every = [(m, "", by_seed) for m, by_seed in runs.items()]
+        every += [
+            (m, json.dumps(grid.methods[m].sweep[i]) if m in grid.methods else str(i), by_seed)
+            for m, by_point in sweeps.items()
+            for i, by_seed in sorted(by_point.items())
+        ]
+        for method, label, by_seed in every:
             for seed, r in sorted(by_seed.items()):
                 writer.writerow(
                     [
                         method,
+                        *([label] if sweeps else []),
                         seed,
                         *(r["final"].get(s) for s in sets),
                         *(r["spent"][c] for c in SPENT_COLUMNS),
@@ -135,28 +150,44 @@ def write_report(grid: Grid, out: str | Path) -> dict[str, Path]:
                         r["checksum"],
                     ]
                 )
-    paths["table"].write_text(markdown(grid, out, rows, sets, base))
-    paths.update(plot(grid, out, runs, sets, base))
+    table_rows = [r for r in rows if not r.get("point")]
+    text = markdown(grid, out, table_rows, sets, base) if runs or not sweeps else _header(grid, base) + "\n"
+    if sweeps:
+        text += "\n" + sensitivity.markdown(grid, out, sweeps, sets)
+        paths.update(sensitivity.plot(grid, out, sweeps, sets))
+    paths["table"].write_text(text)
+    if runs or not sweeps:
+        paths.update(plot(grid, out, runs, sets, base))
     return paths
+
+
+def _header(grid: Grid, base: dict[str, Any] | None) -> str:
+    """The grid's title, task, starting model (with its scores), seeds and budget."""
+    b = grid.budget
+    return "\n".join(
+        [
+            f"# Comparison: {grid.name}",
+            "",
+            f"- task: `{grid.task}` {json.dumps(grid.task_options) if grid.task_options else ''}",
+            f"- starting model: `{grid.model}`"
+            + (
+                f" (scores: {', '.join(f'{k} {_fmt(v)}' for k, v in base['test'].items())}; validation "
+                f"{_fmt(base['val'])})"
+                if base
+                else ""
+            ),
+            f"- seeds: {grid.seeds}; budget: {b.max_steps} optimizer steps for every method (SFT stage / warm-up: "
+            f"{b.sft_steps} / {b.warmup_steps} steps)",
+        ]
+    )
 
 
 def markdown(
     grid: Grid, out: Path, rows: list[dict[str, Any]], sets: list[str], base: dict[str, Any] | None
 ) -> str:
     """The table: accuracy (%) per evaluation set with its 95% interval, the paired difference, the budget."""
-    b = grid.budget
-    lines = [
-        f"# Comparison: {grid.name}",
-        "",
-        f"- task: `{grid.task}` {json.dumps(grid.task_options) if grid.task_options else ''}",
-        f"- starting model: `{grid.model}`"
-        + (
-            f" (scores: {', '.join(f'{k} {_fmt(v)}' for k, v in base['test'].items())}; validation {_fmt(base['val'])})"
-            if base
-            else ""
-        ),
-        f"- seeds: {grid.seeds}; budget: {b.max_steps} optimizer steps for every method (SFT stage / warm-up: "
-        f"{b.sft_steps} / {b.warmup_steps} steps)",
+    lines = _header(grid, base).split("\n")
+    lines += [
         f"- tuning: each tuned method's trials on seed {grid.tuning_seed}, {grid.tuning_max_steps} steps, scored on "
         "the validation split (never the test sets)",
         "- accuracy in %, mean over seeds [95% Student-t interval]; "

@@ -11,6 +11,7 @@ tuning/<method>/trial-<i>/       tuning runs (tuning seed and budget), scored on
 tuning/<method>/choice.json      the winning trial
 runs/<method>/seed-<s>/          the runs of the table: result.json when finished, evals.jsonl as they go,
                                  checkpoints while running (removed once result.json is written)
+sweeps/<method>/point-<i>/seed-<s>/  the runs of a method's `sweep` (its i-th knob point), laid out as runs/
 results.csv, runs.csv, table.md  the summary (`amft_trl.compare.report`), with the plots
 ```
 
@@ -474,6 +475,24 @@ def _toy_base(grid: Grid, task: Any, directory: Path) -> dict[str, Any]:
     return info
 
 
+def _shipped_base(grid: Grid, task: Any) -> Path | None:
+    """The shipped starting checkpoint of this grid's recipe (`amft_trl.compare.base_models`), checked against its
+    recorded checksum; None when no checkpoint is shipped for the recipe (it is then built here)."""
+    from amft_trl.compare import base_models
+
+    found = base_models.find(grid.task, task, grid.model_options)
+    if found is None:
+        return None
+    path, checksum = found
+    actual = parameter_checksum(load_model(str(path))[0])
+    if actual != checksum:
+        raise GridError(
+            f"`model`: the shipped starting checkpoint {path} has parameter checksum {actual[:16]}..., its manifest "
+            f"records {checksum[:16]}...: the installed package is damaged; reinstall it."
+        )
+    return path
+
+
 def resolve_base(grid: Grid, task: Any, out: Path) -> str:
     """The starting model's path: built once for `model: toy`, the embedded SmolLM2 for `embedded`."""
     if grid.model == "toy":
@@ -481,8 +500,12 @@ def resolve_base(grid: Grid, task: Any, out: Path) -> str:
         if not (directory / "config.json").exists():
             tmp = out / "base_model.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
-            info = _toy_base(grid, task, tmp)
-            (tmp / BASE_INFO).write_text(json.dumps({"toy": True, **info}))
+            shipped = _shipped_base(grid, task)
+            if shipped is not None:  # the published starting model, the same on every machine
+                shutil.copytree(shipped, tmp)
+            else:
+                info = _toy_base(grid, task, tmp)
+                (tmp / BASE_INFO).write_text(json.dumps({"toy": True, **info}))
             tmp.replace(directory)
         return str(directory)
     from amft_trl.models import resolve_model_name_or_path
@@ -491,6 +514,11 @@ def resolve_base(grid: Grid, task: Any, out: Path) -> str:
         return resolve_model_name_or_path(None if grid.model == "embedded" else grid.model)
     except FileNotFoundError as error:
         raise GridError(f"`model`: {error}") from None
+
+
+def sweep_dir(out: Path, method: str, index: int, seed: int) -> Path:
+    """Where a sweep point's run on `seed` goes (beside the table's `runs/<method>/seed-<s>/`)."""
+    return out / "sweeps" / method / f"point-{index}" / f"seed-{seed}"
 
 
 @dataclass
@@ -517,7 +545,10 @@ def grid_settings(grid: Grid) -> dict[str, Any]:
             "budget": asdict(grid.budget),
             "training": grid.training,
             "evaluation": grid.evaluation,
-            "methods": {name: {"args": e.args, "tune": e.trials} for name, e in grid.methods.items()},
+            "methods": {
+                name: {"args": e.args, "tune": e.trials, **({"sweep": e.sweep} if e.sweep else {})}
+                for name, e in grid.methods.items()
+            },
             "tuning": {"seed": grid.tuning_seed, "max_steps": grid.tuning_max_steps} if tuned else None,
             "reference": grid.reference,
             "checkpoint_every": grid.checkpoint_every,
@@ -683,7 +714,9 @@ def run_grid(
     check_starting_model(grid, data, base_path, out)
 
     tuned = [m for m in selected if grid.methods[m].trials]
-    total = sum(len(grid.methods[m].trials) for m in tuned) + len(selected) * len(grid.seeds)
+    total = sum(len(grid.methods[m].trials) for m in tuned) + sum(
+        max(1, len(grid.methods[m].sweep)) for m in selected
+    ) * len(grid.seeds)
     bar = tqdm(total=total, desc=f"grid {grid.name}", unit="run", disable=not progress, position=0)
     choices: dict[str, dict[str, Any] | None] = {}
     for method in selected:
@@ -714,6 +747,16 @@ def run_grid(
         choices[method] = entry.trials[best]
     for seed in grid.seeds:  # seed-major: a grid stopped early has every method on its first seeds
         for method in selected:
+            for i, point in enumerate(grid.methods[method].sweep):  # a knob grid: every point, no selection
+                bar.set_postfix_str(f"{method} sweep {i} seed {seed}")
+                trial, budget = grid.sweep_point(point)
+                run = _Run(
+                    grid, data, method, seed, trial, budget, sweep_dir(out, method, i, seed), base_path, False
+                )
+                run.execute()
+                bar.update()
+            if grid.methods[method].sweep:
+                continue
             bar.set_postfix_str(f"{method} seed {seed}")
             _Run(
                 grid,
