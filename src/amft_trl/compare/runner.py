@@ -92,11 +92,20 @@ class _MeteredGeneration:
 
     def _generate_and_score_completions(self, inputs):
         out = super()._generate_and_score_completions(inputs)
-        tokens = global_sum(self.accelerator, float(out["completion_mask"].sum()))
+        mask = out["completion_mask"]
+        off = out.get("amft_off_policy")  # LUFFY: the demonstrations in the group were not generated
+        if off is None:
+            off = torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+        tokens, demonstration_tokens = global_sum(
+            self.accelerator, [float(mask[~off].sum()), float(mask[off].sum())]
+        )
         if getattr(self, "_generating_validation", False):
             self.spent.validation_generated_tokens += tokens
         else:
             self.spent.generated_tokens += tokens
+            self.spent.sft_tokens += (
+                demonstration_tokens  # LUFFY's off-policy rows: demonstration tokens trained on
+            )
             if "amft_sft_tokens" in out:  # HPT: the demonstrations of the prompts sent to SFT
                 self.spent.sft_tokens += float(out["amft_sft_tokens"])
         return out
