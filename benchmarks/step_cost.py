@@ -1,6 +1,6 @@
-"""Whole-step cost of AMFT against its parts: GRPO, SFT only, a mixed AMFT step, and an AMFT meta step.
+"""Whole-step cost of AMFT against its parts: GRPO, SFT only, a mixed AMFT step, and an AMFT meta step; and LUFFY's.
 
-Four configurations, each trained for `--warmup-steps + --steps` optimizer steps in its own Python process (so
+Five configurations, each trained for `--warmup-steps + --steps` optimizer steps in its own Python process (so
 peak memory and allocator state do not leak between them), on the same model, batch shape and data:
 
 - `grpo`: TRL's `GRPOTrainer`;
@@ -10,7 +10,12 @@ peak memory and allocator state do not leak between them), on the same model, ba
   `target_entropy`, so no H* measurement step, no warm-up);
 - `amft_meta`: `AMFTTrainer` with a meta step (Eq. 25) at every step (`meta_update_steps = 1`,
   `meta_learning_rate = 0.02`, `meta_val_batch_size = --val-prompts`, default `--prompts`: a meta step then
-  generates as many validation rollouts as a training step generates rollouts).
+  generates as many validation rollouts as a training step generates rollouts);
+- `luffy`: `AMFTTrainer` with `balancing="luffy"` and `luffy_num_off_policy=1`: in each group of `--num-generations`,
+  the prompt's demonstration (a `demonstration` column of the same prompts) takes one rollout's place, so the step
+  generates `num_generations - 1` rollouts per prompt and runs the loss's forward/backward over all
+  `num_generations` rows. TRL's other settings are GRPO's (`loss_type`, `scale_rewards`), so the two steps differ
+  only by LUFFY: the ratio `luffy / grpo` (wall and CPU), generation and the rest of the step apart.
 
 What is measured, per configuration:
 
@@ -58,7 +63,8 @@ in the rest), only public API is used (`GRPOConfig`/`AMFTConfig` fields, the tra
 Threads: `--threads` (default 1 on CPU: faster than 2 on this project's shared 2-core CPU) sets `OMP_NUM_THREADS`,
 `MKL_NUM_THREADS` and `torch.set_num_threads` in the workers.
 
-Usage (the issue's setup, on the embedded SmolLM2-135M-Instruct; ~20 min on 2 shared CPU cores, 1 thread):
+Usage (the issue's setup, on the embedded SmolLM2-135M-Instruct; ~25 min on 2 shared CPU cores, 1 thread; `--configs grpo,luffy`
+alone ~10 min):
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_cost.py --model embedded \
         --out benchmarks/results/step_cost_smollm2_before
     # the same script against another checkout's src/ (e.g. a worktree of an older commit):
@@ -101,7 +107,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ("grpo", "sft_only", "amft", "amft_meta")
+CONFIGS = ("grpo", "sft_only", "amft", "amft_meta", "luffy")
 AMORTISE_K = 20
 META_LEARNING_RATE = 0.02
 TARGET_ENTROPY = 1.0  # a fixed H* (nats/token): no measurement step; its value only changes mu, not the cost
@@ -157,6 +163,22 @@ def make_prompts(n: int, seed: int):
 
     return Dataset.from_list(
         [{"prompt": f"Compute {a} + {b} =", "answer": str(a + b)} for a, b in _additions(n, seed)]
+    )
+
+
+def make_prompts_with_demonstrations(n: int, seed: int):
+    """`make_prompts` with each prompt's demonstration in column `demonstration` (LUFFY's off-policy rollout)."""
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [
+            {
+                "prompt": f"Compute {a} + {b} =",
+                "answer": str(a + b),
+                "demonstration": f" {a + b}. The answer is {a + b}.",
+            }
+            for a, b in _additions(n, seed)
+        ]
     )
 
 
@@ -517,6 +539,10 @@ def training_arguments(args: argparse.Namespace, config_name: str, output_dir: s
             meta_val_batch_size=args.val_prompts,
             target_entropy=TARGET_ENTROPY,
         )
+    elif config_name == "luffy":  # GRPO's settings otherwise; no SFT batch (LUFFY has no SFT term)
+        return dict(
+            common, balancing="luffy", luffy_num_off_policy=1, luffy_demonstration_column="demonstration"
+        )
     else:
         raise ValueError(f"unknown configuration {config_name!r}")
     return amft
@@ -546,6 +572,9 @@ def run_worker(args: argparse.Namespace) -> None:
         train = image_addition_prompts(n_rows, seed=args.seed + 1)
         demos = image_addition_demos(n_demos, seed=args.seed + 2)
         val = image_addition_prompts(n_val, seed=args.seed + 3)
+    elif args.worker == "luffy":  # the same prompts, each with its demonstration
+        train = make_prompts_with_demonstrations(n_rows, seed=args.seed + 1)
+        demos = val = None
     else:
         train = make_prompts(n_rows, seed=args.seed + 1)
         demos = make_demos(n_demos, seed=args.seed + 2)
@@ -580,7 +609,7 @@ def run_worker(args: argparse.Namespace) -> None:
             args=AMFTConfig(**kwargs),
             train_dataset=train,
             processing_class=tokenizer,
-            sft_dataset=demos,
+            sft_dataset=demos if args.worker != "luffy" else None,
             val_dataset=val if args.worker == "amft_meta" else None,
             callbacks=[clock],
         )
@@ -639,6 +668,9 @@ def run_worker(args: argparse.Namespace) -> None:
                 "entropy_learning_rate",
                 "mu_init",
                 "sft_per_device_train_batch_size",
+                "balancing",
+                "luffy_num_off_policy",
+                "scale_rewards",
             )
             if hasattr(trl_args, k)
         },
@@ -709,6 +741,9 @@ def summarise(worker: dict[str, Any], warmup: int) -> dict[str, Any]:
             for k in step_time_keys
         },
         "generate_seconds_median": _median(gen_seconds),
+        "besides_generate_seconds_median": _median(
+            [s - g for s, g in zip(seconds, gen_seconds, strict=True)]
+        ),
         "generated_tokens_per_step": _median(gen_tokens),
         "generated_sequences_per_step": _median([s["generated_sequences"] for s in steps]),
         "peak_rss": max((s["peak_rss"] for s in steps), default=None),
@@ -758,6 +793,17 @@ def ratios(
     if {"grpo", "amft", "amft_meta"} <= t.keys():
         out["meta_extra_time_over_grpo"] = (t["amft_meta"] - t["amft"]) / t["grpo"]
         out["meta_extra_seconds"] = t["amft_meta"] - t["amft"]
+    if {"grpo", "luffy"} <= t.keys():
+        out["luffy_over_grpo"] = t["luffy"] / t["grpo"]
+        if time_key == "median_seconds":  # generation is timed in wall seconds only
+            g, f = summary["grpo"], summary["luffy"]
+            out["luffy_generate_over_grpo"] = f["generate_seconds_median"] / g["generate_seconds_median"]
+            out["luffy_besides_generate_over_grpo"] = (
+                f["besides_generate_seconds_median"] / g["besides_generate_seconds_median"]
+            )
+            out["luffy_generated_sequences_over_grpo"] = (
+                f["generated_sequences_per_step"] / g["generated_sequences_per_step"]
+            )
     if {"amft", "amft_meta"} <= summary.keys():
         key = "cuda_max_allocated" if cuda else "peak_rss"
         extra = summary["amft_meta"][key] - summary["amft"][key]
@@ -859,7 +905,9 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
     q = result["ratios"]
     lines += ["", "Ratios (medians of the wall-clock step times):", ""]
     if not q:
-        lines.append("- none: they need grpo, sft_only, amft and amft_meta (memory: amft and amft_meta)")
+        lines.append(
+            "- none: they need grpo, sft_only, amft and amft_meta (memory: amft and amft_meta; LUFFY's: grpo and luffy)"
+        )
     if "amft_over_grpo_plus_sft" in q:
         lines.append(f"- amft / (grpo + sft_only) = {q['amft_over_grpo_plus_sft']:.2f}")
     key = f"amortised_k{AMORTISE_K}_over_grpo_plus_sft"
@@ -883,6 +931,18 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
                 if r["dtype"] != "float32"
                 else ""
             )
+        )
+    if "luffy_over_grpo" in q:
+        c = result.get("ratios_cpu_time", {})
+        g, f = result["summary"]["grpo"], result["summary"]["luffy"]
+        lines.append(
+            f"- luffy / grpo = {q['luffy_over_grpo']:.2f} (CPU time {_f(c.get('luffy_over_grpo'))}): generated "
+            f"sequences per step {f['generated_sequences_per_step']:.0f} against {g['generated_sequences_per_step']:.0f} "
+            f"({q['luffy_generated_sequences_over_grpo']:.2f}); time in `generate` {f['generate_seconds_median']:.2f} "
+            f"against {g['generate_seconds_median']:.2f} s ({q['luffy_generate_over_grpo']:.2f}); the rest of the "
+            f"step (rewards, the loss's forward/backward over every row, demonstrations included, optimizer) "
+            f"{f['besides_generate_seconds_median']:.2f} against {g['besides_generate_seconds_median']:.2f} s "
+            f"({q['luffy_besides_generate_over_grpo']:.2f})"
         )
     c = result.get("ratios_cpu_time", {})
     if key in c and not cuda:
@@ -1035,6 +1095,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown or not configs:
         parser.error(f"--configs: unknown {unknown}; choose from {','.join(CONFIGS)}")
+    if "luffy" in configs and args.model == "tiny-vlm":
+        parser.error(
+            "--configs luffy: text models only (with image prompts LUFFY generates every row and then replaces the "
+            "demonstration's, so its cost is not the one measured here); drop luffy or use a text --model"
+        )
     src = Path(args.src).resolve() if args.src else REPO / "src"
     if not (src / "amft_trl" / "__init__.py").is_file():
         parser.error(f"--src {src} holds no amft_trl package")
