@@ -34,8 +34,8 @@ What is measured, per configuration:
   returned to the OS). `ru_maxrss` (the process's lifetime peak, model loading included) is recorded beside it.
   GPU: `torch.cuda.max_memory_allocated` after `torch.cuda.reset_peak_memory_stats` at each `on_step_begin` (and the
   host RSS as on CPU);
-- generation: the model's `generate` is wrapped (time, calls, generated tokens), so training and validation
-  rollouts are both counted; tokens per second are given per whole step and per second inside `generate`;
+- generation: the model's `generate` is wrapped (wall and CPU time, calls, generated tokens), so training and
+  validation rollouts are both counted; tokens per second are given per whole step and per second inside `generate`;
 - the parts of each step, timed inside it (wall and CPU seconds): the RL part (`GRPOTrainer.training_step`, which
   AMFT calls through `super()`), the SFT part (`AMFTTrainer._sft_micro_step`), the meta step's validation part
   (`_validation_for_meta_step`), `optimizer.step()`, and the rest (the step minus these).
@@ -63,10 +63,11 @@ in the rest), only public API is used (`GRPOConfig`/`AMFTConfig` fields, the tra
 Threads: `--threads` (default 1 on CPU: faster than 2 on this project's shared 2-core CPU) sets `OMP_NUM_THREADS`,
 `MKL_NUM_THREADS` and `torch.set_num_threads` in the workers.
 
-Usage (the issue's setup, on the embedded SmolLM2-135M-Instruct; ~25 min on 2 shared CPU cores, 1 thread; `--configs grpo,luffy`
-alone ~10 min):
+Usage (the issue's setup, on the embedded SmolLM2-135M-Instruct; ~25 min on 2 shared CPU cores, 1 thread):
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_cost.py --model embedded \
         --out benchmarks/results/step_cost_smollm2_before
+    # LUFFY against GRPO only (~10 min):
+    .venv/bin/python benchmarks/step_cost.py --model embedded --configs grpo,luffy --out /tmp/luffy
     # the same script against another checkout's src/ (e.g. a worktree of an older commit):
     .venv/bin/python benchmarks/step_cost.py --model embedded --src ../before/src --out /tmp/before
     # GPU, bf16, a randomly initialised model of Qwen2.5-0.5B's shape:
@@ -266,11 +267,13 @@ class RSSSampler:
 
 
 class GenerateTimer:
-    """Wraps a model's `generate`: wall time, calls and generated tokens (training and validation rollouts)."""
+    """Wraps a model's `generate`: wall and process CPU time, calls and generated tokens (training and validation
+    rollouts)."""
 
     def __init__(self, model, cuda: bool):
         self.cuda = cuda
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
         self.calls = 0
         self.sequences = 0
         self.tokens = 0
@@ -283,11 +286,12 @@ class GenerateTimer:
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             if self.cuda:
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = inner(*args, **kwargs)
             if self.cuda:
                 torch.cuda.synchronize()
             self.seconds += time.perf_counter() - t0
+            self.cpu_seconds += time.process_time() - c0
             self.calls += 1
             sequences = out.sequences if hasattr(out, "sequences") else out
             if input_ids is not None and hasattr(sequences, "shape"):
@@ -302,6 +306,7 @@ class GenerateTimer:
     def snapshot(self) -> dict[str, float]:
         return {
             "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
             "calls": self.calls,
             "sequences": self.sequences,
             "tokens": self.tokens,
@@ -415,6 +420,7 @@ def _step_clock_callback(
                 "cpu_seconds": cpu_seconds,
                 "peak_rss": sampler.read(),
                 "generate_seconds": g["seconds"] - self._gen0["seconds"],
+                "generate_cpu_seconds": g["cpu_seconds"] - self._gen0["cpu_seconds"],
                 "generate_calls": g["calls"] - self._gen0["calls"],
                 "generated_sequences": g["sequences"] - self._gen0["sequences"],
                 "generated_tokens": g["tokens"] - self._gen0["tokens"],
@@ -744,6 +750,14 @@ def summarise(worker: dict[str, Any], warmup: int) -> dict[str, Any]:
         "besides_generate_seconds_median": _median(
             [s - g for s, g in zip(seconds, gen_seconds, strict=True)]
         ),
+        "generate_cpu_seconds_median": _median([s.get("generate_cpu_seconds") for s in steps]),
+        "besides_generate_cpu_seconds_median": _median(
+            [
+                s["cpu_seconds"] - s["generate_cpu_seconds"]
+                for s in steps
+                if s.get("cpu_seconds") is not None and s.get("generate_cpu_seconds") is not None
+            ]
+        ),
         "generated_tokens_per_step": _median(gen_tokens),
         "generated_sequences_per_step": _median([s["generated_sequences"] for s in steps]),
         "peak_rss": max((s["peak_rss"] for s in steps), default=None),
@@ -795,15 +809,15 @@ def ratios(
         out["meta_extra_seconds"] = t["amft_meta"] - t["amft"]
     if {"grpo", "luffy"} <= t.keys():
         out["luffy_over_grpo"] = t["luffy"] / t["grpo"]
-        if time_key == "median_seconds":  # generation is timed in wall seconds only
-            g, f = summary["grpo"], summary["luffy"]
-            out["luffy_generate_over_grpo"] = f["generate_seconds_median"] / g["generate_seconds_median"]
-            out["luffy_besides_generate_over_grpo"] = (
-                f["besides_generate_seconds_median"] / g["besides_generate_seconds_median"]
-            )
-            out["luffy_generated_sequences_over_grpo"] = (
-                f["generated_sequences_per_step"] / g["generated_sequences_per_step"]
-            )
+        g, f = summary["grpo"], summary["luffy"]
+        cpu = "_cpu" if time_key == "median_cpu_seconds" else ""
+        gen, besides = f"generate{cpu}_seconds_median", f"besides_generate{cpu}_seconds_median"
+        if g.get(gen) and g.get(besides) and f.get(gen) is not None:
+            out["luffy_generate_over_grpo"] = f[gen] / g[gen]
+            out["luffy_besides_generate_over_grpo"] = f[besides] / g[besides]
+        out["luffy_generated_sequences_over_grpo"] = (
+            f["generated_sequences_per_step"] / g["generated_sequences_per_step"]
+        )
     if {"amft", "amft_meta"} <= summary.keys():
         key = "cuda_max_allocated" if cuda else "peak_rss"
         extra = summary["amft_meta"][key] - summary["amft"][key]
@@ -936,14 +950,24 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
         c = result.get("ratios_cpu_time", {})
         g, f = result["summary"]["grpo"], result["summary"]["luffy"]
         lines.append(
-            f"- luffy / grpo = {q['luffy_over_grpo']:.2f} (CPU time {_f(c.get('luffy_over_grpo'))}): generated "
+            f"- luffy / grpo = {q['luffy_over_grpo']:.2f} (CPU time {_f(c.get('luffy_over_grpo'))}); generated "
             f"sequences per step {f['generated_sequences_per_step']:.0f} against {g['generated_sequences_per_step']:.0f} "
-            f"({q['luffy_generated_sequences_over_grpo']:.2f}); time in `generate` {f['generate_seconds_median']:.2f} "
-            f"against {g['generate_seconds_median']:.2f} s ({q['luffy_generate_over_grpo']:.2f}); the rest of the "
-            f"step (rewards, the loss's forward/backward over every row, demonstrations included, optimizer) "
-            f"{f['besides_generate_seconds_median']:.2f} against {g['besides_generate_seconds_median']:.2f} s "
-            f"({q['luffy_besides_generate_over_grpo']:.2f})"
+            f"({q['luffy_generated_sequences_over_grpo']:.2f})"
         )
+        if "luffy_generate_over_grpo" in q:
+            lines.append(
+                f"  - time in `generate`, luffy against grpo: {_f(f['generate_seconds_median'])} against "
+                f"{_f(g['generate_seconds_median'])} s ({q['luffy_generate_over_grpo']:.2f}); CPU "
+                f"{_f(f.get('generate_cpu_seconds_median'))} against {_f(g.get('generate_cpu_seconds_median'))} s "
+                f"({_f(c.get('luffy_generate_over_grpo'))})"
+            )
+            lines.append(
+                "  - the rest of the step (rewards, the loss's forward/backward over every row, demonstrations "
+                f"included, optimizer): {_f(f['besides_generate_seconds_median'])} against "
+                f"{_f(g['besides_generate_seconds_median'])} s ({q['luffy_besides_generate_over_grpo']:.2f}); CPU "
+                f"{_f(f.get('besides_generate_cpu_seconds_median'))} against "
+                f"{_f(g.get('besides_generate_cpu_seconds_median'))} s ({_f(c.get('luffy_besides_generate_over_grpo'))})"
+            )
     c = result.get("ratios_cpu_time", {})
     if key in c and not cuda:
         lines += [

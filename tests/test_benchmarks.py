@@ -115,6 +115,7 @@ def test_luffy_ratios(step_cost):
                 "cpu_seconds": s / 2,
                 "peak_rss": 1,
                 "generate_seconds": g,
+                "generate_cpu_seconds": g / 4,
                 "generate_calls": 1,
                 "generated_sequences": sequences,
                 "generated_tokens": 4 * sequences,
@@ -137,9 +138,12 @@ def test_luffy_ratios(step_cost):
     assert q["luffy_generate_over_grpo"] == pytest.approx(2.0 / 3.0)
     assert q["luffy_besides_generate_over_grpo"] == pytest.approx(1.5 / 2.0)
     assert q["luffy_generated_sequences_over_grpo"] == pytest.approx(0.75)
-    assert step_cost.ratios(summary, 100, 4, False, time_key="median_cpu_seconds")["luffy_over_grpo"] == (
-        pytest.approx(0.8)
-    )
+    c = step_cost.ratios(summary, 100, 4, False, time_key="median_cpu_seconds")
+    assert c["luffy_over_grpo"] == pytest.approx(0.8)
+    assert c["luffy_generate_over_grpo"] == pytest.approx(2.0 / 3.0)
+    # CPU besides generate, per step s / 2 - g / 4: luffy 1.25, 1.375, 1.75 (median 1.375); grpo 1.25, 1.75, 2.25
+    assert summary["luffy"]["besides_generate_cpu_seconds_median"] == pytest.approx(1.375)
+    assert c["luffy_besides_generate_over_grpo"] == pytest.approx(1.375 / 1.75)
     assert "luffy_over_grpo" not in step_cost.ratios({"luffy": summary["luffy"]}, 100, 4, False)
 
 
