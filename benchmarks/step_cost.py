@@ -11,8 +11,9 @@ peak memory and allocator state do not leak between them), on the same model, ba
 - `amft_meta`: `AMFTTrainer` with a meta step (Eq. 25) at every step (`meta_update_steps = 1`,
   `meta_learning_rate = 0.02`, `meta_val_batch_size = --val-prompts`, default `--prompts`: a meta step then
   generates as many validation rollouts as a training step generates rollouts);
-- `luffy`: `AMFTTrainer` with `balancing="luffy"` and `luffy_num_off_policy=1`: in each group of `--num-generations`,
-  the prompt's demonstration (a `demonstration` column of the same prompts) takes one rollout's place, so the step
+- `luffy`: `AMFTTrainer` with `balancing="luffy"` and `luffy_num_off_policy=1` (`--luffy-num-off-policy`; 0 is
+  GRPO bit for bit inside `AMFTTrainer`, which times the wrapper alone): in each group of `--num-generations`, the
+  prompt's demonstration (a `demonstration` column of the same prompts) takes one rollout's place, so the step
   generates `num_generations - 1` rollouts per prompt and runs the loss's forward/backward over all
   `num_generations` rows. TRL's other settings are GRPO's (`loss_type`, `scale_rewards`), so the two steps differ
   only by LUFFY: the ratio `luffy / grpo` (wall and CPU), generation and the rest of the step apart.
@@ -547,7 +548,10 @@ def training_arguments(args: argparse.Namespace, config_name: str, output_dir: s
         )
     elif config_name == "luffy":  # GRPO's settings otherwise; no SFT batch (LUFFY has no SFT term)
         return dict(
-            common, balancing="luffy", luffy_num_off_policy=1, luffy_demonstration_column="demonstration"
+            common,
+            balancing="luffy",
+            luffy_num_off_policy=args.luffy_num_off_policy,
+            luffy_demonstration_column="demonstration",
         )
     else:
         raise ValueError(f"unknown configuration {config_name!r}")
@@ -1090,6 +1094,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the src/ directory whose amft_trl the workers import (default: this checkout's)",
     )
+    parser.add_argument(
+        "--luffy-num-off-policy",
+        type=int,
+        default=1,
+        help="luffy: demonstrations per group (0: GRPO bit for bit inside AMFTTrainer, to time the wrapper alone)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rss-interval", type=float, default=0.005, help="RSS sampling period, seconds")
     parser.add_argument("--out", required=True, help="output prefix: writes <out>.json and <out>.md")
@@ -1145,6 +1155,7 @@ def main(argv: list[str] | None = None) -> int:
         "--val-prompts", str(args.val_prompts), "--steps", str(args.steps),
         "--warmup-steps", str(args.warmup_steps), "--dtype", args.dtype, "--device", args.device,
         "--seed", str(args.seed), "--rss-interval", str(args.rss_interval),
+        "--luffy-num-off-policy", str(args.luffy_num_off_policy),
         "--model-spec", model_spec, "--tokenizer-dir", tokenizer_dir, "--out", str(out),
     ]  # fmt: skip
     if args.threads:
@@ -1207,6 +1218,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch_threads": first["torch_threads"],
             "omp_num_threads": env.get("OMP_NUM_THREADS"),
             "prompts": args.prompts,
+            "luffy_num_off_policy": args.luffy_num_off_policy,
             "num_generations": args.num_generations,
             "completion_length": args.completion_length,
             "sft_batch": args.sft_batch,
