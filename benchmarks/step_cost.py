@@ -1,6 +1,6 @@
-"""Whole-step cost of AMFT against its parts: GRPO, SFT only, a mixed AMFT step, and an AMFT meta step.
+"""Whole-step cost of AMFT against its parts: GRPO, SFT only, a mixed AMFT step, and an AMFT meta step; and LUFFY's.
 
-Four configurations, each trained for `--warmup-steps + --steps` optimizer steps in its own Python process (so
+Five configurations, each trained for `--warmup-steps + --steps` optimizer steps in its own Python process (so
 peak memory and allocator state do not leak between them), on the same model, batch shape and data:
 
 - `grpo`: TRL's `GRPOTrainer`;
@@ -10,7 +10,13 @@ peak memory and allocator state do not leak between them), on the same model, ba
   `target_entropy`, so no H* measurement step, no warm-up);
 - `amft_meta`: `AMFTTrainer` with a meta step (Eq. 25) at every step (`meta_update_steps = 1`,
   `meta_learning_rate = 0.02`, `meta_val_batch_size = --val-prompts`, default `--prompts`: a meta step then
-  generates as many validation rollouts as a training step generates rollouts).
+  generates as many validation rollouts as a training step generates rollouts);
+- `luffy`: `AMFTTrainer` with `balancing="luffy"` and `luffy_num_off_policy=1` (`--luffy-num-off-policy`; 0 is
+  GRPO bit for bit inside `AMFTTrainer`, which times the wrapper alone): in each group of `--num-generations`, the
+  prompt's demonstration (a `demonstration` column of the same prompts) takes one rollout's place, so the step
+  generates `num_generations - 1` rollouts per prompt and runs the loss's forward/backward over all
+  `num_generations` rows. TRL's other settings are GRPO's (`loss_type`, `scale_rewards`), so the two steps differ
+  only by LUFFY: the ratio `luffy / grpo` (wall and CPU), generation and the rest of the step apart.
 
 What is measured, per configuration:
 
@@ -29,8 +35,8 @@ What is measured, per configuration:
   returned to the OS). `ru_maxrss` (the process's lifetime peak, model loading included) is recorded beside it.
   GPU: `torch.cuda.max_memory_allocated` after `torch.cuda.reset_peak_memory_stats` at each `on_step_begin` (and the
   host RSS as on CPU);
-- generation: the model's `generate` is wrapped (time, calls, generated tokens), so training and validation
-  rollouts are both counted; tokens per second are given per whole step and per second inside `generate`;
+- generation: the model's `generate` is wrapped (wall and CPU time, calls, generated tokens), so training and
+  validation rollouts are both counted; tokens per second are given per whole step and per second inside `generate`;
 - the parts of each step, timed inside it (wall and CPU seconds): the RL part (`GRPOTrainer.training_step`, which
   AMFT calls through `super()`), the SFT part (`AMFTTrainer._sft_micro_step`), the meta step's validation part
   (`_validation_for_meta_step`), `optimizer.step()`, and the rest (the step minus these).
@@ -58,9 +64,11 @@ in the rest), only public API is used (`GRPOConfig`/`AMFTConfig` fields, the tra
 Threads: `--threads` (default 1 on CPU: faster than 2 on this project's shared 2-core CPU) sets `OMP_NUM_THREADS`,
 `MKL_NUM_THREADS` and `torch.set_num_threads` in the workers.
 
-Usage (the issue's setup, on the embedded SmolLM2-135M-Instruct; ~20 min on 2 shared CPU cores, 1 thread):
+Usage (the issue's setup, on the embedded SmolLM2-135M-Instruct; ~25 min on 2 shared CPU cores, 1 thread):
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/step_cost.py --model embedded \
         --out benchmarks/results/step_cost_smollm2_before
+    # LUFFY against GRPO only (~10 min):
+    .venv/bin/python benchmarks/step_cost.py --model embedded --configs grpo,luffy --out /tmp/luffy
     # the same script against another checkout's src/ (e.g. a worktree of an older commit):
     .venv/bin/python benchmarks/step_cost.py --model embedded --src ../before/src --out /tmp/before
     # GPU, bf16, a randomly initialised model of Qwen2.5-0.5B's shape:
@@ -101,7 +109,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = ("grpo", "sft_only", "amft", "amft_meta")
+CONFIGS = ("grpo", "sft_only", "amft", "amft_meta", "luffy")
 AMORTISE_K = 20
 META_LEARNING_RATE = 0.02
 TARGET_ENTROPY = 1.0  # a fixed H* (nats/token): no measurement step; its value only changes mu, not the cost
@@ -157,6 +165,22 @@ def make_prompts(n: int, seed: int):
 
     return Dataset.from_list(
         [{"prompt": f"Compute {a} + {b} =", "answer": str(a + b)} for a, b in _additions(n, seed)]
+    )
+
+
+def make_prompts_with_demonstrations(n: int, seed: int):
+    """`make_prompts` with each prompt's demonstration in column `demonstration` (LUFFY's off-policy rollout)."""
+    from datasets import Dataset
+
+    return Dataset.from_list(
+        [
+            {
+                "prompt": f"Compute {a} + {b} =",
+                "answer": str(a + b),
+                "demonstration": f" {a + b}. The answer is {a + b}.",
+            }
+            for a, b in _additions(n, seed)
+        ]
     )
 
 
@@ -244,11 +268,13 @@ class RSSSampler:
 
 
 class GenerateTimer:
-    """Wraps a model's `generate`: wall time, calls and generated tokens (training and validation rollouts)."""
+    """Wraps a model's `generate`: wall and process CPU time, calls and generated tokens (training and validation
+    rollouts)."""
 
     def __init__(self, model, cuda: bool):
         self.cuda = cuda
         self.seconds = 0.0
+        self.cpu_seconds = 0.0
         self.calls = 0
         self.sequences = 0
         self.tokens = 0
@@ -261,11 +287,12 @@ class GenerateTimer:
             input_ids = kwargs.get("input_ids", args[0] if args else None)
             if self.cuda:
                 torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = inner(*args, **kwargs)
             if self.cuda:
                 torch.cuda.synchronize()
             self.seconds += time.perf_counter() - t0
+            self.cpu_seconds += time.process_time() - c0
             self.calls += 1
             sequences = out.sequences if hasattr(out, "sequences") else out
             if input_ids is not None and hasattr(sequences, "shape"):
@@ -280,6 +307,7 @@ class GenerateTimer:
     def snapshot(self) -> dict[str, float]:
         return {
             "seconds": self.seconds,
+            "cpu_seconds": self.cpu_seconds,
             "calls": self.calls,
             "sequences": self.sequences,
             "tokens": self.tokens,
@@ -393,6 +421,7 @@ def _step_clock_callback(
                 "cpu_seconds": cpu_seconds,
                 "peak_rss": sampler.read(),
                 "generate_seconds": g["seconds"] - self._gen0["seconds"],
+                "generate_cpu_seconds": g["cpu_seconds"] - self._gen0["cpu_seconds"],
                 "generate_calls": g["calls"] - self._gen0["calls"],
                 "generated_sequences": g["sequences"] - self._gen0["sequences"],
                 "generated_tokens": g["tokens"] - self._gen0["tokens"],
@@ -517,6 +546,13 @@ def training_arguments(args: argparse.Namespace, config_name: str, output_dir: s
             meta_val_batch_size=args.val_prompts,
             target_entropy=TARGET_ENTROPY,
         )
+    elif config_name == "luffy":  # GRPO's settings otherwise; no SFT batch (LUFFY has no SFT term)
+        return dict(
+            common,
+            balancing="luffy",
+            luffy_num_off_policy=args.luffy_num_off_policy,
+            luffy_demonstration_column="demonstration",
+        )
     else:
         raise ValueError(f"unknown configuration {config_name!r}")
     return amft
@@ -546,6 +582,9 @@ def run_worker(args: argparse.Namespace) -> None:
         train = image_addition_prompts(n_rows, seed=args.seed + 1)
         demos = image_addition_demos(n_demos, seed=args.seed + 2)
         val = image_addition_prompts(n_val, seed=args.seed + 3)
+    elif args.worker == "luffy":  # the same prompts, each with its demonstration
+        train = make_prompts_with_demonstrations(n_rows, seed=args.seed + 1)
+        demos = val = None
     else:
         train = make_prompts(n_rows, seed=args.seed + 1)
         demos = make_demos(n_demos, seed=args.seed + 2)
@@ -580,7 +619,7 @@ def run_worker(args: argparse.Namespace) -> None:
             args=AMFTConfig(**kwargs),
             train_dataset=train,
             processing_class=tokenizer,
-            sft_dataset=demos,
+            sft_dataset=demos if args.worker != "luffy" else None,
             val_dataset=val if args.worker == "amft_meta" else None,
             callbacks=[clock],
         )
@@ -639,6 +678,9 @@ def run_worker(args: argparse.Namespace) -> None:
                 "entropy_learning_rate",
                 "mu_init",
                 "sft_per_device_train_batch_size",
+                "balancing",
+                "luffy_num_off_policy",
+                "scale_rewards",
             )
             if hasattr(trl_args, k)
         },
@@ -709,6 +751,17 @@ def summarise(worker: dict[str, Any], warmup: int) -> dict[str, Any]:
             for k in step_time_keys
         },
         "generate_seconds_median": _median(gen_seconds),
+        "besides_generate_seconds_median": _median(
+            [s - g for s, g in zip(seconds, gen_seconds, strict=True)]
+        ),
+        "generate_cpu_seconds_median": _median([s.get("generate_cpu_seconds") for s in steps]),
+        "besides_generate_cpu_seconds_median": _median(
+            [
+                s["cpu_seconds"] - s["generate_cpu_seconds"]
+                for s in steps
+                if s.get("cpu_seconds") is not None and s.get("generate_cpu_seconds") is not None
+            ]
+        ),
         "generated_tokens_per_step": _median(gen_tokens),
         "generated_sequences_per_step": _median([s["generated_sequences"] for s in steps]),
         "peak_rss": max((s["peak_rss"] for s in steps), default=None),
@@ -758,6 +811,17 @@ def ratios(
     if {"grpo", "amft", "amft_meta"} <= t.keys():
         out["meta_extra_time_over_grpo"] = (t["amft_meta"] - t["amft"]) / t["grpo"]
         out["meta_extra_seconds"] = t["amft_meta"] - t["amft"]
+    if {"grpo", "luffy"} <= t.keys():
+        out["luffy_over_grpo"] = t["luffy"] / t["grpo"]
+        g, f = summary["grpo"], summary["luffy"]
+        cpu = "_cpu" if time_key == "median_cpu_seconds" else ""
+        gen, besides = f"generate{cpu}_seconds_median", f"besides_generate{cpu}_seconds_median"
+        if g.get(gen) and g.get(besides) and f.get(gen) is not None:
+            out["luffy_generate_over_grpo"] = f[gen] / g[gen]
+            out["luffy_besides_generate_over_grpo"] = f[besides] / g[besides]
+        out["luffy_generated_sequences_over_grpo"] = (
+            f["generated_sequences_per_step"] / g["generated_sequences_per_step"]
+        )
     if {"amft", "amft_meta"} <= summary.keys():
         key = "cuda_max_allocated" if cuda else "peak_rss"
         extra = summary["amft_meta"][key] - summary["amft"][key]
@@ -859,7 +923,9 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
     q = result["ratios"]
     lines += ["", "Ratios (medians of the wall-clock step times):", ""]
     if not q:
-        lines.append("- none: they need grpo, sft_only, amft and amft_meta (memory: amft and amft_meta)")
+        lines.append(
+            "- none: they need grpo, sft_only, amft and amft_meta (memory: amft and amft_meta; LUFFY's: grpo and luffy)"
+        )
     if "amft_over_grpo_plus_sft" in q:
         lines.append(f"- amft / (grpo + sft_only) = {q['amft_over_grpo_plus_sft']:.2f}")
     key = f"amortised_k{AMORTISE_K}_over_grpo_plus_sft"
@@ -884,6 +950,28 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
                 else ""
             )
         )
+    if "luffy_over_grpo" in q:
+        c = result.get("ratios_cpu_time", {})
+        g, f = result["summary"]["grpo"], result["summary"]["luffy"]
+        lines.append(
+            f"- luffy / grpo = {q['luffy_over_grpo']:.2f} (CPU time {_f(c.get('luffy_over_grpo'))}); generated "
+            f"sequences per step {f['generated_sequences_per_step']:.0f} against {g['generated_sequences_per_step']:.0f} "
+            f"({q['luffy_generated_sequences_over_grpo']:.2f})"
+        )
+        if "luffy_generate_over_grpo" in q:
+            lines.append(
+                f"  - time in `generate`, luffy against grpo: {_f(f['generate_seconds_median'])} against "
+                f"{_f(g['generate_seconds_median'])} s ({q['luffy_generate_over_grpo']:.2f}); CPU "
+                f"{_f(f.get('generate_cpu_seconds_median'))} against {_f(g.get('generate_cpu_seconds_median'))} s "
+                f"({_f(c.get('luffy_generate_over_grpo'))})"
+            )
+            lines.append(
+                "  - the rest of the step (rewards, the loss's forward/backward over every row, demonstrations "
+                f"included, optimizer): {_f(f['besides_generate_seconds_median'])} against "
+                f"{_f(g['besides_generate_seconds_median'])} s ({q['luffy_besides_generate_over_grpo']:.2f}); CPU "
+                f"{_f(f.get('besides_generate_cpu_seconds_median'))} against "
+                f"{_f(g.get('besides_generate_cpu_seconds_median'))} s ({_f(c.get('luffy_besides_generate_over_grpo'))})"
+            )
     c = result.get("ratios_cpu_time", {})
     if key in c and not cuda:
         lines += [
@@ -1006,6 +1094,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="the src/ directory whose amft_trl the workers import (default: this checkout's)",
     )
+    parser.add_argument(
+        "--luffy-num-off-policy",
+        type=int,
+        default=1,
+        help="luffy: demonstrations per group (0: GRPO bit for bit inside AMFTTrainer, to time the wrapper alone)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rss-interval", type=float, default=0.005, help="RSS sampling period, seconds")
     parser.add_argument("--out", required=True, help="output prefix: writes <out>.json and <out>.md")
@@ -1035,6 +1129,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown or not configs:
         parser.error(f"--configs: unknown {unknown}; choose from {','.join(CONFIGS)}")
+    if "luffy" in configs and args.model == "tiny-vlm":
+        parser.error(
+            "--configs luffy: text models only (with image prompts LUFFY generates every row and then replaces the "
+            "demonstration's, so its cost is not the one measured here); drop luffy or use a text --model"
+        )
     src = Path(args.src).resolve() if args.src else REPO / "src"
     if not (src / "amft_trl" / "__init__.py").is_file():
         parser.error(f"--src {src} holds no amft_trl package")
@@ -1056,6 +1155,7 @@ def main(argv: list[str] | None = None) -> int:
         "--val-prompts", str(args.val_prompts), "--steps", str(args.steps),
         "--warmup-steps", str(args.warmup_steps), "--dtype", args.dtype, "--device", args.device,
         "--seed", str(args.seed), "--rss-interval", str(args.rss_interval),
+        "--luffy-num-off-policy", str(args.luffy_num_off_policy),
         "--model-spec", model_spec, "--tokenizer-dir", tokenizer_dir, "--out", str(out),
     ]  # fmt: skip
     if args.threads:
@@ -1118,6 +1218,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch_threads": first["torch_threads"],
             "omp_num_threads": env.get("OMP_NUM_THREADS"),
             "prompts": args.prompts,
+            "luffy_num_off_policy": args.luffy_num_off_policy,
             "num_generations": args.num_generations,
             "completion_length": args.completion_length,
             "sft_batch": args.sft_batch,

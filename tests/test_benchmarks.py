@@ -104,6 +104,88 @@ def test_ratios_from_parts(step_cost):
     assert step_cost.ratios_from_parts({"amft": summary["amft"]}) == {}
 
 
+def test_luffy_ratios(step_cost):
+    """LUFFY against GRPO: whole step, generation and the rest of the step, each a ratio of medians."""
+
+    def worker(seconds, gen_seconds, sequences):
+        steps = [
+            {
+                "step": i + 1,
+                "seconds": s,
+                "cpu_seconds": s / 2,
+                "peak_rss": 1,
+                "generate_seconds": g,
+                "generate_cpu_seconds": g / 4,
+                "generate_calls": 1,
+                "generated_sequences": sequences,
+                "generated_tokens": 4 * sequences,
+                "logged_step_time": {},
+            }
+            for i, (s, g) in enumerate(zip(seconds, gen_seconds, strict=True))
+        ]
+        return {"steps": steps, "rss_train_begin": 1, "ru_maxrss": 1, "cuda_allocated_train_begin": None}
+
+    workers = {
+        "grpo": worker([9.0, 4.0, 5.0, 6.0], [9.0, 3.0, 3.0, 3.0], 16),  # the first step is warm-up
+        "luffy": worker([9.0, 3.5, 4.0, 4.5], [9.0, 2.0, 2.5, 2.0], 12),
+    }
+    summary = {name: step_cost.summarise(w, warmup=1) for name, w in workers.items()}
+    assert summary["luffy"]["besides_generate_seconds_median"] == pytest.approx(
+        1.5
+    )  # median of 1.5, 1.5, 2.5
+    q = step_cost.ratios(summary, 100, 4, False)
+    assert q["luffy_over_grpo"] == pytest.approx(4.0 / 5.0)
+    assert q["luffy_generate_over_grpo"] == pytest.approx(2.0 / 3.0)
+    assert q["luffy_besides_generate_over_grpo"] == pytest.approx(1.5 / 2.0)
+    assert q["luffy_generated_sequences_over_grpo"] == pytest.approx(0.75)
+    c = step_cost.ratios(summary, 100, 4, False, time_key="median_cpu_seconds")
+    assert c["luffy_over_grpo"] == pytest.approx(0.8)
+    assert c["luffy_generate_over_grpo"] == pytest.approx(2.0 / 3.0)
+    # CPU besides generate, per step s / 2 - g / 4: luffy 1.25, 1.375, 1.75 (median 1.375); grpo 1.25, 1.75, 2.25
+    assert summary["luffy"]["besides_generate_cpu_seconds_median"] == pytest.approx(1.375)
+    assert c["luffy_besides_generate_over_grpo"] == pytest.approx(1.375 / 1.75)
+    assert "luffy_over_grpo" not in step_cost.ratios({"luffy": summary["luffy"]}, 100, 4, False)
+
+
+@pytest.mark.slow
+def test_end_to_end_tiny_luffy_generates_no_demonstration(tmp_path):
+    """LUFFY's demonstration takes a rollout's place: G - 1 generated sequences per prompt, against GRPO's G."""
+    out = tmp_path / "tiny_luffy"
+    cmd = [
+        sys.executable, str(SCRIPT), "--model", "tiny", "--configs", "grpo,luffy",
+        "--prompts", "2", "--num-generations", "4", "--completion-length", "4",
+        "--steps", "1", "--warmup-steps", "1", "--out", str(out),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(Path(f"{out}.json").read_text())
+    grpo, luffy = result["summary"]["grpo"], result["summary"]["luffy"]
+    assert grpo["generated_sequences_per_step"] == 2 * 4 and grpo["generated_tokens_per_step"] == 2 * 4 * 4
+    assert luffy["generated_sequences_per_step"] == 2 * 3 and luffy["generated_tokens_per_step"] == 2 * 3 * 4
+    assert result["ratios"]["luffy_generated_sequences_over_grpo"] == 0.75
+    assert result["workers"]["luffy"]["trainer_settings"]["balancing"] == "luffy"
+    assert "- luffy / grpo = " in Path(f"{out}.md").read_text()
+
+
+def test_luffy_is_refused_for_image_prompts(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--model",
+            "tiny-vlm",
+            "--configs",
+            "luffy",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "--configs luffy: text models only" in proc.stderr
+
+
 @pytest.mark.slow
 def test_end_to_end_tiny(tmp_path):
     out = tmp_path / "tiny"

@@ -674,3 +674,16 @@ def test_cli_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     captured = capsys.readouterr()
     assert captured.err.strip() == "amft-compare: interrupted; run the same command again to resume."
     assert "Traceback" not in captured.out + captured.err
+
+
+def test_luffy_demonstrations_are_metered_as_demonstration_tokens_not_generated(tmp_path):
+    """LUFFY's off-policy rows are the prompts' demonstrations: the budget counts them as demonstration tokens trained
+    on, and only the rollouts TRL generated as generated tokens."""
+    raw = _grid(methods=["luffy"], seeds=[0], budget={"max_steps": 3, "eval_every": 3})
+    out = run_grid(parse_grid(raw), tmp_path / "luffy", progress=False)
+    run = json.loads((out / "runs" / "luffy" / "seed-0" / "result.json").read_text())
+    steps, prompts, length = 3, 8 // 4, 6  # per_device_train_batch_size / num_generations prompts per step
+    # every toy demonstration (" a + b = c" style, several tokens) fills max_completion_length = 6 tokens
+    assert run["spent"]["sft_tokens"] == steps * prompts * 1 * length
+    # 3 generated rollouts of at most 6 tokens per prompt, never the 4th (the demonstration's slot)
+    assert 0 < run["spent"]["generated_tokens"] <= steps * prompts * 3 * length

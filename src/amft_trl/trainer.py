@@ -723,8 +723,21 @@ class AMFTTrainer(GRPOTrainer):
         if demonstrations is not None:
             self._luffy_mark(out, demonstrations, rewards)
         if self._generating_validation or self.model.training:
-            key = "val_completion" if self._generating_validation else "completion"
-            self._token_counts[key] += global_sum(self.accelerator, float(out["completion_mask"].sum()))
+            mask = out["completion_mask"]
+            off = out.get(
+                "amft_off_policy"
+            )  # LUFFY: the demonstrations placed in the groups were never generated
+            generated, demonstrated = global_sum(
+                self.accelerator,
+                [
+                    float(mask.sum() if off is None else mask[~off].sum()),
+                    0.0 if off is None else float(mask[off].sum()),
+                ],
+            )
+            self._token_counts["val_completion" if self._generating_validation else "completion"] += generated
+            self._token_counts["sft"] += (
+                demonstrated  # LUFFY's off-policy rows: demonstration tokens trained on
+            )
         if self._generating_validation or not self.model.training or rewards is None:
             return out
         if self._relift is not None:
