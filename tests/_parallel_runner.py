@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import zlib
@@ -203,6 +204,9 @@ def main() -> None:
         gathered = deepspeed.zero.GatheredParameters(params)
     with gathered:
         checksum = sum(float(p.detach().double().sum()) for p in params)
+        digest = hashlib.sha256()
+        for p in params:  # every bit of every parameter, in order: the recorded identity (tests/fixtures)
+            digest.update(p.detach().cpu().contiguous().numpy().tobytes())
     if trainer.accelerator.is_main_process:
         history = trainer.strategy.state.history if cli.balancing == "amft" else []
         logs = [h for h in trainer.state.log_history if "amft/mu" in h]
@@ -222,6 +226,7 @@ def main() -> None:
             "relift_buffer_fill": [h.get("amft/relift_buffer_fill") for h in logs],
             "target_entropy": [h.get("amft/target_entropy") for h in logs],
             "param_checksum": checksum,
+            "param_sha256": digest.hexdigest(),
         }
         with open(cli.output_json, "w") as f:
             json.dump(result, f)
