@@ -34,7 +34,7 @@ FIXTURE = ROOT / "tests" / "fixtures" / "bit_identity.json"
 STRATEGY_ARGS: dict[str, dict] = {
     "amft": {},
     "fixed": {"mu_init": 0.3},
-    "sft_then_rl": {"sft_warmup_steps": 2},
+    "sft_then_rl": {},  # the runner's sft_warmup_steps=1: one SFT step, then RL
     "chord": {
         "chord_mu_warmup_steps": 1,
         "chord_mu_decay_steps": 2,

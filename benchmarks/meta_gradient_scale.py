@@ -53,7 +53,8 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback  # noqa: E402
 
 from amft_trl import AMFTConfig, AMFTTrainer  # noqa: E402
-from amft_trl.balancing.amft import grad_dot, rms_normalized_meta_gradient  # noqa: E402
+from amft_trl.balancing.amft import rms_normalized_meta_gradient  # noqa: E402
+from amft_trl.gradients import grad_dot  # noqa: E402
 
 PAPER_ETA_MU = 1e-4  # Eq. 6, raw form (paper)
 NORMALIZED_DEFAULT_ETA_MU = 0.05  # AMFTConfig.meta_learning_rate default (normalised form)

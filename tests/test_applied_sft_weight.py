@@ -57,7 +57,7 @@ class AppliedWeights(TrainerCallback):
         self.applied, self.grad_sq, self.demonstrations = [], [], []
         self._applied, self._demonstrations = 0.0, []
         self.tokenizer = trainer.processing_class
-        stats = trainer._sft_token_stats
+        stats = trainer.sft_term.token_stats
 
         def spy(model, batch, compute_entropy):
             logps, entropies = stats(model, batch, compute_entropy)
@@ -66,7 +66,7 @@ class AppliedWeights(TrainerCallback):
                 self._demonstrations.append(batch)
             return logps, entropies
 
-        trainer._sft_token_stats = spy
+        trainer.sft_term.token_stats = spy
 
     def _record(self, grad: torch.Tensor) -> None:
         self._applied += float(-grad.double().sum())

@@ -12,11 +12,11 @@ from amft_trl.balancing.amft import (
     StepMeasurements,
     cosine_meta_gradient,
     entropy_term,
-    grad_dot,
     meta_gradient,
     rms_normalized_meta_gradient,
     update_mu,
 )
+from amft_trl.gradients import grad_dot
 
 
 def make_controller(**kwargs) -> MuController:

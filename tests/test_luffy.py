@@ -25,6 +25,7 @@ from amft_trl.balancing.luffy import (
     off_policy_token_loss,
     shaped_weight,
 )
+from amft_trl.trainer import RL_LOSS_KEY, RLLossArguments
 
 DEMO = " {answer}. The answer is {answer}."
 
@@ -186,6 +187,11 @@ def test_group_advantages_include_the_demonstration(tmp_path, tiny_model_dir, to
     torch.testing.assert_close(out["advantages"], expected)
 
 
+def _with_luffy(trainer, inputs):
+    """A micro-batch as `AMFTTrainer._micro_step` hands it to the loss: with LUFFY's off-policy rows as an argument."""
+    return {**inputs, RL_LOSS_KEY: RLLossArguments(weight=1.0, off_policy=trainer._luffy)}
+
+
 def test_loss_is_trls_on_policy_loss_plus_the_shaped_off_policy_term(tmp_path, tiny_model_dir, tokenizer):
     """Value and parameter gradient: LUFFY's loss = TRL's loss with the demonstrations' advantages zeroed + the sum
     over demonstration tokens of -A p / (p + 0.1), divided by TRL's `dapo` normaliser (tokens of the batch)."""
@@ -200,7 +206,7 @@ def test_loss_is_trls_on_policy_loss_plus_the_shaped_off_policy_term(tmp_path, t
         loss.backward()
         return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
-    luffy = trainer._compute_loss(model, dict(inputs))
+    luffy = trainer._compute_loss(model, _with_luffy(trainer, inputs))
     luffy_grads = grads(luffy)
 
     on_only = {**inputs, "advantages": inputs["advantages"].masked_fill(off, 0.0)}
@@ -247,12 +253,13 @@ def test_low_probability_demonstration_keeps_its_gradient_where_ppo_clipping_zer
         ppo = grad_norm(
             GRPOTrainer._compute_loss(trainer, trainer.model, {**batch, "old_per_token_logps": expert})
         )
-        luffy = grad_norm(trainer._compute_loss(model, batch))
+        luffy = grad_norm(trainer._compute_loss(model, _with_luffy(trainer, batch)))
         assert luffy > 0
         if sign < 0:
             assert ppo == 0.0, "every demonstration token is clipped: PPO gives it no gradient"
         else:
             assert luffy > 5 * ppo > 0
+    trainer._luffy.log_step(trainer._metrics["train"])  # the step's end: its sums as logged ratios
     weights = trainer._metrics["train"]["amft/luffy_off_policy_prob"]
     assert 0 < weights[-1] < 0.05  # the demonstration is indeed unlikely under the random policy
 

@@ -78,7 +78,7 @@ def _losses(trainer, model, rl_inputs, sft_batches, val_out):
     l_rl = trainer._compute_loss(model, rl_inputs)
     l_sft = 0.0
     for batch, tokens in sft_batches:
-        logps, _ = trainer._sft_token_stats(model, batch, compute_entropy=False)
+        logps, _ = trainer.sft_term.token_stats(model, batch, compute_entropy=False)
         l_sft = l_sft - (logps * batch.completion_mask).sum() / tokens
     return l_rl, l_sft, validation_utility(model, val_out)
 

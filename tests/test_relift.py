@@ -61,11 +61,11 @@ def test_buffer_fills_only_from_all_failed_prompts(tmp_path, tiny_model_dir, tok
     nan = float("nan")
     group = [[0.0] * 4, [0.0, 1.0, 0.0, 0.0], [0.0, nan, 0.0, 0.0], [-1.0, 0.0, -0.5, 0.0]]
     rewards = torch.tensor([r for g in group for r in g]).unsqueeze(1)
-    trainer._relift_fill(rows, rewards)
+    trainer._relift.fill(rows, rewards)
     expected = [(data[i]["prompt"], data[i]["demonstration"]) for i in (0, 3)]
     assert trainer.strategy.buffer == expected
     later = [data[i] for i in (5, 6) for _ in range(4)]
-    trainer._relift_fill(later, torch.tensor([0.0] * 4 + [1.0] * 4).unsqueeze(1))
+    trainer._relift.fill(later, torch.tensor([0.0] * 4 + [1.0] * 4).unsqueeze(1))
     assert trainer.strategy.buffer == [(data[5]["prompt"], data[5]["demonstration"]), *expected]
 
 
@@ -76,7 +76,7 @@ def test_sft_step_fires_when_and_only_when_the_buffer_is_full(tmp_path, tiny_mod
     plan, generate, batches = (
         strategy.plan,
         trainer._generate_and_score_completions,
-        trainer._relift_sft_batches,
+        trainer._relift.sft_batches,
     )
 
     def spy_plan(step):
@@ -100,7 +100,7 @@ def test_sft_step_fires_when_and_only_when_the_buffer_is_full(tmp_path, tiny_mod
         assert decoded == [d + tokenizer.eos_token for _, d in examples]
         return out
 
-    strategy.plan, trainer._generate_and_score_completions, trainer._relift_sft_batches = (
+    strategy.plan, trainer._generate_and_score_completions, trainer._relift.sft_batches = (
         spy_plan,
         spy_generate,
         spy_batches,

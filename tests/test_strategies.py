@@ -11,6 +11,7 @@ import torch
 from conftest import build_trainer, digit_fraction_reward, make_config, make_demos, make_prompts
 from datasets import Dataset
 from transformers import TrainerCallback
+from trl import GRPOTrainer
 
 from amft_trl import AMFTTrainer
 from amft_trl.balancing.chord import chord_mu
@@ -56,7 +57,7 @@ def test_sft_then_rl_draws_no_sft_batch_after_the_switch(tmp_path, tiny_model_di
         tmp_path, tiny_model_dir, tokenizer, balancing="sft_then_rl", sft_warmup_steps=2, max_steps=4
     )
     generated_at, drawn_at = [], []
-    generate, draw = trainer._generate_and_score_completions, trainer._draw_sft_batches
+    generate, draw = trainer._generate_and_score_completions, trainer.sft_term.draw
 
     def spy_generate(inputs):
         generated_at.append(trainer.state.global_step)
@@ -66,7 +67,7 @@ def test_sft_then_rl_draws_no_sft_batch_after_the_switch(tmp_path, tiny_model_di
         drawn_at.append(trainer.state.global_step)
         return draw(n)
 
-    trainer._generate_and_score_completions, trainer._draw_sft_batches = spy_generate, spy_draw
+    trainer._generate_and_score_completions, trainer.sft_term.draw = spy_generate, spy_draw
     trainer.train()
     assert drawn_at == [0, 1] and sorted(set(generated_at)) == [2, 3]
     assert logged(trainer, "amft/mu") == [1.0, 1.0, 0.0, 0.0]
@@ -228,7 +229,7 @@ def _sft_gradient(trainer, batch, weight, tokens):
 
 def _reference_gradient(trainer, batch, token_weight_fn, weight, tokens):
     trainer.model.zero_grad(set_to_none=True)
-    logps, entropies = trainer._sft_token_stats(trainer.model, batch, compute_entropy=True)
+    logps, entropies = trainer.sft_term.token_stats(trainer.model, batch, compute_entropy=True)
     mask = batch.completion_mask.float()
     w = token_weight_fn(logps.detach(), entropies.detach(), mask)
     loss = weight * -(logps * w * mask).sum() / tokens
@@ -263,7 +264,7 @@ def test_chord_phi_weights_each_demonstration_token(tmp_path, tiny_model_dir, to
     )
     assert any(not torch.allclose(g, u) for g, u in zip(got, unweighted, strict=True))
     # amft/mu reports the mean effective weight: mu times the token mean of phi
-    assert step.sft_weight_sum / step.sft_token_count < 0.4
+    assert step.sft.weight / step.sft.tokens < 0.4
 
 
 # ---- SRFT --------------------------------------------------------------------------------------------------------
@@ -281,23 +282,25 @@ def test_srft_weights_each_demonstration_by_its_entropy(tmp_path, tiny_model_dir
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)
 
 
-def test_srft_gives_grpo_its_rollout_advantages(tmp_path, tiny_model_dir, tokenizer):
+def test_srft_gives_grpo_its_rollout_advantages(tmp_path, tiny_model_dir, tokenizer, monkeypatch):
+    """TRL's GRPO loss reads SRFT's advantages, computed from the entropies of that loss's own forward."""
     trainer = build(tmp_path, tiny_model_dir, tokenizer, balancing="srft", max_steps=1)
     seen = []
-    compute_loss, stats = trainer._compute_loss, trainer._get_per_token_logps_and_entropies
+    compute_loss, stats = GRPOTrainer._compute_loss, trainer._get_per_token_logps_and_entropies
 
     def spy_stats(*args, **kwargs):
         out = stats(*args, **kwargs)
         seen.append(("stats", out[1]))
         return out
 
-    def spy_loss(model, inputs):
+    def spy_loss(self, model, inputs):  # TRL's loss, as AMFTTrainer._compute_loss calls it
         seen.append(("before", inputs["advantages"].clone()))
-        loss = compute_loss(model, inputs)
+        loss = compute_loss(self, model, inputs)
         seen.append(("used", inputs["advantages"].clone(), inputs["amft_reward"], inputs["completion_mask"]))
         return loss
 
-    trainer._compute_loss, trainer._get_per_token_logps_and_entropies = spy_loss, spy_stats
+    monkeypatch.setattr(GRPOTrainer, "_compute_loss", spy_loss)
+    trainer._get_per_token_logps_and_entropies = spy_stats
     trainer.train()
     kinds = [s[0] for s in seen]
     i = kinds.index("used")

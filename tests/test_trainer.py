@@ -185,7 +185,7 @@ def test_token_counts_are_logged_cumulatively(
 
     def counting(self, inputs):
         out = original(self, inputs)
-        key = "amft/val_completion_tokens" if self._generating_validation else "amft/completion_tokens"
+        key = "amft/val_completion_tokens" if self._generation.validation else "amft/completion_tokens"
         counted[key] += float(out["completion_mask"].sum())
         return out
 
@@ -336,8 +336,8 @@ def test_sft_stats_at_temperature_one_regardless_of_sampling_temperature(
     )
     batch = collate_sft([fused.sft_dataset[i] for i in range(4)], tokenizer.pad_token_id)
     with torch.no_grad():
-        lp_a, ent_a = fused._sft_token_stats(fused.model, batch, compute_entropy=True)
-        lp_b, ent_b = plain._sft_token_stats(plain.model, batch, compute_entropy=True)
+        lp_a, ent_a = fused.sft_term.token_stats(fused.model, batch, compute_entropy=True)
+        lp_b, ent_b = plain.sft_term.token_stats(plain.model, batch, compute_entropy=True)
     mask = batch.completion_mask.bool()
     torch.testing.assert_close(lp_a[mask], lp_b[mask], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ent_a[mask], ent_b[mask], rtol=1e-4, atol=1e-4)

@@ -119,7 +119,8 @@ def test_calculate_rewards_returns_every_processs_rewards_with_nan_for_none(trai
 
 def test_compute_loss_reads_the_advantages_after_its_forward(trainer):
     """Per-rollout weights (SRFT) are set from the loss's own forward: TRL must read `inputs["advantages"]` after
-    its single `_get_per_token_logps_and_entropies(compute_entropy=True)` call."""
+    its single `_get_per_token_logps_and_entropies(compute_entropy=True)` call, whose output AMFT reads
+    (`AMFTTrainer._reading_loss_forward`)."""
     trainer.model.train()
     trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop in training
     inputs = trainer._generate_and_score_completions(_rows())
@@ -127,15 +128,57 @@ def test_compute_loss_reads_the_advantages_after_its_forward(trainer):
     baseline = trainer._compute_loss(trainer.model, dict(inputs))
     calls = []
 
-    def hook(entropies):
-        calls.append(entropies)
+    def read(logps, entropies):
+        calls.append((logps, entropies))
         patched["advantages"] = torch.zeros_like(patched["advantages"])
 
     patched = dict(inputs)
-    trainer._rl_entropy_hook = hook
-    loss = trainer._compute_loss(trainer.model, patched)
-    assert len(calls) == 1 and calls[0] is not None and calls[0].shape == inputs["completion_ids"].shape
+    with trainer._reading_loss_forward(read):
+        loss = trainer._compute_loss(trainer.model, patched)
+    assert len(calls) == 1
+    logps, entropies = calls[0]
+    assert entropies is not None and entropies.shape == inputs["completion_ids"].shape
+    assert logps.requires_grad, "the log-probs LUFFY's term is built on must carry the graph"
     assert float(loss) == 0.0 != float(baseline), "TRL read the advantages before the forward"
+
+
+def test_training_step_hands_what_prepare_inputs_returns_to_compute_loss(trainer):
+    """`AMFTTrainer._micro_step` prepares TRL's rollouts itself and hands them, with AMFT's loss arguments, to TRL's
+    `training_step`: the Trainer must call `_prepare_inputs` once and pass its return value to `compute_loss`."""
+    from transformers import Trainer
+
+    seen = {}
+
+    class Spy(dict):
+        pass
+
+    class Probe:
+        args = trainer.args
+        optimizer = None
+        model_accepts_loss_kwargs = False
+        compute_loss_func = None
+        loss_is_scaled_for_ga = None
+        current_gradient_accumulation_steps = 1
+        state = trainer.state
+        accelerator = trainer.accelerator
+
+        def _prepare_context_parallel_inputs(self, model, inputs):
+            return Trainer._prepare_context_parallel_inputs(trainer, model, inputs)
+
+        def _prepare_inputs(self, inputs):
+            seen.setdefault("prepared", []).append(inputs)
+            return inputs
+
+        def compute_loss_context_manager(self):
+            return trainer.compute_loss_context_manager()
+
+        def compute_loss(self, model, inputs, num_items_in_batch=None):
+            seen["loss_inputs"] = inputs
+            return (trainer.model.lm_head.weight * 0).sum()
+
+    batch = Spy(marker=1)
+    Trainer.training_step(Probe(), trainer.model, batch)
+    assert len(seen["prepared"]) == 1 and seen["prepared"][0] is batch and seen["loss_inputs"] is batch
 
 
 def _fingerprint(value, depth: int = 0):

@@ -153,8 +153,8 @@ def test_image_demonstrations_mu_one_match_sft_trainer(tmp_path, family):
         max_sft_length=64,
     )
     used = []
-    collate = ours._collate_sft
-    ours._collate_sft = lambda indices: used.extend(indices) or collate(indices)
+    collate = ours.sft_term.collate
+    ours.sft_term.collate = lambda indices: used.extend(indices) or collate(indices)
     ours.train()
     assert len(used) == 4 and grads.grads
 
@@ -234,10 +234,10 @@ def test_single_image_column_and_sampling_temperature(tmp_path, vlm_dir, process
     direct = amft(
         tmp_path / "t07", vlm_dir, processor, sft_dataset=single, meta_learning_rate=0.0, temperature=0.7
     )
-    batch = fused._collate_sft([0, 1, 2, 3])
+    batch = fused.sft_term.collate([0, 1, 2, 3])
     with torch.no_grad():
-        logps_fused, entropy_fused = fused._sft_token_stats(fused.model, batch, compute_entropy=True)
-        logps_direct, entropy_direct = direct._sft_token_stats(direct.model, batch, compute_entropy=True)
+        logps_fused, entropy_fused = fused.sft_term.token_stats(fused.model, batch, compute_entropy=True)
+        logps_direct, entropy_direct = direct.sft_term.token_stats(direct.model, batch, compute_entropy=True)
     mask = batch.completion_mask.bool()
     torch.testing.assert_close(logps_direct[mask], logps_fused[mask], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(entropy_direct[mask], entropy_fused[mask], rtol=1e-5, atol=1e-5)
@@ -463,7 +463,7 @@ def test_meta_gradient_with_images_matches_finite_differences(tmp_path, vlm_dir,
         l_rl = trainer._compute_loss(trainer.model, rl_inputs)
         l_sft = 0.0
         for batch, tokens in sft_batches:
-            logps, _ = trainer._sft_token_stats(trainer.model, batch, compute_entropy=False)
+            logps, _ = trainer.sft_term.token_stats(trainer.model, batch, compute_entropy=False)
             l_sft = l_sft - (logps * batch.completion_mask).sum() / tokens
         return l_rl, l_sft
 

@@ -237,12 +237,12 @@ def test_hpt_and_relift_take_the_images_of_prompts_with_image_parts(tmp_path, vl
         train_dataset=image_parts(prompts_with_solutions(4)),
     )
     row = relift.train_dataset[0]
-    prompt, solution, images = relift._relift_entry(row, "solution")
+    prompt, solution, images = relift._relift.entry(row, "solution")
     assert solution == row["solution"] and images == [row["prompt"][0]["content"][0]["image"]]
     assert "image" not in prompt[0]["content"][0] and row["prompt"][0]["content"][0]["image"] is not None
     relift.strategy.add_failed([(prompt, solution, images)])
     json.dumps(relift.strategy.state_dict())
-    (batch,) = relift._relift_sft_batches(relift.strategy.buffer, 1)
+    (batch,) = relift._relift.sft_batches(relift.strategy.buffer, 1)
     assert batch.model_inputs["num_images"] == [1]
 
 
@@ -403,9 +403,9 @@ def relift(tmp_path, vlm_dir, processor, callbacks=(), **overrides):
 def test_relift_trains_the_buffered_demonstrations_with_their_images(tmp_path, vlm_dir, processor):
     trainer = relift(tmp_path, vlm_dir, processor)
     seen, batches = [], []
-    fill, sft_batches = trainer._relift_fill, trainer._relift_sft_batches
-    trainer._relift_fill = lambda inputs, rewards: seen.extend(inputs) or fill(inputs, rewards)
-    trainer._relift_sft_batches = lambda entries, n: batches.extend(sft_batches(entries, n)) or batches[-n:]
+    fill, sft_batches = trainer._relift.fill, trainer._relift.sft_batches
+    trainer._relift.fill = lambda inputs, rewards: seen.extend(inputs) or fill(inputs, rewards)
+    trainer._relift.sft_batches = lambda entries, n: batches.extend(sft_batches(entries, n)) or batches[-n:]
     before = vision_params(trainer.model)
     trainer.train()
     assert history(trainer, "amft/relift_sft_step") == [0.0, 1.0]

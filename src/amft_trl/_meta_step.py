@@ -29,15 +29,18 @@ Special cases, each documented where it is handled:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 
 from . import _trl_compat
-from ._distributed import TorchGrads, ZeroGrads, average_across_processes
-from .balancing.amft import cosine_meta_gradient, grad_dot, meta_gradient
+from ._distributed import BoundaryBackwardWithoutStep
+from .balancing.amft import cosine_meta_gradient, meta_gradient
 from .balancing.base import StepMeasurements
+from .gradients import TorchGrads, ZeroGrads, average_across_processes, grad_dot
 
 
 class MetaStep:
@@ -193,6 +196,54 @@ def _combine(rl: list | None, sft: list | None, rl_weight: float, sft_weight: fl
         else:
             out.append(r.mul_(rl_weight).add_(s, alpha=sft_weight))
     return out
+
+
+# ---- the trainer's side: DeepSpeed boundaries, the validation pass, the engine step -------------------------------
+@contextmanager
+def around_backward(meta: MetaStep | None, term: str, weight: float) -> Iterator[float]:
+    """Yields the weight the `term` backward is taken with: its weight in the step's loss, except in a meta step,
+    whose inner products wrap the backward (`MetaStep.around_backward`)."""
+    if meta is None:
+        yield weight
+        return
+    with meta.around_backward(term, weight) as taken_with:
+        yield taken_with
+
+
+@contextmanager
+def backwards_without_engine_step(meta: MetaStep | None, accelerator: Any) -> Iterator[None]:
+    """Under DeepSpeed, during a meta step: every backward is taken at an accumulation boundary, none steps.
+
+    At a boundary ZeRO reduces the gradient into each process's partition, where the meta step reads it after each
+    backward; the engine is stepped once, by `finish_meta_step`, on the combined gradient written there.
+    """
+    if meta is None or accelerator.distributed_type != DistributedType.DEEPSPEED:
+        yield
+        return
+    with _trl_compat.swapped_deepspeed_backward(accelerator, BoundaryBackwardWithoutStep):
+        yield
+
+
+def validation_pass(meta: MetaStep, run_backward: Callable[[Callable[[], None] | None], float]) -> None:
+    """grad U of the meta step: `run_backward(after_each_backward)` backpropagates the validation surrogate and
+    returns the validation reward. Under ZeRO a partition may keep only the last backward's gradient, so it is moved
+    out after each one; otherwise once, after all of them."""
+    each = meta.take_validation_gradient if meta.access.sharded else None
+    val_reward = run_backward(each)
+    if each is None:
+        meta.take_validation_gradient()
+    meta.validation_done(val_reward)
+
+
+def finish_meta_step(meta: MetaStep, rl_weight: float, sft_weight: float, alpha: float) -> StepMeasurements:
+    """Eq. 25 for the step (`MetaStep.finish`); under DeepSpeed, then the one engine step that every backward of the
+    step was kept from (`backwards_without_engine_step`)."""
+    measurements = meta.finish(rl_weight, sft_weight, alpha=alpha)
+    if meta.accelerator.distributed_type == DistributedType.DEEPSPEED:
+        engine = _trl_compat.deepspeed_engine(meta.accelerator)
+        engine.set_gradient_accumulation_boundary(True)
+        engine.step()
+    return measurements
 
 
 def validation_backward(

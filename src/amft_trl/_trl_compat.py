@@ -16,11 +16,12 @@ Two kinds of use:
 |---|---|---|---|
 | `GRPOTrainer._generate_and_score_completions(inputs)` | TRL | overridden by `AMFTTrainer` (per-rollout rewards, groups, demonstrations), by `compare`'s metered `GRPOTrainer` (generated tokens); called for validation rollouts (`generate_and_score`) | rows in, a dict out with `prompt_ids`, `prompt_mask`, `completion_ids`, `completion_mask`, `advantages` (B,); extra keys survive TRL's shuffle and split |
 | `GRPOTrainer._calculate_rewards(inputs, prompts, completions, completion_ids_list)` | TRL | overridden by `AMFTTrainer` | returns the rewards of every process, (N_global, num_funcs), NaN for None |
-| `GRPOTrainer._compute_loss(model, inputs)` | TRL | behind `compute_loss` (per-rollout advantages, `rl_advantages`); overridden by `AMFTTrainer` for LUFFY | reads `inputs["advantages"]` after its one call of `_get_per_token_logps_and_entropies(..., compute_entropy=True)`, whose log-probs (at `args.temperature`) carry the graph; its policy term is zero on rows with advantage 0; its normaliser per `loss_type` is what `balancing.luffy.aggregate_token_loss` reproduces |
+| `GRPOTrainer._compute_loss(model, inputs)` | TRL | overridden by `AMFTTrainer`: the one place AMFT's loss arguments (`RLLossArguments`: the RL weight, the strategy's advantages, LUFFY's off-policy rows) meet TRL's loss | reads `inputs["advantages"]` after its one call of `_get_per_token_logps_and_entropies(..., compute_entropy=True)` (pinned by the contract test: SRFT's advantages come from that call's entropies), whose log-probs (at `args.temperature`) carry the graph; its policy term is zero on rows with advantage 0; its normaliser per `loss_type` is what `balancing.luffy.aggregate_token_loss` reproduces |
+| `GRPOTrainer._prepare_inputs(generation_batch)` | TRL | overridden by `AMFTTrainer`, and called by its `_micro_step` before `training_step` | generates every `steps_per_generation x num_iterations` micro-steps and returns this micro-step's slice of the buffered rollouts; `Trainer.training_step` calls it once and hands what it returns to `compute_loss` (pinned by the contract test), so a micro-batch prepared beforehand passes through with AMFT's loss arguments |
 | `GRPOTrainer._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, ...)` | TRL | overridden by `AMFTTrainer` for LUFFY (generates the on-policy rows only) | one completion per entry of `prompt_ids`, as `(completion_ids, logprobs or None)`; the vLLM server takes every `num_generations`-th entry as a group's prompt; `_generate` decodes, scores and pads whatever it returns |
 | `GRPOTrainer._tokenize_prompts(prompts)` | TRL | overridden by `AMFTTrainer` for LUFFY with image prompts (tokenises the on-policy rows alone too) | `(prompt_ids, images, multimodal_fields)` for `_generate_single_turn`, one entry per prompt, the same ids whether a prompt is tokenised in a batch or alone |
 | `GRPOTrainer.eos_token_ids`, `tools`, `rollout_func`, `environment_factories`, `max_completion_length`, `loss_type` | TRL (public, undocumented) | LUFFY | the generation's stop tokens; the multi-turn paths LUFFY refuses; the loss settings |
-| `GRPOTrainer._get_per_token_logps_and_entropies` | TRL | overridden by `AMFTTrainer` (SRFT's entropy hook); called for SFT log-probs and entropies and the validation surrogate (`per_token_logps_and_entropies`) | `(logps, entropies, aux)` at `args.temperature` |
+| `GRPOTrainer._get_per_token_logps_and_entropies` | TRL | overridden by `AMFTTrainer` (hands the GRPO loss forward's log-probs and entropies to `_compute_loss`: SRFT's advantages, LUFFY's term); called for SFT log-probs and entropies and the validation surrogate (`per_token_logps_and_entropies`) | `(logps, entropies, aux)` at `args.temperature` |
 | `GRPOTrainer._metrics`, `_logs`, `_pending_extra_logs`, `_pending_metrics` | TRL | `isolated_generation`, `train_metrics` | every log container generation writes to; `_metrics["train"]` is averaged and logged at each `log` |
 | `GRPOTrainer._metrics["train"]["step_time"]` | TRL | `replace_last_step_time` | one value appended per optimizer step by `GRPOTrainer.training_step` |
 | `GRPOTrainer._tag_names`, `_name` | TRL | class attributes of `AMFTTrainer` | the tags and trainer name TRL writes into the model card |
@@ -60,6 +61,7 @@ OVERRIDDEN: dict[str, dict[str, tuple[str, ...] | None]] = {
         "_calculate_rewards": ("inputs", "prompts", "completions", "completion_ids_list"),
         "_get_per_token_logps_and_entropies": ("model", "input_ids", "attention_mask", "logits_to_keep"),
         "_compute_loss": ("model", "inputs"),
+        "_prepare_inputs": ("generation_batch",),
         "_generate_single_turn": ("prompt_ids", "images", "multimodal_fields", "num_generations"),
         "_tokenize_prompts": ("prompts",),
         "_tag_names": None,
@@ -75,6 +77,7 @@ OVERRIDDEN: dict[str, dict[str, tuple[str, ...] | None]] = {
 #: Private members reached through this module's functions (besides the overrides), by package.
 READ: dict[str, tuple[str, ...]] = {
     "trl": (
+        "_prepare_inputs",
         "_generate_and_score_completions",
         "_get_per_token_logps_and_entropies",
         "_metrics",
@@ -125,6 +128,12 @@ def per_token_logps_and_entropies(
         model, input_ids, attention_mask, logits_to_keep, compute_entropy=compute_entropy, **multimodal
     )
     return logps, entropies
+
+
+def prepare_rollouts(trainer: Any, generation_batch: Any) -> dict[str, Any]:
+    """This micro-step's rollouts from TRL's buffer (`GRPOTrainer._prepare_inputs`: generates every
+    `steps_per_generation x num_iterations` micro-steps, then slices)."""
+    return trainer._prepare_inputs(generation_batch)
 
 
 def generate_and_score(trainer: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -2,26 +2,28 @@
 
 Each optimizer step trains on `w_RL * L_RL + w_SFT * L_SFT` (AMFT paper, Eq. 3 for `w = (1 - mu, mu)`):
 
-- `L_RL` is exactly GRPOTrainer's loss for the configured `loss_type`: its `training_step` (generation, scoring, loss,
-  backward) is reused, and only `compute_loss` is touched, to scale it by `w_RL` and, for strategies with per-rollout
-  weights, to hand it other advantages (`BalancingStrategy.rl_advantages`);
-- `L_SFT` is the token-mean NLL of a batch of demonstrations (Eq. 2) at temperature 1, normalised by the completion
-  tokens of the whole step's SFT batch so that it does not change with the gradient-accumulation layout, like TRL's
-  `dapo` loss; strategies may weight its tokens (`BalancingStrategy.sft_token_weights`).
+- `L_RL` is exactly GRPOTrainer's loss for the configured `loss_type`: its `training_step` (loss, backward) is reused,
+  and one override, `_compute_loss`, takes AMFT's arguments for the micro-batch (`RLLossArguments`: `w_RL`, the
+  strategy's advantages, LUFFY's off-policy rows) next to TRL's inputs;
+- `L_SFT` is the token-mean NLL of a batch of demonstrations (Eq. 2), `amft_trl.sft_term`.
 
 The strategy (`amft_trl.balancing`, chosen by `AMFTConfig.balancing`) decides what each step does (`StepPlan`): its
 weights, whether rollouts are generated, whether an SFT batch is drawn, the measurements it wants (the entropy H_t,
-the target H*, the meta-gradient of Eq. 25). This module only wires TRL's flow to it:
+the target H*, the meta-gradient of Eq. 25). This module wires TRL's flow to it, in `training_step`:
 
-- `_begin_step` asks for the plan at a step's first micro-step, measures H* if asked, draws the SFT batch, and for a
-  meta step runs the validation rollouts and their backward (`amft_trl._meta_step`);
-- `_micro_step` runs GRPO's micro-step and the SFT micro-step, each backward wrapped by the meta step when there is
-  one;
-- `_end_step` reduces the step's measurements over processes, hands them to the strategy and logs them; the strategy
-  updates itself in `on_step_end`, after the optimizer step.
+- `_begin_step` (a step's first micro-step) asks for the plan, measures H* if asked, draws the SFT batch, and for a
+  meta step opens it (`amft_trl._meta_step`); the step's state (`_StepState`) is created there and handed to every
+  later call as an argument;
+- `_micro_step` runs GRPO's micro-step (TRL's rollouts for it, then TRL's `training_step` on them with AMFT's loss
+  arguments) and the SFT micro-step, each backward wrapped by the meta step when there is one;
+- `_end_step` (the last micro-step) finishes the meta step, reduces the step's measurements over processes, hands
+  them to the strategy and logs them; the strategy updates itself in `on_step_end`, after the optimizer step.
 
-Where gradients live under DDP and DeepSpeed is `amft_trl._distributed`; every private member of TRL, transformers,
-Accelerate and DeepSpeed touched is listed in `amft_trl._trl_compat` (the private methods overridden here included).
+The concepts live in their modules: the SFT term (`sft_term`), demonstrations attached to RL prompts
+(`attached_demonstrations`: HPT), LUFFY's off-policy rows (`luffy_rollouts`), ReLIFT's buffer (`relift_buffer`), the
+meta step (`_meta_step`), gradient access under DDP and ZeRO (`gradients`), the two-phase learning-rate schedule
+(`lr_schedule`) and the checkpoint file (`checkpoint`). Every private member of TRL, transformers, Accelerate and
+DeepSpeed touched is listed in `amft_trl._trl_compat` (the private methods overridden here included).
 
 Simplification, documented: the strategy's state after step t (AMFT's mu) is used from step t + 1 on (Algorithm 2
 applies mu to step t's own loss, which would need the entropy before the backward, i.e. a second forward).
@@ -29,68 +31,57 @@ applies mu to step t's own loss, which would need the entropy before the backwar
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from accelerate.utils import DistributedType, gather_object
+from accelerate.utils import DistributedType
 from datasets import Dataset
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 from trl.import_utils import is_vllm_available
 
 from . import _trl_compat
-from ._distributed import (
-    BoundaryBackwardWithoutStep,
-    check_parallel_setup,
-    global_sum,
-    grad_access,
-    launcher_deepspeed_config,
+from ._distributed import check_parallel_setup, global_sum, launcher_deepspeed_config
+from ._meta_step import (
+    MetaStep,
+    around_backward,
+    backwards_without_engine_step,
+    finish_meta_step,
+    validation_backward,
+    validation_pass,
 )
-from ._meta_step import MetaStep, validation_backward
 from ._reward_columns import check_reward_columns
-from .attached_demonstrations import AttachedDemonstrations, DemonstrationMicroBatch
+from .attached_demonstrations import AttachedDemonstrations
 from .balancing import BalancingStrategy, RolloutBatch, StepMeasurements, StepPlan, build_strategy
-from .balancing.luffy import (
-    LUFFYStrategy,
-    aggregate_token_loss,
-    demonstration_completion_ids,
-    off_policy_rows,
-    off_policy_token_loss,
+from .balancing.luffy import LUFFYStrategy
+from .balancing.relift import ReLIFTStrategy
+from .checkpoint import (
+    AMFT_STATE_NAME,
+    AMFT_STATE_VERSION,
+    TOKEN_COUNTS,
+    read_amft_state,
+    write_amft_state,
 )
-from .balancing.relift import ReLIFTStrategy, all_failed
 from .config import AMFTConfig
-from .sft_data import (
-    InfiniteStream,
-    SFTBatch,
-    as_completion,
-    check_sft_columns,
-    collate_sft,
-    collate_vision_sft,
-    image_column,
-    prepare_vision_sft_dataset,
-    row_images,
-    split_image_parts,
-    tokenize_prompt_completion,
-    tokenize_sft_dataset,
-    vision_demonstration,
-)
+from .gradients import grad_access
+from .lr_schedule import two_phase_lr_lambda
+from .luffy_rollouts import OffPolicyDemonstrations
+from .relift_buffer import FailedPromptBuffer
+from .sft_data import InfiniteStream, SFTBatch, check_sft_columns, image_column
+from .sft_term import SFTStepSums, SFTTerm
 from .vision import check_image_inputs, first_image_part, reload_converted_checkpoint
 
-logger = logging.getLogger(__name__)
+__all__ = ["AMFT_STATE_NAME", "AMFT_STATE_VERSION", "TOKEN_COUNTS", "AMFTTrainer", "read_amft_state"]
 
-AMFT_STATE_NAME = "amft_state.json"
-AMFT_STATE_VERSION = 2
-#: The cumulative token counts logged as `amft/<key>_tokens`: `sft`, the demonstration (completion) tokens trained on
-#: (the SFT batches, and HPT's demonstrations of the prompts sent to SFT); `completion`, the completion tokens of the
-#: training rollouts; `val_completion`, those of AMFT's validation rollouts (meta steps). Summed over processes.
-TOKEN_COUNTS = ("sft", "completion", "val_completion")
+logger = logging.getLogger(__name__)
 
 # the columns TRL's `is_conversational` may read a row's format from (it takes any one of those present)
 _TRL_FORMAT_KEYS = ("prompt", "chosen", "rejected", "completion", "messages")
@@ -98,7 +89,10 @@ _TRL_FORMAT_KEYS = ("prompt", "chosen", "rejected", "completion", "messages")
 
 @dataclass
 class _StepState:
-    """One optimizer step in progress: its plan, its SFT batch, and what it measured so far (this process)."""
+    """One optimizer step in progress on this process: its plan, its SFT batch, its meta step, and its sums so far.
+
+    Created by `_begin_step` at the step's first micro-step, passed to every call of the step as an argument, and
+    consumed by `_end_step` at its last one."""
 
     plan: StepPlan
     sft_batches: list[SFTBatch] = field(default_factory=list)
@@ -107,18 +101,54 @@ class _StepState:
     meta: MetaStep | None = None
     seconds: float = 0.0
     rl_loss: float = 0.0  # GRPO's loss summed over micro-steps (already scaled for accumulation), unweighted
-    last_rl_loss: float = 0.0
-    rl_backward_weight: float = 1.0  # the weight the current RL backward is taken with
-    sft_follows: bool = False  # an SFT backward follows the RL one in the current micro-step
-    restore_sync: bool = False
-    gated: DemonstrationMicroBatch | None = None  # this micro-step's attached demonstrations (train_column)
-    sft_nll_sum: float = 0.0  # unweighted NLL summed over the step's demonstration tokens
-    sft_token_count: float = 0.0  # demonstration tokens the NLL was summed over
-    sft_weight_sum: float = 0.0  # effective SFT weight summed over those tokens
-    entropy_sum: float = 0.0
+    sft: SFTStepSums = field(default_factory=SFTStepSums)
     prompts: float = 0.0  # RL prompts of the step (train_column strategies)
     prompts_to_sft: float = 0.0
     unscorable: bool = False  # every reward of the step's rollouts was None or NaN
+
+
+@dataclass
+class RLLossArguments:
+    """What AMFT's GRPO loss takes for one micro-batch besides TRL's inputs (`AMFTTrainer._compute_loss`).
+
+    Made by `_micro_step` and handed to TRL's `training_step` inside the micro-batch (`inputs[RL_LOSS_KEY]`).
+
+    Attributes:
+        weight: `w_RL` the backward is taken with (the meta step's when there is one).
+        advantages: the strategy's advantages (per-rollout weights, `BalancingStrategy.rl_advantages`), replacing
+            TRL's; None keeps TRL's.
+        advantages_from_entropies: for strategies whose advantages need the rollouts' token entropies
+            (`rl_weights_need_entropy`: SRFT): computes them from the entropies of the loss's own forward.
+        off_policy: LUFFY's off-policy rows (their shaped term is added; GRPO's sees zero advantages there).
+        loss: set by the loss: GRPO's loss of the micro-batch, unweighted (already scaled for accumulation).
+    """
+
+    weight: float
+    advantages: torch.Tensor | None = None
+    advantages_from_entropies: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+    off_policy: OffPolicyDemonstrations | None = None
+    loss: float = 0.0
+
+
+#: The key of `RLLossArguments` in a micro-batch handed to TRL's `training_step`.
+RL_LOSS_KEY = "amft_rl_loss_arguments"
+
+
+class _PreparedRollouts(dict):
+    """A micro-batch of rollouts already prepared by TRL's `_prepare_inputs` (and given AMFT's loss arguments):
+    `_prepare_inputs` passes it through when TRL's `training_step` asks for it again."""
+
+
+@dataclass
+class _Generation:
+    """One call of TRL's `_generate_and_score_completions` in progress: what AMFT's hooks inside it need."""
+
+    validation: bool = False  # AMFT's validation rollouts (meta step), not training ones
+    demonstrations: list[list[int] | None] | None = None  # LUFFY: the off-policy rows' completion ids
+    on_policy_prompts: Any = None  # LUFFY, image prompts: TRL's tokenisation of the on-policy rows alone
+    rewards: torch.Tensor | None = (
+        None  # every process's rewards, (N_global, num_funcs) (`_calculate_rewards`)
+    )
 
 
 class AMFTTrainer(GRPOTrainer):
@@ -223,23 +253,7 @@ class AMFTTrainer(GRPOTrainer):
 
         if processing_class is None:  # GRPOTrainer loaded the model's own: check it too
             check_image_inputs(self.model, self.processing_class, image_datasets)
-        self.sft_dataset, self.sft_num_dropped = None, 0
-        self._sft_image_column = image_column(sft_dataset)
-        if self._sft_image_column is not None:  # raw rows, processed batch by batch by TRL's VLM collator
-            self.sft_dataset, self.sft_num_dropped = prepare_vision_sft_dataset(
-                sft_dataset, self.processing_class, args.max_sft_length
-            )
-            self._sft_stream = InfiniteStream(len(self.sft_dataset), seed=args.seed)
-        elif sft_dataset is not None:
-            self.sft_dataset, self.sft_num_dropped = tokenize_sft_dataset(
-                sft_dataset, self.processing_class, args.max_sft_length, chat_template=self.chat_template
-            )
-            self._sft_stream = InfiniteStream(len(self.sft_dataset), seed=args.seed)
-        self.val_dataset = val_dataset
-        if val_dataset is not None:
-            self._val_stream = InfiniteStream(len(val_dataset), seed=args.seed + 1)
-        self._sft_batch_size = args.sft_per_device_train_batch_size or args.per_device_train_batch_size
-        # image prompts: demonstrations read from train_dataset (HPT, ReLIFT) carry their row's images, from its
+        # image prompts: demonstrations read from train_dataset (HPT, LUFFY, ReLIFT) carry their row's images, from its
         # image column or from the image parts of its prompt
         self._rl_image_column = image_column(train_dataset)
         self._rl_image_parts = (
@@ -248,33 +262,43 @@ class AMFTTrainer(GRPOTrainer):
             and isinstance(train_dataset, Dataset)
             and first_image_part(train_dataset) is not None
         )
+        self.sft_term = SFTTerm(self, sft_dataset, rl_image_parts=self._rl_image_parts)
+        self.sft_dataset, self.sft_num_dropped = self.sft_term.dataset, self.sft_term.num_dropped
+        self.val_dataset = val_dataset
+        if val_dataset is not None:
+            self._val_stream = InfiniteStream(len(val_dataset), seed=args.seed + 1)
         vision = self._rl_image_column is not None or self._rl_image_parts
-        self._attached: AttachedDemonstrations | None = None
+        self._attached: AttachedDemonstrations | None = None  # HPT: demonstrations attached to RL prompts
         if strategy.sft_source == "train_column":
             tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
             self._attached = AttachedDemonstrations(
                 strategy,
                 self.accelerator,
-                self._tokenize_demonstration,
+                self.sft_term.tokenize_demonstration,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 gradient_accumulation_steps=args.gradient_accumulation_steps,
                 steps_per_generation=args.steps_per_generation,
                 num_generations=self.num_generations,
                 image_column=self._rl_image_column,
-                collate=self._collate_demonstrations if vision else None,
-                placeholder=self._vision_placeholder if vision else None,
+                collate=self.sft_term.collate_demonstrations if vision else None,
+                placeholder=self.sft_term.vision_placeholder if vision else None,
             )
-        self._step_state: _StepState | None = None  # set for the duration of one optimizer step
-        self._captured_rewards: torch.Tensor | None = None
-        self._last_generation_unscorable = False
-        self._generating_validation = False
-        self._rl_entropy_hook = None
+        self._luffy: OffPolicyDemonstrations | None = None  # LUFFY: demonstrations as off-policy rollouts
+        if isinstance(strategy, LUFFYStrategy) and strategy.num_off_policy > 0:
+            self._luffy = OffPolicyDemonstrations(self, strategy)
+        self._relift: FailedPromptBuffer | None = None  # ReLIFT: a buffer of all-failed prompts
+        if isinstance(strategy, ReLIFTStrategy):
+            self._relift = FailedPromptBuffer(
+                self, strategy, self.sft_term, self._rl_image_column, self._rl_image_parts
+            )
+        self._step_state: _StepState | None = None  # the optimizer step in progress (`training_step`)
+        self._generation: _Generation | None = (
+            None  # the generation in progress (`_generate_and_score_completions`)
+        )
         self._num_skipped_rl_steps = 0
         # what the run has trained on and generated, cumulative over the run (logged as amft/<key>_tokens)
         self._token_counts = dict.fromkeys(TOKEN_COUNTS, 0.0)
-        self._luffy_setup()  # LUFFY (balancing="luffy"): demonstrations as off-policy rollouts
-        self._relift_setup()  # ReLIFT (balancing="relift"): a buffer of all-failed prompts
 
     # ------------------------------------------------------------------------------------------------------
     # construction-time checks
@@ -331,44 +355,15 @@ class AMFTTrainer(GRPOTrainer):
                 )
 
     # ------------------------------------------------------------------------------------------------------
-    # the learning-rate schedule (sft_warmup_learning_rate, reset_optimizer_after_warmup)
+    # the learning-rate schedule (sft_warmup_learning_rate, reset_optimizer_after_warmup): `amft_trl.lr_schedule`
     # ------------------------------------------------------------------------------------------------------
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        """One schedule over all steps, or, with a warm-up of its own, two: the warm-up phase over
-        `sft_warmup_steps` at `sft_warmup_learning_rate`, and a fresh one over the remaining steps at `learning_rate`.
-        Each phase is `lr_scheduler_type` with its own warm-up (`warmup_ratio` / `warmup_steps` of its length)."""
+        """One schedule over all steps, or, with a warm-up of its own, two (`amft_trl.lr_schedule`)."""
         if not self.args.two_phase_schedule or self.lr_scheduler is not None:
             return super().create_scheduler(num_training_steps, optimizer)
-        from torch.optim.lr_scheduler import LambdaLR
-        from transformers import get_scheduler
-
         optimizer = self.optimizer if optimizer is None else optimizer
-        warmup = self.strategy.sft_warmup_steps
-        rest = max(num_training_steps - warmup, 1)
-        peak = self.args.sft_warmup_learning_rate
-        factor = 1.0 if peak is None else peak / self.args.learning_rate
-
-        def phase(length: int):
-            dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-            scheduler = get_scheduler(
-                self.args.lr_scheduler_type,
-                optimizer=dummy,
-                num_warmup_steps=self.args.get_warmup_steps(length),
-                num_training_steps=length,
-                scheduler_specific_kwargs=self.args.lr_scheduler_kwargs,
-            )
-            if not isinstance(scheduler, LambdaLR):
-                raise ValueError(
-                    f"`lr_scheduler_type={self.args.lr_scheduler_type!r}` cannot be split into a warm-up phase and a "
-                    "later phase (sft_warmup_learning_rate / reset_optimizer_after_warmup need a LambdaLR schedule "
-                    "such as linear, cosine or constant)."
-                )
-            return scheduler.lr_lambdas[0]
-
-        first, second = phase(warmup), phase(rest)
-        self.lr_scheduler = LambdaLR(
-            optimizer, lambda step: factor * first(step) if step < warmup else second(step - warmup)
-        )
+        lr_lambda = two_phase_lr_lambda(self.args, self.strategy.sft_warmup_steps, num_training_steps)
+        self.lr_scheduler = LambdaLR(optimizer, lr_lambda)
         _trl_compat.mark_lr_scheduler_created(self)
         return self.lr_scheduler
 
@@ -384,12 +379,18 @@ class AMFTTrainer(GRPOTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         start = time.perf_counter()
         model.train()  # before anything generates: TRL's generation reads the mode (after an evaluation or a resume)
+        if callable(
+            getattr(self.optimizer, "train", None)
+        ):  # schedule-free optimizers: their training weights too
+            self.optimizer.train()
         if self._step_state is None:
             self._step_state = self._begin_step(model)
         step = self._step_state
-        with self._meta_backwards(step):
+        with backwards_without_engine_step(step.meta, self.accelerator):
             if step.micro == 0 and step.meta is not None:
-                self._validation_for_meta_step(model, step)
+                validation_pass(
+                    step.meta, lambda each: self._validation_backward(model, after_each_backward=each)
+                )
             display = self._micro_step(model, inputs, num_items_in_batch, step)
             step.micro += 1
             if step.micro == self.current_gradient_accumulation_steps:
@@ -419,20 +420,19 @@ class AMFTTrainer(GRPOTrainer):
         if self.args.reset_optimizer_after_warmup and global_step == self.strategy.sft_warmup_steps > 0:
             self._reset_optimizer_state()
         if plan.measure_target_entropy:
-            target = self._measure_target_entropy(model)
+            target = self.sft_term.target_entropy(model)
             self.strategy.set_target_entropy(target)
             logger.info(
                 "AMFT: target entropy H* = %.4f nats/token (measured at step %d).", target, global_step
             )
         step = _StepState(plan)
         if plan.sft:
+            num_micro = self.current_gradient_accumulation_steps
             buffered = self.strategy.buffered_demonstrations()  # ReLIFT's buffer, else the sft_dataset stream
             if buffered is None:
-                step.sft_batches = self._draw_sft_batches(self.current_gradient_accumulation_steps)
+                step.sft_batches = self.sft_term.draw(num_micro)
             else:
-                step.sft_batches = self._relift_sft_batches(
-                    buffered, self.current_gradient_accumulation_steps
-                )
+                step.sft_batches = self._relift.sft_batches(buffered, num_micro)
             step.sft_tokens = int(
                 global_sum(self.accelerator, float(sum(b.num_tokens for b in step.sft_batches)))
             )
@@ -446,84 +446,136 @@ class AMFTTrainer(GRPOTrainer):
             )
         return step
 
-    def _micro_step(self, model, inputs, num_items_in_batch, step: _StepState) -> float:
+    def _micro_step(self, model, generation_batch, num_items_in_batch, step: _StepState) -> float:
+        """One micro-step: GRPO's (on TRL's rollouts), then the SFT term's; returns its share of the step's loss."""
         plan = step.plan
         display = 0.0
+        attached = None
         if plan.rl:
-            step.sft_follows = plan.sft
-            with self._around_backward(step, "rl", plan.rl_weight) as weight:
-                step.rl_backward_weight = weight
-                step.gated = None
-                super().training_step(model, inputs, num_items_in_batch)
-                if step.restore_sync:
-                    _trl_compat.set_sync_gradients(self.accelerator, True)
-                    step.restore_sync = False
-            display += plan.rl_weight * step.last_rl_loss
+            # TRL's rollouts for this micro-step (generated every steps_per_generation x num_iterations micro-steps)
+            inputs = _trl_compat.prepare_rollouts(self, generation_batch)
+            step.unscorable |= bool(inputs.get("amft_unscorable", False))
+            if self._attached is not None:  # HPT: the demonstrations this micro-step trains, dealt per step
+                attached = self._attached.micro_step()
+                step.prompts += attached.prompts
+                step.prompts_to_sft += attached.prompts_to_sft
+            sft_follows = attached.sft is not None if attached is not None else plan.sft
+            with around_backward(step.meta, "rl", plan.rl_weight) as weight:
+                arguments = self._rl_loss_arguments(inputs, weight)
+                with self._rl_backward_before_sft(sft_follows):
+                    super().training_step(
+                        model, _PreparedRollouts(inputs, **{RL_LOSS_KEY: arguments}), num_items_in_batch
+                    )
+            step.rl_loss += arguments.loss
+            display += plan.rl_weight * arguments.loss
         if plan.sft:
             weight = 1.0 if plan.warmup else plan.sft_weight
             display += self._sft_micro_step(model, step.sft_batches[step.micro], weight, step)
-        elif step.gated is not None:
-            gated = step.gated
+        elif attached is not None and attached.sft is not None:
+            gated = attached.sft
             display += self._sft_micro_step(
                 model, gated.batch, plan.sft_weight, step, gated.row_weights, gated.normalizer
             )
         return display
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """GRPO's loss (already scaled for gradient accumulation) times the step's RL weight, with the strategy's
-        advantages when it has per-rollout weights."""
-        step = self._step_state
-        if step is None:  # evaluation (prediction_step): GRPO's loss, unweighted
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        # a copy: TRL's buffered batch stays as generated (it is reused when num_iterations > 1)
-        inputs = dict(inputs)
-        rollouts = self._rollout_batch(inputs)
-        step.unscorable |= self._last_generation_unscorable
-        if self._attached is not None:
-            attached = self._attached.micro_step()
-            step.prompts += attached.prompts
-            step.prompts_to_sft += attached.prompts_to_sft
-            step.gated = attached.sft
-            step.sft_follows = step.gated is not None
+    def _rl_loss_arguments(self, inputs: dict[str, Any], weight: float) -> RLLossArguments:
+        """AMFT's arguments of GRPO's loss for the micro-batch `inputs` (`RLLossArguments`)."""
+        arguments = RLLossArguments(weight=weight, off_policy=self._luffy)
+        rollouts = RolloutBatch(
+            advantages=inputs["advantages"],
+            rewards=inputs["amft_reward"],
+            group_rewards=inputs["amft_group_rewards"],
+            completion_mask=inputs["completion_mask"],
+            prompts=inputs.get("amft_prompt"),
+            demonstrations=inputs.get("amft_demonstration"),
+        )
         if self.strategy.rl_weights_need_entropy:
 
-            def hook(entropies: torch.Tensor) -> None:
-                # called from the RL loss's own forward, once per micro-step (`_get_per_token_logps_and_entropies`)
+            def from_entropies(entropies: torch.Tensor) -> torch.Tensor | None:
                 rollouts.entropies = entropies
-                inputs["advantages"] = self.strategy.rl_advantages(rollouts)
+                return self.strategy.rl_advantages(rollouts)
 
-            self._rl_entropy_hook = hook
-            try:
-                loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            finally:
-                self._rl_entropy_hook = None
+            arguments.advantages_from_entropies = from_entropies
         else:
-            advantages = self.strategy.rl_advantages(rollouts)
-            if advantages is not None:
-                inputs["advantages"] = advantages
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        step.last_rl_loss = float(loss.detach())
-        step.rl_loss += step.last_rl_loss
-        if (
-            step.sft_follows
+            arguments.advantages = self.strategy.rl_advantages(rollouts)
+        return arguments
+
+    @contextmanager
+    def _rl_backward_before_sft(self, sft_follows: bool) -> Iterator[None]:
+        """Under DeepSpeed, when an SFT backward follows this RL one at the accumulation boundary: keep the RL
+        backward off the boundary. Accelerate's DeepSpeed wrapper steps the engine after every backward taken at
+        the boundary; this way the engine steps once, after the SFT backward."""
+        off = (
+            sft_follows
             and self.accelerator.distributed_type == DistributedType.DEEPSPEED
             and self.accelerator.sync_gradients
-        ):
-            # Accelerate's DeepSpeed wrapper steps the engine after every backward taken at the accumulation
-            # boundary: keep this RL backward off it, so that the engine steps once, after the SFT backward.
+        )
+        if off:
             _trl_compat.set_sync_gradients(self.accelerator, False)
-            step.restore_sync = True
-        weight = step.rl_backward_weight
-        return loss if weight == 1.0 else loss * weight
+        try:
+            yield
+        finally:
+            if off:
+                _trl_compat.set_sync_gradients(self.accelerator, True)
+
+    def _prepare_inputs(self, generation_batch):
+        """TRL's micro-batch of rollouts; one `_micro_step` prepared already (with AMFT's loss arguments) passes."""
+        if isinstance(generation_batch, _PreparedRollouts):
+            return generation_batch
+        return super()._prepare_inputs(generation_batch)
+
+    def _compute_loss(self, model, inputs):
+        """GRPO's loss (TRL's, already scaled for gradient accumulation), with AMFT's arguments of the micro-batch
+        (`RLLossArguments`, `inputs[RL_LOSS_KEY]`): the strategy's advantages, LUFFY's off-policy term, times the
+        RL weight. Without them (evaluation): TRL's loss, unweighted.
+
+        The strategy's advantages from the entropies (SRFT) and LUFFY's term use the log-probs and entropies of
+        TRL's own forward in its `_compute_loss`: they are read from `_get_per_token_logps_and_entropies`'s output,
+        and TRL reads `inputs["advantages"]` after that call (`tests/test_trl_contract.py` pins this order)."""
+        arguments: RLLossArguments | None = inputs.get(RL_LOSS_KEY)
+        if arguments is None:
+            return super()._compute_loss(model, inputs)
+        # a copy: TRL's buffered batch stays as generated (it is reused when num_iterations > 1)
+        inputs = {k: v for k, v in inputs.items() if k != RL_LOSS_KEY}
+        if arguments.advantages is not None:
+            inputs["advantages"] = arguments.advantages
+        luffy = arguments.off_policy if inputs.get("amft_off_policy") is not None else None
+        advantages = inputs["advantages"]
+        if luffy is not None:
+            inputs["advantages"] = luffy.masked_advantages(inputs)
+        forward: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+        def read(logps: torch.Tensor, entropies: torch.Tensor | None) -> None:
+            forward.append((logps, entropies))
+            if arguments.advantages_from_entropies is not None:
+                inputs["advantages"] = arguments.advantages_from_entropies(entropies)
+
+        with self._reading_loss_forward(read):
+            loss = super()._compute_loss(model, inputs)
+        if luffy is not None:
+            loss = loss + luffy.loss_term(forward[0][0], inputs, advantages)
+        arguments.loss = float(loss.detach())
+        return loss if arguments.weight == 1.0 else loss * arguments.weight
+
+    @contextmanager
+    def _reading_loss_forward(
+        self, read: Callable[[torch.Tensor, torch.Tensor | None], None]
+    ) -> Iterator[None]:
+        """`read(logps, entropies)` gets the output of the next call of `_get_per_token_logps_and_entropies` (the
+        GRPO loss's forward), once."""
+        self._loss_forward_reader = read
+        try:
+            yield
+        finally:
+            self._loss_forward_reader = None
+
+    _loss_forward_reader: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
-        luffy_hook, self._luffy_logps_hook = self._luffy_logps_hook, None
-        if luffy_hook is not None:  # armed by the LUFFY `_compute_loss` for the RL loss's forward only
-            luffy_hook(out[0])
-        hook, self._rl_entropy_hook = self._rl_entropy_hook, None
-        if hook is not None:  # armed by `compute_loss` for the RL loss's forward only
-            hook(out[1])
+        read, self._loss_forward_reader = self._loss_forward_reader, None
+        if read is not None:  # set by `_compute_loss` for the RL loss's forward only
+            read(out[0], out[1])
         return out
 
     def _sft_micro_step(
@@ -535,70 +587,29 @@ class AMFTTrainer(GRPOTrainer):
         row_weights: torch.Tensor | None = None,
         normalizer: float | None = None,
     ) -> float:
-        """Forward (and, when `weight > 0` or at a meta step, backward) one SFT micro-batch; Eq. 2.
+        """One SFT micro-batch of the step (`SFTTerm.micro_step`, Eq. 2), at `weight` in the step's loss.
 
-        The loss is `sum of weighted NLL over completion tokens / completion tokens of the whole step (all
-        processes)`, times the process count (DDP averages gradients), so summing micro-steps gives the token mean.
-        `row_weights` / `normalizer`: per-demonstration weights, and the loss's divisor on this process instead (the
-        attached demonstrations' own, `amft_trl.attached_demonstrations`). Returns this micro-batch's share of the
-        step's weighted loss.
-        """
+        Normalised by the step's SFT tokens over all processes; `row_weights` / `normalizer`: per-demonstration
+        weights and the loss's divisor on this process instead (the attached demonstrations' own,
+        `amft_trl.attached_demonstrations`)."""
         plan = step.plan
-        batch = batch.to(self.accelerator.device)
-        needs_grad = weight > 0 or step.meta is not None
-        strategy_weights = not plan.warmup
-        compute_entropy = plan.measure_entropy or (
-            strategy_weights and self.strategy.sft_token_weights_need_entropy
-        )
         if normalizer is None:
             scale = self.accelerator.num_processes / max(step.sft_tokens, 1)
         else:
             scale = 1.0 / max(normalizer, 1e-12)
-        probe = self._around_backward(step, "sft", weight) if needs_grad else nullcontext(0.0)
-        with probe as backward_weight:
-            with torch.enable_grad() if needs_grad else torch.no_grad(), self.compute_loss_context_manager():
-                logps, entropies = self._sft_token_stats(model, batch, compute_entropy=compute_entropy)
-            mask = batch.completion_mask.to(logps.dtype)
-            if row_weights is not None:
-                mask = mask * row_weights.to(mask.device, mask.dtype).unsqueeze(1)
-            token_weights = (
-                self.strategy.sft_token_weights(logps, entropies, mask) if strategy_weights else None
-            )
-            weights = mask if token_weights is None else mask * token_weights.detach()
-            weighted_nll = -(logps * weights).sum()
-            if needs_grad:
-                self._amft_backward(weighted_nll * scale * backward_weight)
-        step.sft_nll_sum += float(-(logps.detach() * mask).sum())
-        step.sft_token_count += float(mask.sum())
-        step.sft_weight_sum += weight * float(weights.detach().sum())
-        if plan.measure_entropy and entropies is not None:
-            step.entropy_sum += float((entropies.detach() * mask).sum())
-        return weight * float(weighted_nll.detach()) * scale / self.accelerator.num_processes
-
-    def _sft_token_stats(
-        self, model, batch: SFTBatch, compute_entropy: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Per-token log-probs and entropies of the demonstration completions at temperature 1. Shapes (B, C).
-
-        At `temperature == 1` this is TRL's fused log-prob head (no logits materialised). Otherwise the fused head
-        would apply the sampling temperature, so the logits of the completion positions are computed directly.
-        """
-        input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
-        attention_mask = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1)
-        c = batch.completion_ids.size(1)
-        extra = batch.model_inputs  # image demonstrations: pixel_values, image_grid_thw, ..., num_images
-        if self.temperature == 1.0:
-            return _trl_compat.per_token_logps_and_entropies(
-                self, model, input_ids, attention_mask, c, compute_entropy=compute_entropy, **extra
-            )
-        forward = {k: v for k, v in extra.items() if k != "num_images"}
-        logits = model(
-            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=c + 1, **forward
-        ).logits[:, :-1]
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        logps = logprobs.gather(-1, batch.completion_ids.unsqueeze(-1)).squeeze(-1)
-        entropies = -(logprobs.exp() * logprobs).sum(-1) if compute_entropy else None
-        return logps, entropies
+        return self.sft_term.micro_step(
+            model,
+            batch,
+            weight,
+            step.sft,
+            scale=scale,
+            strategy=None if plan.warmup else self.strategy,
+            measure_entropy=plan.measure_entropy,
+            needs_grad=weight > 0 or step.meta is not None,
+            around_backward=lambda w: around_backward(step.meta, "sft", w),
+            backward=self._amft_backward,
+            row_weights=row_weights,
+        )
 
     def _amft_backward(self, loss: torch.Tensor) -> None:
         kwargs = (
@@ -606,57 +617,30 @@ class AMFTTrainer(GRPOTrainer):
         )
         self.accelerator.backward(loss, **kwargs)
 
-    @contextmanager
-    def _around_backward(self, step: _StepState, term: str, weight: float):
-        """Yields the weight the `term` backward is taken with: its weight in the step's loss, except in a meta step,
-        whose inner products wrap the backward (`MetaStep.around_backward`). GRPO's backward is scaled by it in
-        `compute_loss` (`rl_backward_weight`)."""
-        if step.meta is None:
-            yield weight
-            return
-        with step.meta.around_backward(term, weight) as taken_with:
-            yield taken_with
-
-    @contextmanager
-    def _meta_backwards(self, step: _StepState):
-        """Under DeepSpeed, during a meta step: every backward is taken at an accumulation boundary, none steps.
-
-        At a boundary ZeRO reduces the gradient into each process's partition, where the meta step reads it after
-        each backward; the engine is stepped once, in `_end_step`, on the combined gradient written there.
-        """
-        if step.meta is None or self.accelerator.distributed_type != DistributedType.DEEPSPEED:
-            yield
-            return
-        with _trl_compat.swapped_deepspeed_backward(self.accelerator, BoundaryBackwardWithoutStep):
-            yield
-
     def _end_step(self, step: _StepState) -> None:
         """Last micro-step: finish the meta step (if any), reduce the step's measurements, hand them over, log."""
         plan = step.plan
         measurements = StepMeasurements()
         if step.meta is not None:
-            measurements = step.meta.finish(
-                plan.rl_weight, plan.sft_weight, alpha=self.optimizer.param_groups[0]["lr"]
+            measurements = finish_meta_step(
+                step.meta, plan.rl_weight, plan.sft_weight, alpha=self.optimizer.param_groups[0]["lr"]
             )
             step.meta = None
-            if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-                # every backward of this step was kept from stepping the engine (`_meta_backwards`): step it once
-                engine = _trl_compat.deepspeed_engine(self.accelerator)
-                engine.set_gradient_accumulation_boundary(True)
-                engine.step()
         nll, tokens, weight_sum, entropy, rl_loss, prompts, to_sft = global_sum(
             self.accelerator,
             [
-                step.sft_nll_sum,
-                step.sft_token_count,
-                step.sft_weight_sum,
-                step.entropy_sum,
+                step.sft.nll,
+                step.sft.tokens,
+                step.sft.weight,
+                step.sft.entropy,
                 step.rl_loss,
                 step.prompts,
                 step.prompts_to_sft,
             ],
         )
         metrics = _trl_compat.train_metrics(self)
+        if self._luffy is not None and plan.rl:
+            self._luffy.log_step(metrics)
         if tokens > 0:
             metrics["amft/sft_loss"].append(nll / tokens)
             measurements.sft_weight_mean = weight_sum / tokens
@@ -706,23 +690,28 @@ class AMFTTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------
     # rollouts: what a strategy may read (rewards, groups, demonstrations)
     # ------------------------------------------------------------------------------------------------------
-    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
-        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
-        self._captured_rewards = rewards_per_func  # every process's rewards, (N_global, num_funcs)
-        return rewards_per_func
-
     def _generate_and_score_completions(self, inputs):
-        self._captured_rewards = None
-        self._luffy_demonstrations = self._luffy_prepare(inputs)
+        """TRL's rollouts, plus what the strategy reads (`amft_reward`, `amft_group_rewards`, `amft_unscorable`, the
+        attached demonstrations) and the token counts. LUFFY's demonstrations fill their rows of the groups;
+        ReLIFT's buffer is fed here."""
+        generation = self._generation or _Generation()  # open already for validation rollouts
+        opened = self._generation is None
+        if opened and self._luffy is not None and self.model.training:
+            generation.demonstrations = self._luffy.prepare(inputs)
+        self._generation = generation
         try:
             out = super()._generate_and_score_completions(inputs)
         finally:
-            demonstrations, self._luffy_demonstrations = self._luffy_demonstrations, None
-            self._luffy_on_policy_prompts = None
-        rewards, self._captured_rewards = self._captured_rewards, None
-        if demonstrations is not None:
-            self._luffy_mark(out, demonstrations, rewards)
-        if self._generating_validation or self.model.training:
+            if opened:
+                self._generation = None
+        return self._add_rollout_fields(inputs, out, generation)
+
+    def _add_rollout_fields(self, inputs, out: dict[str, Any], generation: _Generation) -> dict[str, Any]:
+        """The fields strategies read, LUFFY's marks, ReLIFT's buffer and the token counts, for TRL's output `out`."""
+        rewards = generation.rewards
+        if generation.demonstrations is not None:
+            self._luffy.mark(out, generation.demonstrations, rewards, _trl_compat.train_metrics(self))
+        if generation.validation or self.model.training:
             mask = out["completion_mask"]
             off = out.get(
                 "amft_off_policy"
@@ -734,18 +723,18 @@ class AMFTTrainer(GRPOTrainer):
                     0.0 if off is None else float(mask[off].sum()),
                 ],
             )
-            self._token_counts["val_completion" if self._generating_validation else "completion"] += generated
+            self._token_counts["val_completion" if generation.validation else "completion"] += generated
             self._token_counts["sft"] += (
                 demonstrated  # LUFFY's off-policy rows: demonstration tokens trained on
             )
-        if self._generating_validation or not self.model.training or rewards is None:
+        if generation.validation or not self.model.training or rewards is None:
             return out
         if self._relift is not None:
-            self._relift_fill(inputs, rewards)
+            self._relift.fill(inputs, rewards)
         total = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
         unscorable = torch.isnan(rewards).all(dim=1)
         total[unscorable] = float("nan")
-        self._last_generation_unscorable = bool(unscorable.all())
+        out["amft_unscorable"] = torch.tensor(bool(unscorable.all()))
         g = self.num_generations
         local = slice(
             self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs)
@@ -758,139 +747,30 @@ class AMFTTrainer(GRPOTrainer):
             self._token_counts["sft"] += float(out["amft_sft_tokens"])  # HPT: each demonstration counted once
         return out
 
-    def _rollout_batch(self, inputs: dict[str, Any]) -> RolloutBatch:
-        return RolloutBatch(
-            advantages=inputs["advantages"],
-            rewards=inputs["amft_reward"],
-            group_rewards=inputs["amft_group_rewards"],
-            completion_mask=inputs["completion_mask"],
-            prompts=inputs.get("amft_prompt"),
-            demonstrations=inputs.get("amft_demonstration"),
-        )
-
-    def _tokenize_demonstration(
-        self, prompt: Any, demonstration: Any, images: list[Any] | None = None
-    ) -> dict[str, Any] | None:
-        """A prompt's demonstration (from a train_dataset column) tokenised like the SFT data; None when truncation
-        leaves no completion token. A string demonstration of a conversational prompt is the assistant's message.
-
-        `images` (image prompts): the row's images, which the demonstration carries into the SFT forward; the example
-        is then one for `_collate_demonstrations` (`amft_trl.sft_data.vision_demonstration`), None also when the prompt
-        and its image tokens leave no room for a completion token within `max_sft_length`. Prompts that hold their
-        images in image parts give them here."""
-        completion = as_completion(prompt, demonstration)
-        if images is None and self._rl_image_parts:
-            prompt, images = split_image_parts(prompt)
-        if images is not None:
-            return vision_demonstration(
-                self.processing_class, prompt, completion, images, self.args.max_sft_length
-            )
-        example = tokenize_prompt_completion(
-            self.processing_class,
-            prompt,
-            completion,
-            self.args.max_sft_length,
-            chat_template=self.chat_template,
-        )
-        return example if example["completion_ids"] else None
-
-    def _collate_demonstrations(self, examples: list[dict[str, Any]]) -> SFTBatch:
-        """Demonstrations of image prompts (`_tokenize_demonstration` with images), through TRL's VLM collator."""
-        return collate_vision_sft(examples, self.processing_class, self.args.max_sft_length, "images")
-
-    def _vision_placeholder(self, prompt: Any, images: list[Any]) -> dict[str, Any]:
-        """A zero-weight row with the prompt's images (the vision tower runs on every process): EOS as completion."""
-        eos = getattr(self.processing_class, "tokenizer", self.processing_class).eos_token
-        if not images and self._rl_image_parts:
-            prompt, images = split_image_parts(prompt)
-        example = vision_demonstration(
-            self.processing_class, prompt, as_completion(prompt, eos), images, None
-        )
-        if example is None:
-            raise RuntimeError(f"No placeholder demonstration can be built for the prompt {prompt!r}.")
-        return example
-
-    # ------------------------------------------------------------------------------------------------------
-    # LUFFY (balancing="luffy", `amft_trl.balancing.luffy`): demonstrations as off-policy rollouts. Begin.
-    # ------------------------------------------------------------------------------------------------------
-    def _luffy_setup(self) -> None:
-        """Arm the LUFFY hooks when the strategy puts demonstrations into the groups; refuse what they cannot serve."""
-        self._luffy: LUFFYStrategy | None = None
-        self._luffy_demonstrations: list[list[int] | None] | None = None
-        self._luffy_logps_hook = None
-        self._luffy_on_policy_prompts = None  # image prompts: TRL's tokenisation of the on-policy rows alone
-        # this step's sums: f(p) and p over the off-policy tokens, their count, and all completion tokens
-        self._luffy_sums = [0.0] * 4
-        strategy = self.strategy
-        if not isinstance(strategy, LUFFYStrategy) or strategy.num_off_policy == 0:
-            return
-        if self.tools or self.rollout_func is not None or getattr(self, "environment_factories", None):
-            raise ValueError(
-                "balancing='luffy' puts each prompt's demonstration into its group as a finished single-turn "
-                "completion; it cannot be combined with `tools`, `environment_factory` or `rollout_func`."
-            )
-        g, world = self.num_generations, self.accelerator.num_processes
-        local = self.args.per_device_train_batch_size * self.args.steps_per_generation
-        if world > 1 and local % g != 0:
-            raise ValueError(
-                f"balancing='luffy' with {world} processes needs each process's generation batch "
-                f"(per_device_train_batch_size x steps_per_generation = {local}) to hold whole groups of "
-                f"`num_generations` ({g}) rollouts, so that every process generates the same number of completions."
-            )
-        self._luffy = strategy
-
-    def _luffy_prepare(self, inputs: list[dict[str, Any]]) -> list[list[int] | None] | None:
-        """Per row of this process's generation batch: the demonstration's completion token ids where the row is an
-        off-policy slot (the first `luffy_num_off_policy` rows of each group), None where it is generated.
-        None (no LUFFY) outside training, for validation rollouts, or without LUFFY."""
-        if self._luffy is None or self._generating_validation or not self.model.training:
-            return None
-        column = self._luffy.demonstration_column
-        first = self.accelerator.process_index * len(inputs)
-        rows = off_policy_rows(len(inputs), first, self.num_generations, self._luffy.num_off_policy)
-        out: list[list[int] | None] = []
-        for row, off in zip(inputs, rows, strict=True):
-            if not off:
-                out.append(None)
-                continue
-            demonstration = row.get(column)
-            if isinstance(demonstration, str) and is_conversational(row):
-                demonstration = [{"role": "assistant", "content": demonstration}]
-            if not demonstration:
-                raise ValueError(
-                    f"balancing='luffy': train_dataset[{column!r}] (`luffy_demonstration_column`) is empty for the "
-                    f"prompt {row['prompt']!r}; every prompt needs a demonstration."
-                )
-            ids = tokenize_prompt_completion(
-                self.processing_class, row["prompt"], demonstration, None, chat_template=self.chat_template
-            )["completion_ids"]
-            ids = demonstration_completion_ids(ids, list(self.eos_token_ids), self.args.max_completion_length)
-            if not ids:
-                raise ValueError(
-                    f"balancing='luffy': the demonstration of the prompt {row['prompt']!r} tokenises to no completion "
-                    "token."
-                )
-            out.append(ids)
-        return out
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        if self._generation is not None:
+            self._generation.rewards = rewards_per_func  # every process's rewards, (N_global, num_funcs)
+        return rewards_per_func
 
     def _tokenize_prompts(self, prompts: list):
         """TRL's prompt tokenisation; under LUFFY with image prompts, also that of the on-policy rows alone (their
         images and the processor's fields for them: `pixel_values`, ...), so that only those rows are generated."""
         out = super()._tokenize_prompts(prompts)
-        demonstrations = self._luffy_demonstrations
+        generation = self._generation
+        demonstrations = None if generation is None else generation.demonstrations
         multimodal = out[1] is not None or bool(out[2])
         if demonstrations is not None and multimodal and len(prompts) == len(demonstrations):
-            on = [i for i, d in enumerate(demonstrations) if d is None]
-            self._luffy_on_policy_prompts = super()._tokenize_prompts([prompts[i] for i in on])
+            on = OffPolicyDemonstrations.on_policy(demonstrations)
+            generation.on_policy_prompts = super()._tokenize_prompts([prompts[i] for i in on])
         return out
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
-        """TRL's generation, for the on-policy rows only; the off-policy rows get their demonstration's tokens.
-
-        The demonstrations cost no generation: TRL generates `num_generations - luffy_num_off_policy` completions per
-        prompt, in every generation mode. Image prompts are generated from the on-policy rows' own tokenisation
-        (`_tokenize_prompts`), with their images."""
-        demonstrations = self._luffy_demonstrations
+        """TRL's generation; under LUFFY for the on-policy rows only, the off-policy rows getting their
+        demonstration's tokens (`OffPolicyDemonstrations.splice`). Image prompts are generated from the on-policy
+        rows' own tokenisation (`_tokenize_prompts`), with their images."""
+        generation = self._generation
+        demonstrations = None if generation is None else generation.demonstrations
         if demonstrations is None:
             return super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
@@ -900,11 +780,11 @@ class AMFTTrainer(GRPOTrainer):
                 f"balancing='luffy': TRL asked for {len(prompt_ids)} completions of a generation batch of "
                 f"{len(demonstrations)} rows; the demonstrations cannot be placed."
             )
-        on = [i for i, d in enumerate(demonstrations) if d is None]
+        on = OffPolicyDemonstrations.on_policy(demonstrations)
         if images is None and not multimodal_fields:
             on_prompts = ([prompt_ids[i] for i in on], None, multimodal_fields)
         else:
-            on_prompts, self._luffy_on_policy_prompts = self._luffy_on_policy_prompts, None
+            on_prompts, generation.on_policy_prompts = generation.on_policy_prompts, None
             if on_prompts is None or [list(ids) for ids in on_prompts[0]] != [
                 list(prompt_ids[i]) for i in on
             ]:
@@ -915,204 +795,18 @@ class AMFTTrainer(GRPOTrainer):
         generated, logprobs = super()._generate_single_turn(
             *on_prompts, num_generations - self._luffy.num_off_policy, *args, **kwargs
         )
-        completion_ids: list[list[int]] = []
-        all_logprobs: list[list[float]] | None = None if logprobs is None else []
-        cursor = 0
-        for demonstration in demonstrations:
-            if demonstration is None:
-                completion_ids.append(list(generated[cursor]))
-                if all_logprobs is not None:
-                    all_logprobs.append(list(logprobs[cursor]))
-                cursor += 1
-            else:
-                completion_ids.append(list(demonstration))
-                if all_logprobs is not None:  # no sampling log-prob: TRL's importance correction is 1 there
-                    all_logprobs.append([float("nan")] * len(demonstration))
-        return completion_ids, all_logprobs
-
-    def _luffy_mark(self, out: dict[str, Any], demonstrations: list, rewards: torch.Tensor | None) -> None:
-        """Mark the off-policy rows of a generation batch (`amft_off_policy`) and log their mean reward."""
-        device = out["advantages"].device
-        out["amft_off_policy"] = torch.tensor([d is not None for d in demonstrations], device=device)
-        if rewards is None:
-            return
-        total = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
-        rows = off_policy_rows(len(total), 0, self.num_generations, self._luffy.num_off_policy)
-        off = torch.tensor(rows, device=total.device)
-        mean = torch.nanmean(total[off])
-        if not torch.isnan(mean):
-            _trl_compat.train_metrics(self)["amft/luffy_off_policy_reward"].append(float(mean))
-
-    def _compute_loss(self, model, inputs):
-        """TRL's GRPO loss on the on-policy rows; on the off-policy rows LUFFY's shaped, unclipped term
-        `-A * p / (p + gamma)` per token (`amft_trl.balancing.luffy`), reduced with the same `loss_type` normaliser."""
-        off = inputs.get("amft_off_policy")
-        if off is None or self._luffy is None or not self.model.training:
-            return super()._compute_loss(model, inputs)
-        captured: list[torch.Tensor] = []
-        self._luffy_logps_hook = captured.append
-        advantages = inputs["advantages"]
-        rows = off.view(-1, *([1] * (advantages.dim() - 1)))
-        try:
-            loss = super()._compute_loss(model, {**inputs, "advantages": advantages.masked_fill(rows, 0.0)})
-        finally:
-            self._luffy_logps_hook = None
-        logps = captured[0]
-        mask = inputs["completion_mask"]
-        if "tool_mask" in inputs:
-            mask = mask * inputs["tool_mask"]
-        mask = mask.to(logps.dtype)
-        off_mask = mask * off.to(logps.dtype).unsqueeze(1)
-        token_loss = off_policy_token_loss(logps, advantages, self._luffy.shaping_gamma) * off_mask
-        loss = loss + aggregate_token_loss(
-            token_loss,
-            mask,
-            self.loss_type,
-            accumulation_steps=self.current_gradient_accumulation_steps,
-            max_completion_length=self.max_completion_length,
-            num_items_in_batch=inputs["num_items_in_batch"],
-            num_processes=self.accelerator.num_processes,
-            steps_per_generation=self.args.steps_per_generation,
-        )
-        with torch.no_grad():  # the step's sums: logged as ratios of sums over the step and every process
-            p = logps.detach().exp()
-            weight = p / (p + self._luffy.shaping_gamma)
-            local = [(weight * off_mask).sum(), (p * off_mask).sum(), off_mask.sum(), mask.sum()]
-            self._luffy_sums = [a + float(b) for a, b in zip(self._luffy_sums, local, strict=True)]
-        step = self._step_state
-        if step is None or step.micro == self.current_gradient_accumulation_steps - 1:
-            weight_sum, prob_sum, off_tokens, tokens = global_sum(self.accelerator, self._luffy_sums)
-            self._luffy_sums = [0.0] * 4
-            metrics = _trl_compat.train_metrics(self)
-            metrics["amft/luffy_off_policy_fraction"].append(off_tokens / max(tokens, 1.0))
-            if off_tokens > 0:
-                metrics["amft/luffy_importance_weight"].append(weight_sum / off_tokens)
-                metrics["amft/luffy_off_policy_prob"].append(prob_sum / off_tokens)
-        return loss
+        return OffPolicyDemonstrations.splice(demonstrations, generated, logprobs)
 
     # ------------------------------------------------------------------------------------------------------
-    # LUFFY. End.
+    # Eq. 25: the validation rollouts of a meta step (`amft_trl._meta_step`)
     # ------------------------------------------------------------------------------------------------------
-
-    # ------------------------------------------------------------------------------------------------------
-    # ReLIFT (balancing="relift", `amft_trl.balancing.relift`): the buffer of all-failed prompts. Begin.
-    # ------------------------------------------------------------------------------------------------------
-    def _relift_setup(self) -> None:
-        self._relift: ReLIFTStrategy | None = None
-        if not isinstance(self.strategy, ReLIFTStrategy):
-            return
-        world, accumulation = self.accelerator.num_processes, self.args.gradient_accumulation_steps
-        if self.strategy.buffer_size % (world * accumulation) != 0:
-            raise ValueError(
-                f"`relift_buffer_size` ({self.strategy.buffer_size}) must be divisible by processes x "
-                f"gradient_accumulation_steps ({world} x {accumulation}): each SFT step splits the buffer evenly "
-                "over them."
-            )
-        self._relift = self.strategy
-
-    def _relift_entry(self, row: dict[str, Any], column: str) -> tuple[Any, ...]:
-        """What the buffer keeps of a row: (prompt, demonstration), plus its images for image prompts (from its image
-        column, or taken out of its prompt's image parts, so that the checkpoint can store them)."""
-        if self._rl_image_column is not None:
-            return row["prompt"], row.get(column), row_images(row, self._rl_image_column)
-        if self._rl_image_parts:
-            prompt, images = split_image_parts(row["prompt"])
-            return prompt, row.get(column), images
-        return row["prompt"], row.get(column)
-
-    def _relift_example(self, entry: tuple[Any, ...]) -> dict[str, Any] | None:
-        """A buffered (prompt, demonstration[, images]) tokenised like the SFT data (`max_sft_length`, with the
-        row's images for image prompts); None when no completion token is left."""
-        if not entry[1]:
-            return None
-        return self._tokenize_demonstration(*entry)
-
-    def _relift_fill(self, inputs: list[dict[str, Any]], rewards: torch.Tensor) -> None:
-        """Buffer the generation batch's all-failed prompts with their demonstrations, in global row order, on every
-        process (each group's first row carries it; the buffer is the same everywhere)."""
-        total = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
-        total[torch.isnan(rewards).all(dim=1)] = float("nan")
-        g = self.num_generations
-        failed = all_failed(total.view(-1, g), self._relift.fail_reward).repeat_interleave(g).cpu().tolist()
-        first = self.accelerator.process_index * len(inputs)
-        column = self._relift.demonstration_column
-        local = [
-            self._relift_entry(row, column)
-            for i, row in enumerate(inputs)
-            if (first + i) % g == 0 and failed[first + i]
-        ]
-        gathered = gather_object(local) if self.accelerator.num_processes > 1 else local
-        kept = [entry for entry in gathered if self._relift_example(entry) is not None]
-        if len(kept) < len(gathered):
-            logger.warning(
-                "ReLIFT: %d all-failed prompt(s) not buffered: their demonstration (train_dataset[%r]) is empty or "
-                "truncated away by max_sft_length.",
-                len(gathered) - len(kept),
-                column,
-            )
-        self._relift.add_failed(kept)
-
-    def _relift_sft_batches(self, examples: list[tuple[Any, ...]], num_micro: int) -> list[SFTBatch]:
-        """The SFT step's micro-batches: this process's equal share of the buffered entries, split over micro-steps
-        (image prompts' through TRL's VLM collation, with their images)."""
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        per_process = len(examples) // world
-        local = examples[rank * per_process : (rank + 1) * per_process]
-        per_micro = per_process // num_micro
-        pad = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
-        tokenised = [self._relift_example(entry) for entry in local]
-        if self._rl_image_column is not None or self._rl_image_parts:
-            collate = self._collate_demonstrations
-        else:
-            collate = lambda examples: collate_sft(examples, pad)  # noqa: E731
-        return [collate(tokenised[m * per_micro : (m + 1) * per_micro]) for m in range(num_micro)]
-
-    # ------------------------------------------------------------------------------------------------------
-    # ReLIFT. End.
-    # ------------------------------------------------------------------------------------------------------
-
-    # ------------------------------------------------------------------------------------------------------
-    # SFT data
-    # ------------------------------------------------------------------------------------------------------
-    def _draw_sft_batches(self, num_micro: int) -> list[SFTBatch]:
-        """This step's SFT examples: the next `batch x micro-steps x processes` of the stream, this rank's slice."""
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        per_micro = self._sft_batch_size
-        indices = self._sft_stream.take(per_micro * num_micro * world)
-        local = indices[rank * per_micro * num_micro : (rank + 1) * per_micro * num_micro]
-        return [self._collate_sft(local[m * per_micro : (m + 1) * per_micro]) for m in range(num_micro)]
-
-    def _collate_sft(self, indices: list[int]) -> SFTBatch:
-        """The tokenised demonstrations at `indices`, padded into one batch (image ones processed here)."""
-        if self._sft_image_column is not None:
-            return collate_vision_sft(
-                [self.sft_dataset[i] for i in indices],
-                self.processing_class,
-                self.args.max_sft_length,
-                self._sft_image_column,
-            )
-        pad = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
-        return collate_sft([self.sft_dataset[i] for i in indices], pad)
-
-    # ------------------------------------------------------------------------------------------------------
-    # Eq. 25: the validation rollouts of a meta step
-    # ------------------------------------------------------------------------------------------------------
-    def _validation_for_meta_step(self, model, step: _StepState) -> None:
-        meta = step.meta
-        # under ZeRO a partition may keep only the last backward's gradient: move it out after each one
-        each = meta.take_validation_gradient if meta.access.sharded else None
-        val_reward = self._validation_backward(model, after_each_backward=each)
-        if each is None:
-            meta.take_validation_gradient()
-        meta.validation_done(val_reward)
-
     def _validation_backward(self, model, after_each_backward=None) -> float:
         """Draw this step's validation prompts (this process's share) and backpropagate the surrogate of -U, a
         training micro-batch (`per_device_train_batch_size` rollouts) at a time."""
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         indices = self._val_stream.take(self.args.meta_val_batch_size)
         rows = [self.val_dataset[i] for i in indices[rank::world] for _ in range(self.num_generations)]
-        self._generating_validation = True
+        self._generation = _Generation(validation=True)
         try:
             return validation_backward(
                 self,
@@ -1122,39 +816,10 @@ class AMFTTrainer(GRPOTrainer):
                 after_each_backward=after_each_backward,
             )
         finally:
-            self._generating_validation = False
+            self._generation = None
 
     # ------------------------------------------------------------------------------------------------------
-    # H* (Algorithm 2, line 11)
-    # ------------------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _measure_target_entropy(self, model) -> float:
-        """Mean token entropy (temperature 1) of the policy on a fixed, seeded subset of the demonstrations.
-
-        Every process runs the same number of forward passes, whatever the subset's size (DDP broadcasts buffers at
-        each forward, ZeRO-3 gathers parameters): a process whose share is smaller pads with zero-weight rows.
-        """
-        n = min(self.args.target_entropy_num_samples, len(self.sft_dataset))
-        indices = InfiniteStream(len(self.sft_dataset), seed=self.args.seed + 2).take(n)
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        local = indices[rank::world]
-        per_process = -(-n // world)  # ceil: the largest share
-        weights = [1.0] * len(local) + [0.0] * (per_process - len(local))
-        local = local + [indices[0]] * (per_process - len(local))
-        entropy_sum, tokens = 0.0, 0.0
-        for start in range(0, per_process, self._sft_batch_size):
-            batch = self._collate_sft(local[start : start + self._sft_batch_size]).to(self.accelerator.device)
-            row = torch.tensor(weights[start : start + self._sft_batch_size], device=self.accelerator.device)
-            mask = batch.completion_mask * row.unsqueeze(1)
-            with self.compute_loss_context_manager():
-                _, entropies = self._sft_token_stats(model, batch, compute_entropy=True)
-            entropy_sum += float((entropies * mask).sum())
-            tokens += float(mask.sum())
-        entropy_sum, tokens = global_sum(self.accelerator, [entropy_sum, tokens])
-        return entropy_sum / max(tokens, 1.0)
-
-    # ------------------------------------------------------------------------------------------------------
-    # logging and checkpoints
+    # logging and checkpoints (`amft_trl.checkpoint`)
     # ------------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training:
@@ -1174,8 +839,8 @@ class AMFTTrainer(GRPOTrainer):
             "skipped_rl_steps": self._num_skipped_rl_steps,
             "token_counts": dict(self._token_counts),
         }
-        if self.sft_dataset is not None:
-            state["sft_stream"] = self._sft_stream.state_dict()
+        if self.sft_term.stream is not None:
+            state["sft_stream"] = self.sft_term.stream.state_dict()
         if self.val_dataset is not None:
             state["val_stream"] = self._val_stream.state_dict()
         return state
@@ -1184,8 +849,8 @@ class AMFTTrainer(GRPOTrainer):
         self.strategy.load_state_dict(state["strategy"])
         self._num_skipped_rl_steps = int(state.get("skipped_rl_steps", 0))
         self._token_counts.update({k: float(v) for k, v in state.get("token_counts", {}).items()})
-        if "sft_stream" in state and self.sft_dataset is not None:
-            self._sft_stream.load_state_dict(state["sft_stream"])
+        if "sft_stream" in state and self.sft_term.stream is not None:
+            self.sft_term.stream.load_state_dict(state["sft_stream"])
         if "val_stream" in state and self.val_dataset is not None:
             self._val_stream.load_state_dict(state["val_stream"])
 
@@ -1193,8 +858,7 @@ class AMFTTrainer(GRPOTrainer):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             folder = _trl_compat.checkpoint_dir(self, trial, self.state.global_step)
-            with open(os.path.join(folder, AMFT_STATE_NAME), "w") as f:
-                json.dump(self.amft_state_dict(), f)
+            write_amft_state(folder, self.amft_state_dict())
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
@@ -1209,61 +873,3 @@ class AMFTTrainer(GRPOTrainer):
         if checkpoint is None:
             return
         self.load_amft_state_dict(read_amft_state(os.path.join(checkpoint, AMFT_STATE_NAME), self.strategy))
-
-
-def read_amft_state(path: str, strategy: BalancingStrategy) -> dict[str, Any]:
-    """Read and check a checkpoint's `amft_state.json`; every problem is named with the file's path."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"{path} is missing: this checkpoint was not written by AMFTTrainer, so the strategy's state (AMFT's mu, "
-            "the target entropy) and the SFT/validation stream positions cannot be restored."
-        )
-    try:
-        with open(path) as f:
-            state = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{path} is not readable JSON ({error}); the checkpoint is corrupt.") from error
-    if not isinstance(state, dict):
-        raise ValueError(
-            f"{path} must hold a JSON object, found {type(state).__name__}; the checkpoint is corrupt."
-        )
-    if "strategy" not in state:
-        raise ValueError(
-            f"{path} has no 'strategy' entry (found keys {sorted(state)}): the checkpoint is corrupt or was not "
-            "written by AMFTTrainer."
-        )
-    written_by = state.get("balancing")
-    if written_by != strategy.name:
-        raise ValueError(
-            f"{path} was written with balancing={written_by!r}, but this run uses balancing={strategy.name!r}: "
-            "resume with the same strategy, or start a new run from the checkpoint's weights."
-        )
-    body = state["strategy"]
-    if not isinstance(body, dict):
-        raise ValueError(f"{path}: its 'strategy' entry must be an object, found {type(body).__name__}.")
-    counts = state.get("token_counts", {})
-    if not (
-        isinstance(counts, dict)
-        and set(counts) <= set(TOKEN_COUNTS)
-        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in counts.values())
-    ):
-        raise ValueError(
-            f"{path}: 'token_counts' must be an object mapping some of {list(TOKEN_COUNTS)} to numbers, found {counts!r}."
-        )
-    for key in ("sft_stream", "val_stream"):
-        stream = state.get(key)
-        if stream is not None and not (
-            isinstance(stream, dict) and all(isinstance(stream.get(k), int) for k in ("epoch", "offset"))
-        ):
-            raise ValueError(
-                f"{path}: {key!r} must be an object with integer 'epoch' and 'offset', found {stream!r}."
-            )
-    try:  # the strategy's own fields: check on a throwaway copy, so a bad file leaves the run untouched
-        probe = type(strategy).__new__(type(strategy))
-        probe.__dict__.update(strategy.__dict__)
-        probe.load_state_dict(body)
-    except (TypeError, KeyError, ValueError) as error:
-        raise ValueError(
-            f"{path}: the {strategy.name!r} state does not load ({error}); the checkpoint is corrupt."
-        ) from error
-    return state

@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
-
-import torch
 
 from .base import BalancingStrategy, StepMeasurements, StepPlan, check_fraction, check_nonnegative
 
@@ -97,25 +94,6 @@ def update_mu(mu: float, meta_term: float, entropy_term: float, mu_min: float, m
     `meta_term` is `eta_mu * g_mu` (0 outside meta steps) and `entropy_term` is `eta_H * (H* - H_t)`.
     """
     return min(mu_max, max(mu_min, mu + meta_term + entropy_term))
-
-
-def grad_dot(a: Sequence[torch.Tensor | None], b: Sequence[torch.Tensor | None]) -> float:
-    """Inner product of two gradient lists (one tensor per parameter; `None`: no entries here, contributes 0).
-
-    Each parameter's dot product runs in its gradient's precision (float32 for half-precision gradients) without
-    temporaries; the per-parameter results are summed in float64 on the device, with one host sync at the end.
-    The estimate it feeds (Eq. 25) is a noisy Monte-Carlo quantity, far above float32 rounding. Under ZeRO the lists
-    hold one process's partition (flattened), and the caller sums the partial results over processes.
-    """
-    total = None
-    for x, y in zip(a, b, strict=True):
-        if x is None or y is None:
-            continue
-        if x.dtype not in (torch.float32, torch.float64):
-            x, y = x.float(), y.float()
-        term = torch.dot(x.reshape(-1), y.reshape(-1)).double()
-        total = term if total is None else total + term
-    return 0.0 if total is None else float(total)
 
 
 # --------------------------------------------------------------------------------------------------------------
