@@ -13,7 +13,8 @@ Choose one with `AMFTConfig(balancing=...)`:
 | `luffy`       | `luffy.py`       | LUFFY: the demonstration as an off-policy rollout in the GRPO group     |
 | `relift`      | `relift.py`      | ReLIFT: GRPO, and an SFT step on the buffered all-failed prompts        |
 
-The interface is `base.BalancingStrategy`. A new strategy is one module here, one line in `STRATEGIES`, its fields in
+The interface is `base.BalancingStrategy`: it plans the SFT warm-up, and a strategy implements `plan_after_warmup`
+(`MuStrategy`'s family: `mu_at`). A new strategy is one module here, one line in `STRATEGIES`, its fields in
 `AMFTConfig`, and its tests (`docs/source/strategies.md`, "Adding a strategy", shows one end to end).
 """
 

@@ -37,8 +37,8 @@ class FixedMu(MuStrategy):
         return 50  # as AMFT's, so that the fixed-mu ablation keeps AMFT's warm-up
 
     @property
-    def needs_sft_dataset(self) -> bool:
-        return self.mu > 0 or self.sft_warmup_steps > 0
+    def needs_sft_dataset_after_warmup(self) -> bool:
+        return self.mu > 0
 
     @property
     def uses_rollouts(self) -> bool:
