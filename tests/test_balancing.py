@@ -9,8 +9,14 @@ import pytest
 import torch
 
 from amft_trl import AMFTConfig
-from amft_trl.balancing import STRATEGIES, FixedMu, SFTThenRL, build_strategy, get_strategy_class
-from amft_trl.balancing.chord import ChordStrategy, chord_mu, chord_phi
+from amft_trl.balancing import (
+    STRATEGIES,
+    FixedMuStrategy,
+    SFTThenRLStrategy,
+    build_strategy,
+    get_strategy_class,
+)
+from amft_trl.balancing.chord import CHORDStrategy, chord_mu, chord_phi
 from amft_trl.balancing.hpt import hpt_gate
 from amft_trl.balancing.srft import sequence_entropy, srft_rollout_advantages, srft_sft_weights
 
@@ -46,7 +52,7 @@ def test_chord_phi_is_p_times_one_minus_p_and_carries_no_gradient():
     phi = chord_phi(logps)
     torch.testing.assert_close(phi, torch.tensor([[0.25, 0.09, 0.09]]))
     assert not phi.requires_grad
-    strategy = ChordStrategy(0, 0, 0.5, 0.5, enable_phi_function=False)
+    strategy = CHORDStrategy(0, 0, 0.5, 0.5, enable_phi_function=False)
     assert strategy.sft_token_weights(logps, None, torch.ones(1, 3)) is None
 
 
@@ -111,15 +117,15 @@ def test_hpt_gate_counts_correct_rollouts_with_at_most():
 
 # ---- plans -------------------------------------------------------------------------------------------------------
 def test_mu_family_plans():
-    fixed = FixedMu(mu=0.3, sft_warmup_steps=2)
+    fixed = FixedMuStrategy(mu=0.3, sft_warmup_steps=2)
     assert [fixed.plan(t).warmup for t in range(4)] == [True, True, False, False]
     p = fixed.plan(2)
     assert (p.rl_weight, p.sft_weight, p.rl, p.sft) == (pytest.approx(0.7), 0.3, True, True)
-    switch = SFTThenRL(sft_warmup_steps=3)
+    switch = SFTThenRLStrategy(sft_warmup_steps=3)
     assert switch.plan(2).warmup and not switch.plan(2).rl
     after = switch.plan(3)
     assert (after.rl_weight, after.sft_weight, after.rl, after.sft) == (1.0, 0.0, True, False)
-    chord = ChordStrategy(2, 2, 0.6, 0.2)
+    chord = CHORDStrategy(2, 2, 0.6, 0.2)
     assert chord.plan(0).sft is False and chord.plan(0).rl_weight == 1.0  # mu = 0: no SFT batch at all
     assert chord.plan(2).sft_weight == pytest.approx(0.6)
 

@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from .base import MuStrategy
 
 
-class FixedMu(MuStrategy):
+class FixedMuStrategy(MuStrategy):
     """Constant mu after the warm-up; `from_config` reads it from `AMFTConfig.mu_init`, which AMFT uses as its initial
     mu (the two strategies share the field, see the module docstring).
 
@@ -34,7 +34,7 @@ class FixedMu(MuStrategy):
         self.mu = float(mu)
 
     @classmethod
-    def from_config(cls, args: Any) -> FixedMu:
+    def from_config(cls, args: Any) -> FixedMuStrategy:
         return cls(mu=args.mu_init, sft_warmup_steps=args.sft_warmup_steps)
 
     @classmethod
