@@ -151,7 +151,8 @@ class BalancingStrategy(TrainerCallback):
     ) -> None:
         """Warn when the SFT warm-up covers the whole run: `total_steps` optimizer steps, all of them warm-up, so no
         rollout is ever generated. Called by `AMFTConfig` when `max_steps` is set, else at `train()` once the step
-        count is known (`source` says where it comes from). `SFTThenRLStrategy` refuses a stage longer than the run."""
+        count is known (`source` says where it comes from). `SFTThenRLStrategy` refuses a stage longer than the
+        run."""
         if 0 < total_steps <= sft_warmup_steps:
             warnings.warn(
                 no_rl_step_message(cls.name, sft_warmup_steps, total_steps, source), stacklevel=stacklevel
