@@ -206,7 +206,7 @@ class ImitateEveryOtherPrompt(BalancingStrategy):
     sft_source: ClassVar[str] = "train_column"
     demonstration_column = "demonstration"
 
-    def plan(self, global_step: int) -> StepPlan:
+    def plan_after_warmup(self, global_step: int) -> StepPlan:
         return StepPlan(rl_weight=1.0, sft_weight=0.5, rl=True, sft=False)
 
     def sft_gate(self, rollouts: RolloutBatch) -> torch.Tensor:
@@ -214,7 +214,7 @@ class ImitateEveryOtherPrompt(BalancingStrategy):
 
 
 class BothPlans(ImitateEveryOtherPrompt):
-    def plan(self, global_step: int) -> StepPlan:
+    def plan_after_warmup(self, global_step: int) -> StepPlan:
         return StepPlan(rl_weight=1.0, sft_weight=0.5, rl=True, sft=True)
 
 

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import ClassVar
 
 import pytest
 import torch
+from datasets import Dataset
 
 from amft_trl import AMFTConfig
-from amft_trl.balancing import STRATEGIES, FixedMu, SFTThenRL, build_strategy, get_strategy_class
-from amft_trl.balancing.chord import ChordStrategy, chord_mu, chord_phi
+from amft_trl.balancing import (
+    STRATEGIES,
+    BalancingStrategy,
+    FixedMuStrategy,
+    SFTThenRLStrategy,
+    StepMeasurements,
+    StepPlan,
+    build_strategy,
+    get_strategy_class,
+)
+from amft_trl.balancing.chord import CHORDStrategy, chord_mu, chord_phi
 from amft_trl.balancing.hpt import hpt_gate
 from amft_trl.balancing.srft import sequence_entropy, srft_rollout_advantages, srft_sft_weights
 
@@ -46,7 +57,7 @@ def test_chord_phi_is_p_times_one_minus_p_and_carries_no_gradient():
     phi = chord_phi(logps)
     torch.testing.assert_close(phi, torch.tensor([[0.25, 0.09, 0.09]]))
     assert not phi.requires_grad
-    strategy = ChordStrategy(0, 0, 0.5, 0.5, enable_phi_function=False)
+    strategy = CHORDStrategy(0, 0, 0.5, 0.5, enable_phi_function=False)
     assert strategy.sft_token_weights(logps, None, torch.ones(1, 3)) is None
 
 
@@ -111,17 +122,116 @@ def test_hpt_gate_counts_correct_rollouts_with_at_most():
 
 # ---- plans -------------------------------------------------------------------------------------------------------
 def test_mu_family_plans():
-    fixed = FixedMu(mu=0.3, sft_warmup_steps=2)
+    fixed = FixedMuStrategy(mu=0.3, sft_warmup_steps=2)
     assert [fixed.plan(t).warmup for t in range(4)] == [True, True, False, False]
     p = fixed.plan(2)
     assert (p.rl_weight, p.sft_weight, p.rl, p.sft) == (pytest.approx(0.7), 0.3, True, True)
-    switch = SFTThenRL(sft_warmup_steps=3)
+    switch = SFTThenRLStrategy(sft_warmup_steps=3)
     assert switch.plan(2).warmup and not switch.plan(2).rl
     after = switch.plan(3)
     assert (after.rl_weight, after.sft_weight, after.rl, after.sft) == (1.0, 0.0, True, False)
-    chord = ChordStrategy(2, 2, 0.6, 0.2)
+    chord = CHORDStrategy(2, 2, 0.6, 0.2)
     assert chord.plan(0).sft is False and chord.plan(0).rl_weight == 1.0  # mu = 0: no SFT batch at all
     assert chord.plan(2).sft_weight == pytest.approx(0.6)
+
+
+# ---- the SFT warm-up, planned by the base class -------------------------------------------------------------------
+class _EveryOtherStep(BalancingStrategy):
+    """A strategy written without any warm-up code: it plans only the steps after the warm-up."""
+
+    name: ClassVar[str] = "every_other"
+    sft_source: ClassVar[str] = "train_column"
+
+    def __init__(self, sft_warmup_steps: int = 0):
+        super().__init__(sft_warmup_steps=sft_warmup_steps)
+        self.asked: list[int] = []
+
+    def plan_after_warmup(self, global_step: int) -> StepPlan:
+        self.asked.append(global_step)
+        return StepPlan(rl_weight=1.0, sft_weight=0.0, rl=True, sft=global_step % 2 == 0)
+
+
+def test_a_strategy_gets_the_warmup_plan_without_writing_it():
+    strategy = _EveryOtherStep(sft_warmup_steps=3)
+    plans = [strategy.plan(t) for t in range(6)]
+    assert plans[:3] == [StepPlan(rl_weight=0.0, sft_weight=1.0, rl=False, sft=True, warmup=True)] * 3
+    assert plans[3:] == [
+        StepPlan(rl_weight=1.0, sft_weight=0.0, rl=True, sft=False),
+        StepPlan(rl_weight=1.0, sft_weight=0.0, rl=True, sft=True),
+        StepPlan(rl_weight=1.0, sft_weight=0.0, rl=True, sft=False),
+    ]
+    assert strategy.asked == [3, 4, 5]  # its own rule is never asked about a warm-up step
+    # the warm-up draws from sft_dataset, whatever the strategy's own steps need
+    assert strategy.needs_sft_dataset and not _EveryOtherStep(sft_warmup_steps=0).needs_sft_dataset
+    with pytest.raises(NotImplementedError, match="plan_after_warmup"):
+        BalancingStrategy(sft_warmup_steps=1).plan(1)
+
+
+@pytest.mark.parametrize("balancing", sorted(STRATEGIES))
+def test_every_strategy_plans_the_warmup_through_the_base_class(tmp_path, balancing):
+    strategy = build_strategy(config(tmp_path, balancing=balancing, sft_warmup_steps=2, max_steps=10))
+    assert type(strategy).plan is BalancingStrategy.plan  # no strategy writes its own warm-up branch
+    assert [strategy.plan(t) for t in range(2)] == [StepPlan.warmup_step()] * 2
+    assert not strategy.plan(2).warmup
+    assert strategy.needs_sft_dataset  # the warm-up's demonstrations come from sft_dataset
+
+
+@pytest.mark.parametrize(
+    "balancing, overrides",
+    [
+        ("hpt", {}),
+        ("luffy", {}),
+        ("relift", {}),
+        ("fixed", {"mu_init": 0.0}),
+        ("amft", {"mu_init": 0.0, "mu_min": 0.0, "mu_max": 0.0}),
+    ],
+)
+def test_sft_dataset_is_needed_for_the_warmup_alone(tmp_path, balancing, overrides):
+    # strategies whose own steps never draw from sft_dataset need it exactly when there is a warm-up
+    for warmup in (0, 2):
+        args = config(tmp_path, balancing=balancing, sft_warmup_steps=warmup, max_steps=10, **overrides)
+        assert build_strategy(args).needs_sft_dataset == (warmup > 0), warmup
+
+
+def test_step_measurements_declare_the_plan():
+    assert StepMeasurements().plan is None
+    plan = StepPlan(rl_weight=0.5, sft_weight=0.5)
+    assert StepMeasurements(plan=plan).plan is plan
+
+
+# ---- the demonstration column of HPT, LUFFY and ReLIFT -----------------------------------------------------------
+@pytest.mark.parametrize("balancing", ["hpt", "luffy", "relift"])
+@pytest.mark.parametrize("column", ["", None, 3])
+def test_demonstration_column_field_must_name_a_column(tmp_path, balancing, column):
+    field = f"{balancing}_demonstration_column"
+    with pytest.raises(ValueError) as raised:
+        config(tmp_path, balancing=balancing, max_steps=10, **{field: column})
+    assert str(raised.value) == (
+        f"balancing='{balancing}' needs `{field}`: the column of train_dataset that holds each prompt's "
+        f"demonstration; got {column!r}."
+    )
+
+
+@pytest.mark.parametrize("balancing", ["hpt", "luffy", "relift"])
+def test_demonstration_column_must_be_in_train_dataset(tmp_path, balancing):
+    field = f"{balancing}_demonstration_column"
+    strategy = build_strategy(config(tmp_path, balancing=balancing, max_steps=10, **{field: "target"}))
+    without = Dataset.from_dict({"prompt": ["1+1="], "demonstration": ["2"]})
+    with pytest.raises(ValueError) as raised:
+        strategy.check_datasets(train_dataset=without, sft_dataset=None, val_dataset=None)
+    assert str(raised.value) == (
+        f"balancing='{balancing}' reads each prompt's demonstration from train_dataset['target'] (`{field}`), but "
+        "train_dataset has the columns ['prompt', 'demonstration']."
+    )
+    with_column = Dataset.from_dict({"prompt": ["1+1="], "target": ["2"]})
+    strategy.check_datasets(train_dataset=with_column, sft_dataset=None, val_dataset=None)
+    strategy.check_datasets(train_dataset=None, sft_dataset=None, val_dataset=None)  # nothing to check yet
+
+
+def test_luffy_without_off_policy_rollouts_reads_no_column(tmp_path):
+    args = config(tmp_path, balancing="luffy", max_steps=10, luffy_num_off_policy=0)
+    without = Dataset.from_dict({"prompt": ["1+1="]})
+    build_strategy(args).check_datasets(train_dataset=without, sft_dataset=None, val_dataset=None)
 
 
 # ---- registry and config -----------------------------------------------------------------------------------------

@@ -75,7 +75,9 @@ class AMFTConfig(GRPOConfig):
         > Parameters that control the adaptive weight mu (`balancing="amft"`; `mu_init` also for `"fixed"`)
 
         mu_init (`float`, *optional*, defaults to `0.5`):
-            Initial SFT weight mu_0 (paper: 0.5); the constant mu of `balancing="fixed"`.
+            Initial SFT weight mu_0 of `balancing="amft"` (paper: 0.5). Shared: it is also the constant mu of
+            `balancing="fixed"` at every step after the warm-up (`fixed` has no mu field of its own; `mu_min` and
+            `mu_max` do not apply to it).
         mu_min (`float`, *optional*, defaults to `0.05`):
             Lower clip bound of mu in Eq. 6 (paper: 0.05).
         mu_max (`float`, *optional*, defaults to `0.95`):
@@ -210,7 +212,9 @@ class AMFTConfig(GRPOConfig):
     mu_init: float = field(
         default=0.5,
         metadata={
-            "help": "Initial SFT weight mu_0 (paper: mu_init = 0.5); the constant mu of balancing='fixed'."
+            "help": "Initial SFT weight mu_0 of balancing='amft' (paper: mu_init = 0.5). Shared: it is also the "
+            "constant mu of balancing='fixed' at every step after the warm-up (fixed has no mu field of its own; "
+            "mu_min and mu_max do not apply to it)."
         },
     )
     mu_min: float = field(default=0.05, metadata={"help": "Lower clip bound of mu in Eq. 6 (paper: 0.05)."})

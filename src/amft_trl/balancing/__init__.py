@@ -13,8 +13,10 @@ Choose one with `AMFTConfig(balancing=...)`:
 | `luffy`       | `luffy.py`       | LUFFY: the demonstration as an off-policy rollout in the GRPO group     |
 | `relift`      | `relift.py`      | ReLIFT: GRPO, and an SFT step on the buffered all-failed prompts        |
 
-The interface is `base.BalancingStrategy`. A new strategy is one module here, one line in `STRATEGIES`, its fields in
-`AMFTConfig`, and its tests (`docs/source/strategies.md`, "Adding a strategy", shows one end to end).
+The interface is `base.BalancingStrategy`: it plans the SFT warm-up, and a strategy implements `plan_after_warmup`
+(`MuStrategy`'s family: `mu_at`). A new strategy is one module here, one line in `STRATEGIES`, its fields in
+`AMFTConfig`, and its tests (`docs/source/strategies.md`, "Adding a strategy", shows one end to end). Each class is
+named `<Method>Strategy` after the method's own spelling, except AMFT's `MuController` (the paper's controller of mu).
 """
 
 from __future__ import annotations
@@ -23,19 +25,19 @@ from typing import Any
 
 from .amft import MuController
 from .base import BalancingStrategy, MuStrategy, RolloutBatch, StepMeasurements, StepPlan
-from .chord import ChordStrategy
-from .fixed import FixedMu
+from .chord import CHORDStrategy
+from .fixed import FixedMuStrategy
 from .hpt import HPTStrategy
 from .luffy import LUFFYStrategy
 from .relift import ReLIFTStrategy
-from .sft_then_rl import SFTThenRL
+from .sft_then_rl import SFTThenRLStrategy
 from .srft import SRFTStrategy
 
 STRATEGIES: dict[str, type[BalancingStrategy]] = {
     "amft": MuController,
-    "fixed": FixedMu,
-    "sft_then_rl": SFTThenRL,
-    "chord": ChordStrategy,
+    "fixed": FixedMuStrategy,
+    "sft_then_rl": SFTThenRLStrategy,
+    "chord": CHORDStrategy,
     "srft": SRFTStrategy,
     "hpt": HPTStrategy,
     "luffy": LUFFYStrategy,
@@ -59,15 +61,15 @@ def build_strategy(args: Any) -> BalancingStrategy:
 __all__ = [
     "STRATEGIES",
     "BalancingStrategy",
-    "ChordStrategy",
-    "FixedMu",
+    "CHORDStrategy",
+    "FixedMuStrategy",
     "HPTStrategy",
     "LUFFYStrategy",
     "MuController",
     "MuStrategy",
     "ReLIFTStrategy",
     "RolloutBatch",
-    "SFTThenRL",
+    "SFTThenRLStrategy",
     "SRFTStrategy",
     "StepMeasurements",
     "StepPlan",

@@ -245,8 +245,8 @@ class MuController(BalancingStrategy):
         return self.meta_learning_rate > 0 and not self.mu_is_fixed
 
     @property
-    def needs_sft_dataset(self) -> bool:
-        return self.mu_max > 0 or self.wants_entropy or self.sft_warmup_steps > 0
+    def needs_sft_dataset_after_warmup(self) -> bool:
+        return self.mu_max > 0 or self.wants_entropy
 
     @property
     def needs_val_dataset(self) -> bool:
@@ -269,9 +269,7 @@ class MuController(BalancingStrategy):
         t = global_step - self.sft_warmup_steps
         return self.wants_meta_gradient and t >= 0 and t % self.meta_update_steps == 0
 
-    def plan(self, global_step: int) -> StepPlan:
-        if self.is_warmup_step(global_step):
-            return StepPlan.warmup_step()
+    def plan_after_warmup(self, global_step: int) -> StepPlan:
         mu = self.mu
         pinned_sft_only = self.mu_is_fixed and mu == 1.0  # no rollouts at all
         meta = self.is_meta_step(global_step)

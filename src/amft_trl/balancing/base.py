@@ -7,7 +7,9 @@ Every strategy optimises, at optimizer step t,
 where `L_RL` is TRL's GRPO loss on this step's on-policy rollouts (whatever `loss_type`) and `L_SFT` the token-mean
 NLL of a batch of demonstrations (AMFT paper, Eq. 2). The strategy decides, once per step and before it runs,
 what the step does (`plan` -> `StepPlan`): the two scalar weights, whether rollouts are generated at all, whether an
-SFT batch is drawn, and which measurements it wants. It may refine the scalars per token of the demonstrations
+SFT batch is drawn, and which measurements it wants. The base class plans the shared SFT warm-up (`sft_warmup_steps`
+of pure SFT, Algorithm 2 of the AMFT paper, lines 6-10) for every strategy; a strategy plans only the steps after it
+(`plan_after_warmup`). It may refine the scalars per token of the demonstrations
 (`sft_token_weights`, e.g. CHORD's phi) and per rollout (`rl_advantages`, e.g. SRFT's entropy weights, HPT's gate):
 per-rollout weights act through GRPO's advantages, so TRL's loss is reused as it is. After
 the step the trainer hands the strategy what it measured (`record`), and the strategy updates itself in
@@ -16,9 +18,9 @@ the step the trainer hands the strategy what it measured (`record`), and the str
 A strategy owns its state: `state_dict` / `load_state_dict` are saved in every checkpoint (`amft_state.json`), so a
 resumed run continues exactly. What it wants logged goes through `log_values` (per step, under `amft/*`).
 
-To add a strategy: subclass `BalancingStrategy` (or `MuStrategy` for the `(1 - mu, mu)` family) in one module of
-this package, add it to the registry in `balancing/__init__.py`, add its fields to `AMFTConfig`, and test it. The
-trainer does not change.
+To add a strategy: subclass `BalancingStrategy` and implement `plan_after_warmup` (or subclass `MuStrategy` for the
+`(1 - mu, mu)` family and implement `mu_at`) in one module of this package, add it to the registry in
+`balancing/__init__.py`, add its fields to `AMFTConfig`, and test it. The trainer does not change.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class StepMeasurements:
     sft_prompt_fraction: float | None = (
         None  # fraction of the step's RL prompts trained on their demonstration
     )
+    plan: StepPlan | None = None  # the plan the step ran (set by the trainer before `record`)
 
 
 @dataclass
@@ -148,7 +151,8 @@ class BalancingStrategy(TrainerCallback):
     ) -> None:
         """Warn when the SFT warm-up covers the whole run: `total_steps` optimizer steps, all of them warm-up, so no
         rollout is ever generated. Called by `AMFTConfig` when `max_steps` is set, else at `train()` once the step
-        count is known (`source` says where it comes from). `SFTThenRL` refuses a stage longer than the run."""
+        count is known (`source` says where it comes from). `SFTThenRLStrategy` refuses a stage longer than the
+        run."""
         if 0 < total_steps <= sft_warmup_steps:
             warnings.warn(
                 no_rl_step_message(cls.name, sft_warmup_steps, total_steps, source), stacklevel=stacklevel
@@ -161,7 +165,15 @@ class BalancingStrategy(TrainerCallback):
 
     @property
     def needs_sft_dataset(self) -> bool:
-        """Whether `AMFTTrainer(sft_dataset=...)` is required."""
+        """Whether `AMFTTrainer(sft_dataset=...)` is required: the SFT warm-up, if any, draws from it, and so may the
+        steps after it (`needs_sft_dataset_after_warmup`)."""
+        return self.sft_warmup_steps > 0 or self.needs_sft_dataset_after_warmup
+
+    @property
+    def needs_sft_dataset_after_warmup(self) -> bool:
+        """Whether the steps after the warm-up draw demonstrations from `sft_dataset` (default: the strategy's
+        `sft_source` is `"dataset"`). Override it to say "never" (e.g. mu pinned at 0, or demonstrations from the
+        RL dataset); the warm-up's need is the base class's."""
         return self.sft_source == "dataset"
 
     @property
@@ -183,8 +195,17 @@ class BalancingStrategy(TrainerCallback):
         return global_step < self.sft_warmup_steps
 
     def plan(self, global_step: int) -> StepPlan:
-        """What optimizer step `global_step` (0-based) does. Must depend only on the step and the saved state."""
-        raise NotImplementedError
+        """What optimizer step `global_step` (0-based) does: the SFT warm-up plan (`StepPlan.warmup_step`) during the
+        first `sft_warmup_steps` steps, `plan_after_warmup(global_step)` after them. Strategies implement
+        `plan_after_warmup`, not this."""
+        if self.is_warmup_step(global_step):
+            return StepPlan.warmup_step()
+        return self.plan_after_warmup(global_step)
+
+    def plan_after_warmup(self, global_step: int) -> StepPlan:
+        """What optimizer step `global_step` (0-based, `>= sft_warmup_steps`) does: the strategy's own rule. Must
+        depend only on the step and the saved state; `global_step` counts the warm-up steps too."""
+        raise NotImplementedError(f"{type(self).__name__} must implement `plan_after_warmup`.")
 
     def sft_token_weights(
         self, logps: torch.Tensor, entropies: torch.Tensor | None, mask: torch.Tensor
@@ -284,11 +305,9 @@ class MuStrategy(BalancingStrategy):
 
     def mu_at(self, global_step: int) -> float:
         """The SFT weight mu of optimizer step `global_step` (a mixed step, after the warm-up)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement `mu_at`.")
 
-    def plan(self, global_step: int) -> StepPlan:
-        if self.is_warmup_step(global_step):
-            return StepPlan.warmup_step()
+    def plan_after_warmup(self, global_step: int) -> StepPlan:
         mu = float(self.mu_at(global_step))
         return StepPlan(rl_weight=1.0 - mu, sft_weight=mu, rl=mu < 1.0, sft=mu > 0.0)
 
@@ -321,3 +340,26 @@ def check_nonnegative(args: Any, name: str, allow_none: bool = False, note: str 
     ):
         expected = "None or a finite number >= 0" if allow_none else "a finite number >= 0"
         raise ValueError(f"`{name}` must be {expected}{note}, got {value!r}.")
+
+
+def check_demonstration_column_field(args: Any, strategy: str) -> None:
+    """Raise a `ValueError` unless `args.<strategy>_demonstration_column` names a column (a non-empty string): the
+    config check of a strategy that reads each prompt's demonstration from a column of `train_dataset`."""
+    field = f"{strategy}_demonstration_column"
+    value = getattr(args, field)
+    if not isinstance(value, str) or not value:
+        raise ValueError(
+            f"balancing={strategy!r} needs `{field}`: the column of train_dataset that holds each prompt's "
+            f"demonstration; got {value!r}."
+        )
+
+
+def check_demonstration_column_in_dataset(train_dataset: Any, column: str, strategy: str) -> None:
+    """Raise a `ValueError` naming `<strategy>_demonstration_column` and the dataset's columns when `train_dataset` (if
+    given) has no column `column`: the dataset check of a strategy that reads demonstrations from it."""
+    columns = list(getattr(train_dataset, "column_names", None) or [])
+    if train_dataset is not None and column not in columns:
+        raise ValueError(
+            f"balancing={strategy!r} reads each prompt's demonstration from train_dataset[{column!r}] "
+            f"(`{strategy}_demonstration_column`), but train_dataset has the columns {columns}."
+        )

@@ -40,7 +40,7 @@ def chord_phi(logps: torch.Tensor) -> torch.Tensor:
     return p * (1.0 - p)
 
 
-class ChordStrategy(MuStrategy):
+class CHORDStrategy(MuStrategy):
     """mu on CHORD's schedule (`chord_mu`), optionally with the per-token phi weights (`chord_phi`)."""
 
     name: ClassVar[str] = "chord"
@@ -69,7 +69,7 @@ class ChordStrategy(MuStrategy):
         self.enable_phi_function = enable_phi_function
 
     @classmethod
-    def from_config(cls, args: Any) -> ChordStrategy:
+    def from_config(cls, args: Any) -> CHORDStrategy:
         return cls(
             mu_warmup_steps=args.chord_mu_warmup_steps,
             mu_decay_steps=args.chord_mu_decay_steps,

@@ -2,6 +2,10 @@
 
 `L = (1 - mu_init) * L_RL + mu_init * L_SFT` at every mixed step, after `sft_warmup_steps` of pure SFT (default 50,
 as for AMFT, so that the ablation differs from AMFT only in how mu moves).
+
+The constant is `AMFTConfig.mu_init`, the field AMFT starts mu from: `fixed` has no mu field of its own, so that a
+comparison sweeping `mu_init` pairs each AMFT start with the fixed run at the same mu. AMFT's other mu fields
+(`mu_min`, `mu_max`) do not apply to it (set away from their defaults, the config warns that they are ignored).
 """
 
 from __future__ import annotations
@@ -11,11 +15,12 @@ from typing import Any, ClassVar
 from .base import MuStrategy
 
 
-class FixedMu(MuStrategy):
-    """Constant mu = `mu_init` after the warm-up.
+class FixedMuStrategy(MuStrategy):
+    """Constant mu after the warm-up; `from_config` reads it from `AMFTConfig.mu_init`, which AMFT uses as its initial
+    mu (the two strategies share the field, see the module docstring).
 
     Args:
-        mu: the SFT weight of every mixed step, in [0, 1].
+        mu: the SFT weight of every mixed step, in [0, 1] (`AMFTConfig.mu_init`).
         sft_warmup_steps: SFT-only steps before the mixed phase.
     """
 
@@ -29,7 +34,7 @@ class FixedMu(MuStrategy):
         self.mu = float(mu)
 
     @classmethod
-    def from_config(cls, args: Any) -> FixedMu:
+    def from_config(cls, args: Any) -> FixedMuStrategy:
         return cls(mu=args.mu_init, sft_warmup_steps=args.sft_warmup_steps)
 
     @classmethod
@@ -37,8 +42,8 @@ class FixedMu(MuStrategy):
         return 50  # as AMFT's, so that the fixed-mu ablation keeps AMFT's warm-up
 
     @property
-    def needs_sft_dataset(self) -> bool:
-        return self.mu > 0 or self.sft_warmup_steps > 0
+    def needs_sft_dataset_after_warmup(self) -> bool:
+        return self.mu > 0
 
     @property
     def uses_rollouts(self) -> bool:

@@ -33,7 +33,15 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import BalancingStrategy, RolloutBatch, StepMeasurements, StepPlan, check_nonnegative
+from .base import (
+    BalancingStrategy,
+    RolloutBatch,
+    StepMeasurements,
+    StepPlan,
+    check_demonstration_column_field,
+    check_demonstration_column_in_dataset,
+    check_nonnegative,
+)
 
 
 def hpt_gate(group_rewards: torch.Tensor, success_reward: float, threshold: float) -> torch.Tensor:
@@ -81,11 +89,7 @@ class HPTStrategy(BalancingStrategy):
 
     @classmethod
     def check_config(cls, args: Any) -> None:
-        if not isinstance(args.hpt_demonstration_column, str) or not args.hpt_demonstration_column:
-            raise ValueError(
-                "balancing='hpt' needs `hpt_demonstration_column`: the column of train_dataset that holds each "
-                f"prompt's demonstration; got {args.hpt_demonstration_column!r}."
-            )
+        check_demonstration_column_field(args, cls.name)
         value = args.hpt_accuracy_threshold
         if not (isinstance(value, int | float) and 0.0 <= value < 1.0):
             raise ValueError(f"`hpt_accuracy_threshold` must be a number in [0, 1), got {value!r}.")
@@ -96,21 +100,10 @@ class HPTStrategy(BalancingStrategy):
             raise ValueError(f"`hpt_success_reward` must be a number, got {args.hpt_success_reward!r}.")
         check_nonnegative(args, "hpt_sft_coef")
 
-    @property
-    def needs_sft_dataset(self) -> bool:
-        return self.sft_warmup_steps > 0  # the warm-up, if any, draws from sft_dataset
-
     def check_datasets(self, *, train_dataset: Any, sft_dataset: Any, val_dataset: Any) -> None:
-        columns = list(getattr(train_dataset, "column_names", None) or [])
-        if train_dataset is not None and self.demonstration_column not in columns:
-            raise ValueError(
-                f"balancing='hpt' reads each prompt's demonstration from train_dataset[{self.demonstration_column!r}]"
-                f" (`hpt_demonstration_column`), but train_dataset has the columns {columns}."
-            )
+        check_demonstration_column_in_dataset(train_dataset, self.demonstration_column, self.name)
 
-    def plan(self, global_step: int) -> StepPlan:
-        if self.is_warmup_step(global_step):
-            return StepPlan.warmup_step()
+    def plan_after_warmup(self, global_step: int) -> StepPlan:
         # `sft` is decided per micro-step by the gate (`sft_gate`), after the rollouts are scored
         return StepPlan(rl_weight=1.0, sft_weight=self.sft_coef, rl=True, sft=False)
 

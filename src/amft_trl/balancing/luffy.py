@@ -46,7 +46,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import BalancingStrategy, StepPlan
+from .base import (
+    BalancingStrategy,
+    StepPlan,
+    check_demonstration_column_field,
+    check_demonstration_column_in_dataset,
+)
 
 #: `loss_type`s whose normaliser `aggregate_token_loss` reproduces (TRL 1.16's `GRPOTrainer._compute_loss`).
 LOSS_TYPES = ("grpo", "sapo", "bnpo", "dr_grpo", "dapo", "cispo", "vespo", "luspo")
@@ -160,11 +165,7 @@ class LUFFYStrategy(BalancingStrategy):
 
     @classmethod
     def check_config(cls, args: Any) -> None:
-        if not isinstance(args.luffy_demonstration_column, str) or not args.luffy_demonstration_column:
-            raise ValueError(
-                "balancing='luffy' needs `luffy_demonstration_column`: the column of train_dataset that holds each "
-                f"prompt's demonstration; got {args.luffy_demonstration_column!r}."
-            )
+        check_demonstration_column_field(args, cls.name)
         k, g = args.luffy_num_off_policy, args.num_generations
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
             raise ValueError(f"`luffy_num_off_policy` must be an integer >= 0, got {k!r}.")
@@ -187,19 +188,12 @@ class LUFFYStrategy(BalancingStrategy):
             )
 
     @property
-    def needs_sft_dataset(self) -> bool:
-        return self.sft_warmup_steps > 0  # the warm-up, if any, draws from sft_dataset
+    def needs_sft_dataset_after_warmup(self) -> bool:
+        return False  # no SFT term: the demonstrations come from train_dataset
 
     def check_datasets(self, *, train_dataset: Any, sft_dataset: Any, val_dataset: Any) -> None:
-        columns = list(getattr(train_dataset, "column_names", None) or [])
-        if self.num_off_policy > 0 and train_dataset is not None and self.demonstration_column not in columns:
-            raise ValueError(
-                f"balancing='luffy' reads each prompt's demonstration from train_dataset"
-                f"[{self.demonstration_column!r}] (`luffy_demonstration_column`), but train_dataset has the "
-                f"columns {columns}."
-            )
+        if self.num_off_policy > 0:
+            check_demonstration_column_in_dataset(train_dataset, self.demonstration_column, self.name)
 
-    def plan(self, global_step: int) -> StepPlan:
-        if self.is_warmup_step(global_step):
-            return StepPlan.warmup_step()
+    def plan_after_warmup(self, global_step: int) -> StepPlan:
         return StepPlan(rl_weight=1.0, sft_weight=0.0, rl=True, sft=False)

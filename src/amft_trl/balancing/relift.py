@@ -34,7 +34,13 @@ from typing import Any, ClassVar
 
 import torch
 
-from .base import BalancingStrategy, StepMeasurements, StepPlan
+from .base import (
+    BalancingStrategy,
+    StepMeasurements,
+    StepPlan,
+    check_demonstration_column_field,
+    check_demonstration_column_in_dataset,
+)
 
 
 def all_failed(group_rewards: torch.Tensor, fail_reward: float) -> torch.Tensor:
@@ -79,11 +85,7 @@ class ReLIFTStrategy(BalancingStrategy):
 
     @classmethod
     def check_config(cls, args: Any) -> None:
-        if not isinstance(args.relift_demonstration_column, str) or not args.relift_demonstration_column:
-            raise ValueError(
-                "balancing='relift' needs `relift_demonstration_column`: the column of train_dataset that holds each "
-                f"prompt's demonstration; got {args.relift_demonstration_column!r}."
-            )
+        check_demonstration_column_field(args, cls.name)
         size = args.relift_buffer_size
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"`relift_buffer_size` must be an integer >= 1, got {size!r}.")
@@ -92,17 +94,11 @@ class ReLIFTStrategy(BalancingStrategy):
             raise ValueError(f"`relift_fail_reward` must be a number, got {fail!r}.")
 
     @property
-    def needs_sft_dataset(self) -> bool:
-        return self.sft_warmup_steps > 0  # the warm-up, if any, draws from sft_dataset
+    def needs_sft_dataset_after_warmup(self) -> bool:
+        return False  # its SFT steps train on the buffer, filled from train_dataset
 
     def check_datasets(self, *, train_dataset: Any, sft_dataset: Any, val_dataset: Any) -> None:
-        columns = list(getattr(train_dataset, "column_names", None) or [])
-        if train_dataset is not None and self.demonstration_column not in columns:
-            raise ValueError(
-                f"balancing='relift' reads each prompt's demonstration from train_dataset"
-                f"[{self.demonstration_column!r}] (`relift_demonstration_column`), but train_dataset has the "
-                f"columns {columns}."
-            )
+        check_demonstration_column_in_dataset(train_dataset, self.demonstration_column, self.name)
 
     # ---- the buffer ---------------------------------------------------------------------------------------------
     def add_failed(self, examples: list[tuple[Any, ...]]) -> None:
@@ -119,10 +115,8 @@ class ReLIFTStrategy(BalancingStrategy):
         buffer)."""
         return self._taken
 
-    def plan(self, global_step: int) -> StepPlan:
+    def plan_after_warmup(self, global_step: int) -> StepPlan:
         self._taken = None
-        if self.is_warmup_step(global_step):
-            return StepPlan.warmup_step()
         if self.buffer_full:
             self._taken, self.buffer = self.buffer[: self.buffer_size], self.buffer[self.buffer_size :]
             return StepPlan(rl_weight=0.0, sft_weight=1.0, rl=False, sft=True)

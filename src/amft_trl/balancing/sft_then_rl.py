@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from .base import MuStrategy, no_rl_step_message
 
 
-class SFTThenRL(MuStrategy):
+class SFTThenRLStrategy(MuStrategy):
     """SFT for `sft_warmup_steps` optimizer steps, then GRPO only (mu = 0)."""
 
     name: ClassVar[str] = "sft_then_rl"

@@ -113,9 +113,7 @@ class SRFTStrategy(BalancingStrategy):
                 f"`srft_rl_weight_max` must be None (no cap, the paper's rule) or a finite number > 0, got {cap!r}."
             )
 
-    def plan(self, global_step: int) -> StepPlan:
-        if self.is_warmup_step(global_step):
-            return StepPlan.warmup_step()
+    def plan_after_warmup(self, global_step: int) -> StepPlan:
         return StepPlan(rl_weight=1.0, sft_weight=1.0, rl=True, sft=True)
 
     def sft_token_weights(
