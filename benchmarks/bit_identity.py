@@ -86,7 +86,9 @@ def compare(recorded: dict, result: dict, layout: str, same_host: bool) -> str |
     """None when `result` matches `recorded`; otherwise what differs."""
     if same_host:
         if recorded["param_sha256"] != result["param_sha256"]:
-            return f"parameters differ (sha256 {recorded['param_sha256'][:12]} -> {result['param_sha256'][:12]})"
+            return (
+                f"parameters differ (sha256 {recorded['param_sha256'][:12]} -> {result['param_sha256'][:12]})"
+            )
         for key in TRAJECTORY:
             if recorded[key] != result[key]:
                 return f"{key} differs: {recorded[key]} -> {result[key]}"
@@ -141,7 +143,10 @@ def main() -> int:
                     continue
                 problem = compare(stored["runs"][key], result, layout, same_host)
                 failures += problem is not None
-                print(f"{key:18s} {'ok' if problem is None else 'DIFFERS: ' + problem}  ({seconds:.0f} s)", flush=True)
+                print(
+                    f"{key:18s} {'ok' if problem is None else 'DIFFERS: ' + problem}  ({seconds:.0f} s)",
+                    flush=True,
+                )
     if cli.record:
         stored["host"] = fingerprint()
         stored["command"] = "OMP_NUM_THREADS=1 python benchmarks/bit_identity.py --record"

@@ -288,13 +288,13 @@ def bad_file(tmp_path, name, rows):
 
 
 def test_bad_input_fails_with_one_line_before_any_model_is_loaded(tmp_path, monkeypatch):
-    import amft_trl.evaluation.runner as runner
+    import amft_trl.evaluation.model_evaluation as model_evaluation
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model or tokenizer was loaded")
 
-    monkeypatch.setattr(runner, "_load_model", no_loading)
-    monkeypatch.setattr(runner, "_load_tokenizer", no_loading)
+    monkeypatch.setattr(model_evaluation, "_load_model", no_loading)
+    monkeypatch.setattr(model_evaluation, "_load_tokenizer", no_loading)
     model = "./no/such/checkpoint"  # would fail too, but later: the input errors come first
 
     with pytest.raises(EvaluationInputError) as e:
