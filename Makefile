@@ -46,7 +46,7 @@ format: install
 docs: install
 	$(BIN)/python -m mkdocs build
 
-# tests/test_docs.py runs the README's quick start and the docs' snippets marked runnable.
+# tests/docs/test_docs.py runs the README's quick start and the docs' snippets marked runnable.
 test: install embedded lint docs
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 

@@ -372,8 +372,8 @@ def test_determinism_evaluating_does_not_change_training(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the GPU recipe
 
-FIXTURES = Path(__file__).parent / "fixtures"
-RECIPE = Path(__file__).parents[1] / "benchmarks" / "grids" / "math_gpu.yaml"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+RECIPE = Path(__file__).parents[2] / "benchmarks" / "grids" / "math_gpu.yaml"
 
 
 def test_gpu_recipe_is_a_valid_grid():

@@ -15,7 +15,7 @@ from amft_trl.compare import runs as runs_module
 from amft_trl.compare.grid_tasks import build_task
 from amft_trl.compare.stats import mean_interval, paired_difference
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 SMOKE = {
     "name": "ci-sweep",
