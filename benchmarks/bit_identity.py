@@ -11,7 +11,7 @@ hash, and says so.
     OMP_NUM_THREADS=1 python benchmarks/bit_identity.py --record     # before the refactor
     OMP_NUM_THREADS=1 python benchmarks/bit_identity.py --check      # after it: exit 1 on any difference
 
-`tests/test_parallel.py` checks the one- and two-process layouts of the strategies it already runs against the
+`tests/distributed/test_ddp_and_zero.py` checks the one- and two-process layouts of the strategies it already runs against the
 same file, so CI keeps the guard without running the matrix again.
 """
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 FIXTURE = ROOT / "tests" / "fixtures" / "bit_identity.json"
 
-#: the strategy arguments of each run (tests/test_parallel.py's STRATEGY_FAMILIES for the families it covers)
+#: the strategy arguments of each run (tests/distributed/test_ddp_and_zero.py's STRATEGY_FAMILIES for the families it covers)
 STRATEGY_ARGS: dict[str, dict] = {
     "amft": {},
     "fixed": {"mu_init": 0.3},
@@ -100,7 +100,7 @@ def compare(recorded: dict, result: dict, layout: str, same_host: bool) -> str |
 
 
 def main() -> int:
-    from test_parallel import _run  # the suite's launcher: torchrun / accelerate with the CPU environment
+    from _parallel_launch import _run  # the suite's launcher: torchrun / accelerate with the CPU environment
 
     from amft_trl.toy import build_model, build_tokenizer
 

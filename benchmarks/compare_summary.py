@@ -21,8 +21,8 @@ from pathlib import Path
 
 import yaml
 
-from amft_trl.compare.report import load_runs
 from amft_trl.compare.stats import mean_interval, paired_difference
+from amft_trl.compare.summary import load_runs
 
 
 def _load(grid_dir: Path) -> dict[str, dict[int, dict]]:

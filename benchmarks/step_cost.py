@@ -74,7 +74,7 @@ Usage (the issue's setup, on the embedded SmolLM2-135M-Instruct; ~25 min on 2 sh
     # GPU, bf16, a randomly initialised model of Qwen2.5-0.5B's shape:
     python benchmarks/step_cost.py --device cuda --dtype bfloat16 --model random:qwen2.5-0.5b --out /tmp/qwen
 
-`--model`: a checkpoint directory; `embedded` (SmolLM2-135M-Instruct, `amft_trl.models.embedded_model_path()`);
+`--model`: a checkpoint directory; `embedded` (SmolLM2-135M-Instruct, `amft_trl.embedded_model.embedded_model_path()`);
 `random:smollm2-135m` / `random:qwen2.5-0.5b` (random weights in that architecture's shape, built offline with
 `from_config`, with the SmolLM2 tokenizer; ids beyond its vocabulary decode to nothing); `tiny` (`amft_trl.toy`'s
 tiny random Qwen2 and its tokenizer: seconds, for smoke tests); `tiny-vlm` (`amft_trl.toy`'s tiny LLaVA and its processor,
@@ -698,7 +698,7 @@ def resolve_model(model: str, workdir: Path, src: Path) -> tuple[str, str, str]:
     """(model spec for the workers, tokenizer directory, label). Uses the `amft_trl` helpers of `src`."""
     sys.path.insert(0, str(src))
     if model == "embedded" or model.startswith("random:"):
-        from amft_trl.models import embedded_model_path
+        from amft_trl.embedded_model import embedded_model_path
 
         embedded = str(embedded_model_path())
         if model == "embedded":

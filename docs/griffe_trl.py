@@ -6,7 +6,7 @@
 - `` [`~pkg.Name`] `` and `` [`Name`] `` cross-references become `` `Name` ``.
 
 Used by mkdocs.yml for `AMFTConfig`, whose docstring is written like `GRPOConfig`'s (and tested to list every field,
-`tests/test_docs.py`).
+`tests/docs/test_docs.py`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`make demo`: AMFT on a real small model (SmolLM2-135M-Instruct), on CPU, in under 10 minutes.
 
 What it does, top to bottom:
-1. loads the embedded model (`amft_trl.models.embedded_model_path()`: SmolLM2-135M-Instruct, converted once to a
+1. loads the embedded model (`amft_trl.embedded_model.embedded_model_path()`: SmolLM2-135M-Instruct, converted once to a
    plain fp32 checkpoint and cached) or the model given with `--model`;
 2. builds a small General Points task (`amft_trl.tasks.general_points`): three cards, reach 10; training and
    validation hands under the in-distribution face-card rule (J = Q = K = 10), held-out test hands under the same
@@ -173,7 +173,7 @@ def load_model(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.model is None:
-        from amft_trl.models import embedded_model_path
+        from amft_trl.embedded_model import embedded_model_path
 
         path = embedded_model_path()
     else:

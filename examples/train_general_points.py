@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from amft_trl import AMFTConfig, AMFTTrainer
+from amft_trl.embedded_model import resolve_model_name_or_path
 from amft_trl.evaluation import benchmark_from_dataset
-from amft_trl.models import resolve_model_name_or_path
 from amft_trl.script_utils import (
     ScriptInputError,
     check_chat_template,

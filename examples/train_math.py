@@ -11,7 +11,7 @@ Recipes live in `examples/configs/`; any field of a recipe can be overridden on 
         examples/train_math.py --config examples/configs/math_paper.yaml
 
 From one math dataset (a hub id or a local .jsonl/.json/.parquet/.csv file, in the OpenR1-Math-46k-8192 schema
-or with `problem`/`solution` columns, see `amft_trl.data`) the script builds the RL prompts (with the gold answer
+or with `problem`/`solution` columns, see `amft_trl.math_data`) the script builds the RL prompts (with the gold answer
 in `solution`), the SFT demonstrations (the worked solutions) and held-out validation prompts for the
 meta-gradient, then trains `AMFTTrainer` with `math_accuracy_reward`.
 
@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, ScriptArguments, get_peft_config, get_quantization_config
 
 from amft_trl import AMFTConfig, AMFTTrainer
-from amft_trl.data import DEFAULT_INSTRUCTION, OPENR1_MATH_46K, SCHEMAS, build_math_datasets
-from amft_trl.models import resolve_model_name_or_path
+from amft_trl.embedded_model import resolve_model_name_or_path
+from amft_trl.math_data import DEFAULT_INSTRUCTION, OPENR1_MATH_46K, SCHEMAS, build_math_datasets
 from amft_trl.rewards import boxed_format_reward, math_accuracy_reward
 from amft_trl.script_utils import (
     ScriptInputError,

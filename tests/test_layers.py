@@ -90,17 +90,17 @@ def test_the_core_never_imports_evaluation_or_compare(core):
 def test_the_layer_check_sees_a_lazy_import(tmp_path, monkeypatch):
     """It can fail: a function-level import of `compare` from a core module is found."""
     MODULES["amft_trl.fake_core"] = tmp_path / "fake_core.py"
-    (tmp_path / "fake_core.py").write_text("def f():\n    from amft_trl.compare.runner import run_grid\n")
+    (tmp_path / "fake_core.py").write_text("def f():\n    from amft_trl.compare.runs import run_grid\n")
     try:
-        assert "amft_trl.compare.runner" in _imports("amft_trl.fake_core")
+        assert "amft_trl.compare.runs" in _imports("amft_trl.fake_core")
     finally:
         del MODULES["amft_trl.fake_core"]
 
 
 def test_no_two_modules_import_each_other():
     """A module and a package's `__init__` re-exporting it are not a cycle (the `__init__` is only an index);
-    among the modules themselves, imports go one way (`evaluation.results` <- `report`, `runner`;
-    `compare.configs` <- `grid`, `runner`)."""
+    among the modules themselves, imports go one way (`evaluation.results` <- `tables`,
+    `model_evaluation`; `compare.configs` <- `grid`, `runs`)."""
     plain = {m: {t for t in GRAPH[m] if not MODULES[t].name == "__init__.py"} for m in MODULES}
     plain = {m: targets for m, targets in plain.items() if MODULES[m].name != "__init__.py"}
     cycles = []

@@ -1,4 +1,4 @@
-"""Tests of amft_trl.data on small local fixtures written in the OpenR1-Math-46k-8192 and plain
+"""Tests of amft_trl.math_data on small local fixtures written in the OpenR1-Math-46k-8192 and plain
 problem/solution/answer schemas (no network)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from amft_trl.data import (
+from amft_trl.math_data import (
     DEFAULT_INSTRUCTION,
     build_math_datasets,
     detect_math_schema,
@@ -204,7 +204,7 @@ def test_build_math_datasets_checks_columns_before_splitting(plain):
 def test_one_row_file_with_wrong_columns_reports_the_columns_first(tmp_path):
     # a user's one-row file with its own column names: the column error, not "validation_size must be between 1
     # and 0"; `check_math_columns` is what a script calls on its source before splitting it
-    from amft_trl.data import check_math_columns
+    from amft_trl.math_data import check_math_columns
 
     path = tmp_path / "mine.jsonl"
     path.write_text('{"question": "1 + 1?", "answer": "2"}\n')

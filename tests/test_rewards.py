@@ -1,5 +1,5 @@
 """Tests of amft_trl.rewards: math accuracy, boxed format, multiple choice (general points: see
-test_general_points.py)."""
+tasks/test_general_points.py)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 
 def load():
-    from amft_trl.models import embedded_model_path
+    from amft_trl.embedded_model import embedded_model_path
 
     p = embedded_model_path()
     tok = AutoTokenizer.from_pretrained(p)

@@ -135,7 +135,7 @@ class AMFTConfig(GRPOConfig):
 
         hpt_demonstration_column (`str`, *optional*, defaults to `"demonstration"`):
             The column of `train_dataset` that holds each prompt's demonstration (a string for standard prompts,
-            assistant messages for conversational ones). `amft_trl.data` and `amft_trl.tasks` write it as
+            assistant messages for conversational ones). `amft_trl.math_data` and `amft_trl.tasks` write it as
             `"demonstration"`; OpenR1-Math's is `"target"`.
         hpt_accuracy_threshold (`float`, *optional*, defaults to `0.0`):
             HPT's gate gamma: a prompt whose rollouts' accuracy is at or below it is trained on its demonstration
@@ -329,7 +329,7 @@ class AMFTConfig(GRPOConfig):
         metadata={
             "help": "HPT: the column of train_dataset that holds each prompt's demonstration (the completion to "
             "imitate: a string for standard prompts, assistant messages for conversational ones). The builders of "
-            "amft_trl.data and amft_trl.tasks write it as 'demonstration'; OpenR1-Math's is 'target'."
+            "amft_trl.math_data and amft_trl.tasks write it as 'demonstration'; OpenR1-Math's is 'target'."
         },
     )
     hpt_accuracy_threshold: float = field(

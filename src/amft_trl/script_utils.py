@@ -157,12 +157,12 @@ def load_dataset_arg(
     loader: Callable[..., Any] | None = None,
 ) -> Any:
     """Load a hub dataset or a local `.jsonl/.json/.parquet/.csv` file, with `loader` (default
-    `amft_trl.data.load_math_dataset`). A missing, unreadable or unparsable source raises `ScriptInputError`
+    `amft_trl.math_data.load_math_dataset`). A missing, unreadable or unparsable source raises `ScriptInputError`
     naming the script argument `field_name`."""
     from datasets import Dataset
 
     if loader is None:
-        from .data import load_math_dataset as loader
+        from .math_data import load_math_dataset as loader
     path = os.path.expanduser(name_or_path)
     extension = os.path.splitext(path)[1].lower()
     looks_local = extension in (".jsonl", ".json", ".parquet", ".csv") or path.startswith(("/", "./", "../"))

@@ -48,8 +48,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from amft_trl.compare.grid import GridError, load_grid
-    from amft_trl.compare.report import write_report
-    from amft_trl.compare.runner import run_grid
+    from amft_trl.compare.runs import run_grid
+    from amft_trl.compare.summary import write_report
 
     output = Path(args.output_dir or Path("compare") / Path(args.grid).stem)
     try:

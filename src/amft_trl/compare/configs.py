@@ -1,8 +1,8 @@
 """The trainer configs of one comparison run, built from the grid: an `AMFTConfig`, or for `two_stage` TRL's
 `SFTConfig` then `GRPOConfig`.
 
-Its own module, so that the grid's up-front validation (`amft_trl.compare.grid`) and the runner both use it without
-importing each other.
+Its own module, so that the grid's up-front validation (`amft_trl.compare.grid`) and the runs
+(`amft_trl.compare.runs`) both use it without importing each other.
 """
 
 from __future__ import annotations

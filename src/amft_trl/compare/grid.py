@@ -1,7 +1,7 @@
 """A comparison grid: methods x seeds on one task, read from YAML and checked before anything trains.
 
 ```yaml
-task: toy_addition              # amft_trl.compare.tasks.TASKS
+task: toy_addition              # amft_trl.compare.grid_tasks.TASKS
 task_options: {pretrain_steps: 150}
 model: toy                      # toy (amft_trl.toy's tiny Qwen2), embedded (SmolLM2-135M-Instruct), a path or hub id
 model_options: {hidden_size: 64}  # toy only
@@ -37,8 +37,8 @@ from typing import Any
 
 import yaml
 
+from amft_trl.compare.grid_tasks import TaskError, build_task
 from amft_trl.compare.methods import METHODS, REFERENCE, TWO_STAGE_FIELDS, Budget
-from amft_trl.compare.tasks import TaskError, build_task
 
 
 class GridError(ValueError):

@@ -17,7 +17,8 @@ or from the command line: `amft-eval --model path/or/hub-id --benchmarks math,oo
 - `metrics`: avg@k, the unbiased pass@k estimator, greedy accuracy, per benchmark and averaged over the math
   and the out-of-distribution sets.
 - `backends`: vLLM on a GPU, batched transformers `generate` otherwise.
-- `report`: markdown tables in the layout of the AMFT paper (Tables 2 and 3).
+- `model_evaluation`: `EvalConfig` and `evaluate_model` (generate, grade, aggregate, save; resumable).
+- `tables`: markdown tables in the layout of the AMFT paper (Tables 2 and 3).
 - `amft_accuracy.py` (`METRIC_PATH`): the graders and pass@k as a Hugging Face `evaluate` metric.
 """
 
@@ -41,9 +42,9 @@ from amft_trl.evaluation.benchmarks import (
     resolve_reward,
 )
 from amft_trl.evaluation.metrics import avg_at_k, pass_at_k, pass_at_k_problem
+from amft_trl.evaluation.model_evaluation import BenchmarkResult, EvalConfig, EvalResults, evaluate_model
 from amft_trl.evaluation.prompts import TEMPLATES, PromptTemplate, get_template
-from amft_trl.evaluation.report import markdown_report, markdown_tables
-from amft_trl.evaluation.runner import BenchmarkResult, EvalConfig, EvalResults, evaluate_model
+from amft_trl.evaluation.tables import markdown_report, markdown_tables
 
 #: Path of the Hugging Face `evaluate` metric module: `evaluate.load(METRIC_PATH, "math")`.
 METRIC_PATH: str = os.path.join(os.path.dirname(os.path.abspath(__file__)), "amft_accuracy.py")

@@ -171,8 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list_benchmarks:
         print(_list_benchmarks())
         return 0
-    from amft_trl.evaluation.report import markdown_tables
-    from amft_trl.evaluation.runner import EvalConfig, evaluate_model
+    from amft_trl.evaluation.model_evaluation import EvalConfig, evaluate_model
+    from amft_trl.evaluation.tables import markdown_tables
 
     try:
         if not args.benchmarks:

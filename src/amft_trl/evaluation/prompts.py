@@ -8,9 +8,9 @@ benchmark, and the rendered prompt of every problem, are recorded in `results.js
 Built-in templates (`TEMPLATES`):
 
 - `boxed` (math default): the question, a blank line, then amft-trl's training instruction
-  `amft_trl.data.DEFAULT_INSTRUCTION` ("Please reason step by step, and put your final answer within
+  `amft_trl.math_data.DEFAULT_INSTRUCTION` ("Please reason step by step, and put your final answer within
   \boxed{}.", the Qwen2.5-Math instruction), in the model's chat template. It is what
-  `amft_trl.data.math_rl_prompts` trains on, so a trained model is evaluated on the prompt it learned.
+  `amft_trl.math_data.math_rl_prompts` trains on, so a trained model is evaluated on the prompt it learned.
 - `multiple_choice` (ARC-C, GPQA-Diamond, MMLU-Pro default): the question with its lettered options, then an
   instruction to put the letter in `\boxed{}` (what `multiple_choice_reward` reads first).
 - `luffy`: the question alone in the model's chat template: LUFFY's `eval_scripts/generate_vllm.py` with its
@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from amft_trl.data import DEFAULT_INSTRUCTION
+from amft_trl.math_data import DEFAULT_INSTRUCTION
 
 __all__ = [
     "MULTIPLE_CHOICE_INSTRUCTION",

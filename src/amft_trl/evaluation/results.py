@@ -1,7 +1,7 @@
 """The results of an evaluation run (`evaluate_model`): plain dataclasses, saved as `results.json` and `results.md`.
 
-Their own module, so that `report` (the markdown tables) and `runner` (the run) both depend on it and not on each
-other.
+Their own module, so that `tables` (the markdown tables) and `model_evaluation` (the run) both depend on it and
+not on each other.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from amft_trl.evaluation.report import markdown_report
+from amft_trl.evaluation.tables import markdown_report
 
 __all__ = ["BenchmarkResult", "EvalResults"]
 
@@ -85,7 +85,7 @@ class EvalResults:
         }
 
     def to_markdown(self) -> str:
-        """The results as markdown tables (see `amft_trl.evaluation.report.markdown_report`)."""
+        """The results as markdown tables (see `amft_trl.evaluation.tables.markdown_report`)."""
         return markdown_report([self])
 
     def save(self, output_dir: str | os.PathLike) -> Path:

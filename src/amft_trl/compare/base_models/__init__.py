@@ -6,7 +6,7 @@ SFT pre-training). That build is bit-reproducible on one host, but not across ho
 thread counts differ): rerun elsewhere, the toy grids' starting model came out different (issue 25). The committed
 toy grids' starting model is therefore shipped here, as it was built on the host that made the published results,
 with its recipe (task, resolved task options, resolved toy model options) and its parameter checksum
-(`amft_trl.compare.runner.parameter_checksum`, the `start_checksum` of their `base_eval.json`). A grid whose recipe
+(`amft_trl.compare.runs.parameter_checksum`, the `start_checksum` of their `base_eval.json`). A grid whose recipe
 is a shipped one starts from the shipped checkpoint; any other recipe is built as before.
 """
 

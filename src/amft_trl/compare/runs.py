@@ -12,7 +12,7 @@ tuning/<method>/choice.json      the winning trial
 runs/<method>/seed-<s>/          the runs of the table: result.json when finished, evals.jsonl as they go,
                                  checkpoints while running (removed once result.json is written)
 sweeps/<method>/point-<i>/seed-<s>/  the runs of a method's `sweep` (its i-th knob point), laid out as runs/
-results.csv, runs.csv, table.md  the summary (`amft_trl.compare.report`), with the plots
+results.csv, runs.csv, table.md  the summary (`amft_trl.compare.summary`), with the plots
 ```
 
 A run is finished when its `result.json` exists and is skipped then. An unfinished run resumes from its last
@@ -49,8 +49,8 @@ from amft_trl._distributed import global_sum
 from amft_trl._trl_compat import quiet_tied_weights_on_resume
 from amft_trl.compare.configs import build_configs
 from amft_trl.compare.grid import Grid, GridError, check_against_data
+from amft_trl.compare.grid_tasks import TaskData, build_task
 from amft_trl.compare.methods import METHODS, Budget
-from amft_trl.compare.tasks import TaskData, build_task
 
 logger = logging.getLogger(__name__)
 
@@ -508,7 +508,7 @@ def resolve_base(grid: Grid, task: Any, out: Path) -> str:
                 (tmp / BASE_INFO).write_text(json.dumps({"toy": True, **info}))
             tmp.replace(directory)
         return str(directory)
-    from amft_trl.models import resolve_model_name_or_path
+    from amft_trl.embedded_model import resolve_model_name_or_path
 
     try:
         return resolve_model_name_or_path(None if grid.model == "embedded" else grid.model)
@@ -689,7 +689,7 @@ def run_grid(
     Returns the output directory. Raises `GridError` for a grid that cannot run (before anything trains)."""
     from tqdm.auto import tqdm
 
-    from amft_trl.compare.report import write_report
+    from amft_trl.compare.summary import write_report
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1:  # every process would train the same runs and write the same result files

@@ -18,7 +18,7 @@ Tasks:
   SmolLM2-135M-Instruct): `add` (two numbers), `sum3` (three numbers) or `mul` (a number times a digit); OOD uses
   larger operands.
 - `general_points`: the AMFT paper's card game (`amft_trl.tasks.general_points`), ID and OOD face-card rules.
-- `math`: OpenR1-Math-46k-8192 (or any math file the `amft_trl.data` builders read), evaluated on the evaluation
+- `math`: OpenR1-Math-46k-8192 (or any math file the `amft_trl.math_data` builders read), evaluated on the evaluation
   issue's named benchmarks (`math,ood` by default): the GPU recipe.
 """
 
@@ -385,8 +385,8 @@ class Math(Task):
         seed: int = 0
 
     def build(self) -> TaskData:
-        from amft_trl.data import build_math_datasets, load_math_dataset
         from amft_trl.evaluation import BENCHMARK_GROUPS
+        from amft_trl.math_data import build_math_datasets, load_math_dataset
         from amft_trl.rewards import math_accuracy_reward
 
         o = self.options

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from amft_trl.compare import METHODS, GridError, load_grid, parse_grid, run_grid
-from amft_trl.compare import runner as runner_module
-from amft_trl.compare import tasks as tasks_module
+from amft_trl.compare import METHODS, GridError, grid_tasks, load_grid, parse_grid, run_grid
+from amft_trl.compare import runs as runs_module
 from amft_trl.compare.cli import main as compare_main
 from amft_trl.compare.stats import mean_interval, paired_difference
 
@@ -119,7 +118,7 @@ def test_bad_grid_is_named(changes, message):
     assert message in str(error.value)
 
 
-class _NoDemos(tasks_module.ToyAddition):
+class _NoDemos(grid_tasks.ToyAddition):
     name = "toy_no_demos"
 
     def build(self):
@@ -137,7 +136,7 @@ class _NoDemos(tasks_module.ToyAddition):
     ],
 )
 def test_task_without_demonstrations_is_refused(monkeypatch, tmp_path, method, message):
-    monkeypatch.setitem(tasks_module.TASKS, "toy_no_demos", _NoDemos)
+    monkeypatch.setitem(grid_tasks.TASKS, "toy_no_demos", _NoDemos)
     grid = parse_grid(_grid(task="toy_no_demos", methods=["grpo_only", method]))
     with pytest.raises(GridError, match=message):
         run_grid(grid, tmp_path / "out", progress=False)
@@ -276,7 +275,7 @@ def test_starting_model_reloads_with_the_tokenizer_it_was_trained_with(smoke):
     from amft_trl import toy
 
     out, _ = smoke
-    model, tokenizer = runner_module.load_model(str(out / "base_model"))
+    model, tokenizer = runs_module.load_model(str(out / "base_model"))
     text = "Compute 13 + 4 = 17. The answer is 17."
     assert tokenizer(text)["input_ids"] == toy.build_tokenizer()(text)["input_ids"]
 
@@ -285,7 +284,7 @@ def test_two_stage_is_trl_sft_then_grpo_from_its_final_weights(smoke):
     out, _ = smoke
     from transformers import AutoModelForCausalLM
 
-    base = runner_module.parameter_checksum(AutoModelForCausalLM.from_pretrained(out / "base_model"))
+    base = runs_module.parameter_checksum(AutoModelForCausalLM.from_pretrained(out / "base_model"))
     for seed in (0, 1):
         stage = json.loads((out / "runs" / "two_stage" / f"seed-{seed}" / "result.json").read_text())[
             "two_stage"
@@ -330,20 +329,20 @@ def test_interrupted_grid_resumes_to_the_same_result(tmp_path, monkeypatch):
     grid = parse_grid(_grid(methods=["amft"], budget={"max_steps": 4, "warmup_steps": 1, "eval_every": 2}))
     straight = run_grid(grid, tmp_path / "straight", progress=False)
 
-    original = runner_module._Recorder.on_step_end
+    original = runs_module._Recorder.on_step_end
 
     def interrupt(self, args, state, control, **kwargs):
         original(self, args, state, control, **kwargs)
         if self.run.seed == 1 and state.global_step == 3:
             raise KeyboardInterrupt("stopped by the test")
 
-    monkeypatch.setattr(runner_module._Recorder, "on_step_end", interrupt)
+    monkeypatch.setattr(runs_module._Recorder, "on_step_end", interrupt)
     with pytest.raises(KeyboardInterrupt):
         run_grid(grid, tmp_path / "resumed", progress=False)
     half = tmp_path / "resumed" / "runs" / "amft"
     assert (half / "seed-0" / "result.json").exists() and not (half / "seed-1" / "result.json").exists()
     assert (half / "seed-1" / "train" / "checkpoint-2").is_dir()
-    monkeypatch.setattr(runner_module._Recorder, "on_step_end", original)
+    monkeypatch.setattr(runs_module._Recorder, "on_step_end", original)
     warnings = _TrainerWarnings()
     with warnings:
         run_grid(grid, tmp_path / "resumed", progress=False)
@@ -373,8 +372,8 @@ def test_determinism_evaluating_does_not_change_training(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ the GPU recipe
 
-FIXTURES = Path(__file__).parent / "fixtures"
-RECIPE = Path(__file__).parents[1] / "benchmarks" / "grids" / "math_gpu.yaml"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+RECIPE = Path(__file__).parents[2] / "benchmarks" / "grids" / "math_gpu.yaml"
 
 
 def test_gpu_recipe_is_a_valid_grid():
@@ -458,17 +457,17 @@ def test_two_stage_stopped_in_its_rl_stage_redoes_a_lost_sft_stage(smoke, tmp_pa
     out, _ = smoke
     straight = json.loads((out / "runs" / "two_stage" / "seed-0" / "result.json").read_text())
     grid = parse_grid(_grid(methods=["two_stage"], seeds=[0]))
-    original = runner_module._Recorder.on_step_end
+    original = runs_module._Recorder.on_step_end
 
     def interrupt(self, args, state, control, **kwargs):
         original(self, args, state, control, **kwargs)
         if self.offset == 2 and state.global_step == 1:  # the first step of the RL stage
             raise KeyboardInterrupt("stopped by the test")
 
-    monkeypatch.setattr(runner_module._Recorder, "on_step_end", interrupt)
+    monkeypatch.setattr(runs_module._Recorder, "on_step_end", interrupt)
     with pytest.raises(KeyboardInterrupt):
         run_grid(grid, tmp_path / "g", progress=False)
-    monkeypatch.setattr(runner_module._Recorder, "on_step_end", original)
+    monkeypatch.setattr(runs_module._Recorder, "on_step_end", original)
     run = tmp_path / "g" / "runs" / "two_stage" / "seed-0"
     assert (run / "sft_stage.json").exists() and (run / "sft_final" / "config.json").exists()
     import shutil
@@ -487,8 +486,8 @@ def test_a_changed_starting_model_stops_a_resumed_grid(smoke, tmp_path):
     shutil.copytree(out, grid_dir)
     base_eval = grid_dir / "base_eval.json"
     recorded = json.loads(base_eval.read_text())
-    model, _ = runner_module.load_model(str(grid_dir / "base_model"))
-    assert recorded["start_checksum"] == runner_module.parameter_checksum(model)
+    model, _ = runs_module.load_model(str(grid_dir / "base_model"))
+    assert recorded["start_checksum"] == runs_module.parameter_checksum(model)
 
     # a grid directory from before the checksum was recorded gets it added, nothing else changes
     del recorded["start_checksum"]
@@ -497,7 +496,7 @@ def test_a_changed_starting_model_stops_a_resumed_grid(smoke, tmp_path):
     before = result.read_bytes()
     run_grid(load_grid(path), grid_dir, progress=False)
     again = json.loads(base_eval.read_text())
-    assert again.pop("start_checksum") == runner_module.parameter_checksum(model) and again == recorded
+    assert again.pop("start_checksum") == runs_module.parameter_checksum(model) and again == recorded
     assert result.read_bytes() == before
 
     # other starting weights (a retrained toy model, another hub revision): refused before anything trains
@@ -515,7 +514,7 @@ def test_a_changed_starting_model_stops_a_resumed_grid(smoke, tmp_path):
 
 def _hand_built_report(tmp_path, scores: dict[str, list[float]], base_score: float) -> str:
     """table.md from hand-built results: `scores[method]` is the `id` score of each seed."""
-    from amft_trl.compare.report import SPENT_COLUMNS, markdown, summarize
+    from amft_trl.compare.summary import SPENT_COLUMNS, markdown, summarize
 
     grid = parse_grid(_grid(methods=list(scores)))
     runs = {
@@ -609,7 +608,7 @@ def test_trl_stage_configs_get_the_optimizer_check():
 def _recorded(tmp_path, raw):
     """An output directory holding the results of grid `raw` (its record and one finished run)."""
     out = tmp_path / "out"
-    runner_module.prepare_output_dir(parse_grid(raw), out, overwrite=False)
+    runs_module.prepare_output_dir(parse_grid(raw), out, overwrite=False)
     (out / "runs" / "amft" / "seed-0").mkdir(parents=True)
     (out / "runs" / "amft" / "seed-0" / "result.json").write_text("{}")
     return out
@@ -619,12 +618,12 @@ def test_added_seeds_extend_a_grid_and_keep_its_runs(tmp_path):
     import yaml
 
     out = _recorded(tmp_path, _grid())
-    runner_module.prepare_output_dir(parse_grid(_grid(seeds=[0, 1, 2])), out, overwrite=False)
+    runs_module.prepare_output_dir(parse_grid(_grid(seeds=[0, 1, 2])), out, overwrite=False)
     assert yaml.safe_load((out / "grid.yaml").read_text())["seeds"] == [0, 1, 2]  # the record is the grid now
     assert (out / "runs" / "amft" / "seed-0" / "result.json").exists()
     # writing a default out is the same grid
     same = _grid(seeds=[0, 1, 2], budget={**SMOKE["budget"], "eval_every": 2}, reference="two_stage")
-    runner_module.prepare_output_dir(parse_grid(same), out, overwrite=False)
+    runs_module.prepare_output_dir(parse_grid(same), out, overwrite=False)
 
 
 @pytest.mark.parametrize(
@@ -642,7 +641,7 @@ def test_added_seeds_extend_a_grid_and_keep_its_runs(tmp_path):
 def test_a_different_grid_is_refused_naming_what_differs(tmp_path, changes, named):
     out = _recorded(tmp_path, _grid())
     with pytest.raises(GridError) as error:
-        runner_module.prepare_output_dir(parse_grid(_grid(**changes)), out, overwrite=False)
+        runs_module.prepare_output_dir(parse_grid(_grid(**changes)), out, overwrite=False)
     assert named in str(error.value) and "--overwrite" in str(error.value)
     assert (out / "runs" / "amft" / "seed-0" / "result.json").exists()
 
@@ -653,11 +652,11 @@ def test_added_seeds_that_move_the_default_tuning_seed_say_how_to_keep_it(tmp_pa
     with pytest.raises(
         GridError, match=r"`tuning.seed` defaults to max\(seeds\) \+ 1: set `tuning: \{seed: 2\}`"
     ):
-        runner_module.prepare_output_dir(
+        runs_module.prepare_output_dir(
             parse_grid(_grid(methods=tuned, seeds=[0, 1, 2])), out, overwrite=False
         )
     kept = _grid(methods=tuned, seeds=[0, 1, 2], tuning={"seed": 2})
-    runner_module.prepare_output_dir(parse_grid(kept), out, overwrite=False)
+    runs_module.prepare_output_dir(parse_grid(kept), out, overwrite=False)
 
 
 def test_cli_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
@@ -669,7 +668,7 @@ def test_cli_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner_module, "run_grid", interrupted)
+    monkeypatch.setattr(runs_module, "run_grid", interrupted)
     assert compare_main([str(path), "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 130
     captured = capsys.readouterr()
     assert captured.err.strip() == "amft-compare: interrupted; run the same command again to resume."

@@ -46,7 +46,7 @@ def _env() -> dict[str, str]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env.pop("ACCELERATE_USE_CPU", None)  # it would turn DeepSpeed into plain multi-CPU
     env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE.parent), env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE.parents[1]), env.get("PYTHONPATH")) if p)
     return env
 
 
@@ -163,7 +163,7 @@ def test_the_deepspeed_extras_require_the_fixed_release():
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     from amft_trl._deepspeed_check import DEEPSPEED_OFFLOAD_FIX_VERSION
 
-    project = tomllib.loads((HERE.parents[1] / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads((HERE.parents[2] / "pyproject.toml").read_text())["project"]
     for extra in ("deepspeed", "dev"):
         specs = [s for s in project["optional-dependencies"][extra] if s.startswith("deepspeed")]
         assert specs == [f"deepspeed>={DEEPSPEED_OFFLOAD_FIX_VERSION}"], (extra, specs)

@@ -256,7 +256,7 @@ def test_hpt_placeholder_row_of_a_process_without_demonstrations_carries_images(
     prompt with EOS as completion."""
     import threading
 
-    from test_applied_sft_weight import _Board, _FakeAccelerator
+    from _simulated_processes import _Board, _FakeAccelerator
 
     from amft_trl.attached_demonstrations import AttachedDemonstrations
     from amft_trl.balancing import HPTStrategy
@@ -457,7 +457,7 @@ def test_vlm_example_script_runs_hpt_on_the_rows_demonstrations(tmp_path, vlm_di
 
     from datasets import DatasetDict
 
-    examples = Path(__file__).resolve().parents[1] / "examples" / "vlm"
+    examples = Path(__file__).resolve().parents[2] / "examples" / "vlm"
     sys.path.insert(0, str(examples))
     import train_vlm
 

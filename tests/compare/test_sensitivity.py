@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from amft_trl.compare import GridError, base_models, load_grid, parse_grid, run_grid
-from amft_trl.compare import runner as runner_module
+from amft_trl.compare import runs as runs_module
+from amft_trl.compare.grid_tasks import build_task
 from amft_trl.compare.stats import mean_interval, paired_difference
-from amft_trl.compare.tasks import build_task
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 
 SMOKE = {
     "name": "ci-sweep",
@@ -86,7 +86,7 @@ def test_a_sweep_point_torch_would_refuse_stops_the_grid_before_it_runs(tmp_path
 
 def test_a_changed_sweep_is_a_different_grid(tmp_path):
     """A finished sweep's directory refuses a grid with other knob values (they would mix in one report)."""
-    from amft_trl.compare.runner import compare_grids
+    from amft_trl.compare.runs import compare_grids
 
     before = _grid()
     after = _grid(methods={**SMOKE["methods"], "fixed": {"sweep": {"mu_init": [0.5, 0.7]}}})
@@ -204,8 +204,8 @@ def test_published_toy_grids_start_from_the_shipped_checkpoint(name):
     found = base_models.find(grid.task, build_task(grid.task, grid.task_options), grid.model_options)
     assert found is not None
     path, checksum = found
-    model, _ = runner_module.load_model(str(path))
-    assert runner_module.parameter_checksum(model) == checksum
+    model, _ = runs_module.load_model(str(path))
+    assert runs_module.parameter_checksum(model) == checksum
     base_eval = ROOT / "benchmarks" / "results" / "compare" / name / "base_eval.json"
     if base_eval.exists():
         assert json.loads(base_eval.read_text())["start_checksum"] == checksum
@@ -224,10 +224,10 @@ def test_a_grid_with_the_shipped_recipe_copies_it_instead_of_building(tmp_path, 
     def no_build(*args, **kwargs):
         raise AssertionError("the shipped recipe must not be rebuilt")
 
-    monkeypatch.setattr(runner_module, "_toy_base", no_build)
-    path = runner_module.resolve_base(grid, task, tmp_path)
+    monkeypatch.setattr(runs_module, "_toy_base", no_build)
+    path = runs_module.resolve_base(grid, task, tmp_path)
     (entry,) = base_models.shipped().values()
-    assert runner_module.parameter_checksum(runner_module.load_model(path)[0]) == entry["checksum"]
+    assert runs_module.parameter_checksum(runs_module.load_model(path)[0]) == entry["checksum"]
     # another recipe (one pre-training step more) is built, not served the shipped weights
     other = parse_grid({**yaml.safe_load((ROOT / "benchmarks/grids/toy_addition_lr.yaml").read_text())})
     other.task_options = {**other.task_options, "pretrain_steps": 301}
@@ -249,7 +249,7 @@ def test_a_damaged_shipped_checkpoint_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(base_models, "MANIFEST", copy_dir / "shipped.json")
     grid = load_grid(ROOT / "benchmarks" / "grids" / "toy_addition_lr.yaml")
     with pytest.raises(GridError, match="shipped starting checkpoint"):
-        runner_module.resolve_base(grid, build_task(grid.task, grid.task_options), tmp_path / "out")
+        runs_module.resolve_base(grid, build_task(grid.task, grid.task_options), tmp_path / "out")
 
 
 @pytest.mark.slow
@@ -257,9 +257,9 @@ def test_building_the_shipped_recipe_on_this_host_reproduces_it(tmp_path):
     """Same host: the toy pre-training is bit-reproducible, so building the recipe gives the shipped weights. (Not
     across hosts: that is why the checkpoint is shipped.) About 30 s on one CPU core."""
     grid = load_grid(ROOT / "benchmarks" / "grids" / "toy_addition_lr.yaml")
-    runner_module._toy_base(grid, build_task(grid.task, grid.task_options), tmp_path)
+    runs_module._toy_base(grid, build_task(grid.task, grid.task_options), tmp_path)
     (entry,) = base_models.shipped().values()
-    assert runner_module.parameter_checksum(runner_module.load_model(str(tmp_path))[0]) == entry["checksum"]
+    assert runs_module.parameter_checksum(runs_module.load_model(str(tmp_path))[0]) == entry["checksum"]
 
 
 # ------------------------------------------------------------------------------------------------ committed grids

@@ -1,8 +1,9 @@
 """Scale-out correctness on CPU: 2-process DDP and DeepSpeed ZeRO-2/3 (gloo) against 1 process, and against no DeepSpeed.
 
-Each run is `tests/_parallel_runner.py` in a subprocess (a distributed run needs its own process group); rank 0
-writes the trajectory as JSON. The 2-process runs go through `accelerate launch --multi_gpu` with
-`ACCELERATE_USE_CPU=1`: on a machine without GPUs that is what starts N CPU ranks (`--cpu --num_processes N` starts one).
+Each run is `tests/_parallel_runner.py` in a subprocess (a distributed run needs its own process group), started by
+`tests/_parallel_launch.py`; rank 0 writes the trajectory as JSON. The 2-process runs go through
+`accelerate launch --multi_gpu` with `ACCELERATE_USE_CPU=1`: on a machine without GPUs that is what starts N CPU ranks
+(`--cpu --num_processes N` starts one).
 The DeepSpeed runs pass the config as `AMFTConfig(deepspeed=...)`, on N processes started by `torchrun`.
 """
 
@@ -11,106 +12,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from _parallel_launch import _close, _plain_and_zero, _run
 from datasets import Dataset
 
 from amft_trl import AMFTConfig, AMFTTrainer, MuController
 from amft_trl._distributed import check_parallel_setup
 from amft_trl._distributed import launcher_deepspeed_config as _launcher_deepspeed_config
 
-RUNNER = str(Path(__file__).with_name("_parallel_runner.py"))
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
-
 needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"
 )
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(Path(RUNNER).parent), env.get("PYTHONPATH")) if p)
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _run(
-    model_dir: str,
-    out: Path,
-    *extra: str,
-    processes: int = 1,
-    deepspeed_env: bool = False,
-    timeout: int = 600,
-) -> dict:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if processes == 1:
-        cmd = [sys.executable, RUNNER]
-        env = _env()
-        if (
-            deepspeed_env
-        ):  # DeepSpeed initialises a process group even for one process; ACCELERATE_USE_CPU would
-            del env[
-                "ACCELERATE_USE_CPU"
-            ]  # turn it into plain multi-CPU (the config's use_cpu keeps it on the CPU)
-            env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
-    elif (
-        deepspeed_env
-    ):  # DeepSpeed on N CPU processes: torchrun sets the ranks; DeepSpeed joins them over gloo
-        # a concrete free port: with torchrun's `--master_port=0` DeepSpeed's own rendezvous waits forever
-        cmd = [TORCHRUN, f"--nproc_per_node={processes}", f"--master_port={_free_port()}", RUNNER]
-        env = _env()
-        del env["ACCELERATE_USE_CPU"]
-    else:
-        cmd = [
-            ACCELERATE,
-            "launch",
-            "--multi_gpu",
-            f"--num_processes={processes}",
-            "--main_process_port=0",
-            RUNNER,
-        ]
-        env = _env()
-    if "--cuda" in extra:  # ACCELERATE_USE_CPU would keep a GPU run on the CPU
-        env.pop("ACCELERATE_USE_CPU", None)
-    proc = subprocess.run(
-        [*cmd, model_dir, str(out), *extra], env=env, capture_output=True, text=True, timeout=timeout
-    )
-    if proc.returncode != 0:
-        raise AssertionError(f"run failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(out.read_text())
-
-
-def _close(a: list, b: list, rel: float) -> bool:
-    if len(a) != len(b):
-        return False
-    return all(
-        (x is None and y is None) or math.isclose(x, y, rel_tol=rel, abs_tol=rel * 1e-3) for x, y in zip(a, b)
-    )
-
-
-def _plain_and_zero(model_dir: str, tmp_path: Path, stage: int, *extra: str) -> tuple[dict, dict]:
-    """The same run without DeepSpeed and under single-process ZeRO-`stage`."""
-    plain = _run(model_dir, tmp_path / "plain" / "r.json", *extra)
-    zero = _run(
-        model_dir,
-        tmp_path / f"zero{stage}" / "r.json",
-        *extra,
-        f"--deepspeed_stage={stage}",
-        deepspeed_env=True,
-    )
-    assert zero["distributed_type"] == "DistributedType.DEEPSPEED"
-    return plain, zero
 
 
 def test_two_processes_give_the_one_process_trajectory(tiny_model_dir, tmp_path):

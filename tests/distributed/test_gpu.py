@@ -1,6 +1,6 @@
 """GPU-only scale-out checks: bf16 meta step, DeepSpeed ZeRO-3 on GPUs, vLLM rollouts (colocate, server), liger.
 
-Skipped where there is no CUDA device (always in CI). Run on a GPU machine with `pytest -m gpu tests/test_gpu.py`.
+Skipped where there is no CUDA device (always in CI). Run on a GPU machine with `pytest -m gpu tests/distributed/test_gpu.py`.
 The vLLM server test also needs a running server: start `trl vllm-serve --model <dir>` on the model that
 `AMFT_VLLM_SERVER_MODEL` names, and set `AMFT_VLLM_SERVER_PORT` (default 8000).
 """
@@ -127,7 +127,7 @@ def test_zero3_meta_gradient_on_gpus(tiny_model_dir, tmp_path, processes):
     """ZeRO-3 with the meta-gradient on 1 and 2 GPUs (NCCL) against the plain single-GPU run on the same global batch."""
     if torch.cuda.device_count() < processes:
         pytest.skip(f"needs {processes} CUDA devices")
-    from test_parallel import _close, _run
+    from _parallel_launch import _close, _run
 
     common = ("--cuda", "--sgd", "--max_steps=4")
     plain = _run(tiny_model_dir, tmp_path / "plain" / "r.json", *common)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_cost.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "step_cost.py"
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +230,7 @@ def test_end_to_end_tiny_vlm(tmp_path):
     assert all(step["phase_seconds"][p] > 0 for p in ("rl", "sft", "meta_validation", "optimizer"))
 
 
-SUMMARY = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_summary.py"
+SUMMARY = Path(__file__).resolve().parents[2] / "benchmarks" / "compare_summary.py"
 
 
 def _result(grid: Path, method: str, seed: int, acc: float, ood: float) -> None:

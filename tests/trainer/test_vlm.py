@@ -647,7 +647,7 @@ def test_vlm_example_script_trains_the_tiny_vlm(tmp_path, vlm_dir):
 
     from datasets import DatasetDict
 
-    examples = Path(__file__).resolve().parents[1] / "examples" / "vlm"
+    examples = Path(__file__).resolve().parents[2] / "examples" / "vlm"
     sys.path.insert(0, str(examples))
     import train_vlm
 
@@ -697,7 +697,7 @@ def test_vlm_example_script_trains_the_tiny_vlm(tmp_path, vlm_dir):
 def test_two_processes_give_the_one_process_trajectory_with_images(tmp_path, vlm_dir):
     """The same global batch on 1 and 2 CPU processes (float64, SGD, GA 2, meta steps): same g_mu, mu, losses and
     parameters. Each process processes its own rows' images; the validation images are split like the prompts."""
-    from test_parallel import _close, _run
+    from _parallel_launch import _close, _run
 
     one = _run(vlm_dir, tmp_path / "one" / "r.json", "--float64", "--vlm")
     two = _run(vlm_dir, tmp_path / "two" / "r.json", "--float64", "--vlm", processes=2)
@@ -730,8 +730,8 @@ def test_two_processes_give_the_one_process_trajectory_with_images(tmp_path, vlm
 @pytest.mark.parametrize("stage", [2, 3])
 def test_meta_gradient_with_images_under_zero_matches_plain(tmp_path, vlm_dir, stage):
     """ZeRO-2/3, one process, meta steps on (GA 2, SGD), images everywhere: the plain run's g_mu, mu and losses
-    (float32 rounding, as in tests/test_parallel.py's text version)."""
-    from test_parallel import _close, _plain_and_zero
+    (float32 rounding, as in tests/distributed/test_ddp_and_zero.py's text version)."""
+    from _parallel_launch import _close, _plain_and_zero
 
     plain, zero = _plain_and_zero(vlm_dir, tmp_path, stage, "--sgd", "--max_steps=4", "--vlm")
     meta = [g for g in plain["meta_gradient"] if g is not None]

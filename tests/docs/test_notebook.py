@@ -13,7 +13,7 @@ from pathlib import Path
 import nbclient
 import nbformat
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "amft_walkthrough.ipynb"
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "amft_walkthrough.ipynb"
 
 TINY_PARAMETERS = """\
 MODEL = "tiny"
@@ -56,7 +56,7 @@ def test_notebook_executes(tmp_path, monkeypatch):
     # One thread: the tiny model is far faster so on a busy CPU (2 threads spin against other processes).
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     # The kernel must import amft_trl from this checkout even when it is not installed (e.g. PYTHONPATH=src runs).
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
 
     client = nbclient.NotebookClient(

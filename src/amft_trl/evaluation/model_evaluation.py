@@ -463,7 +463,7 @@ def evaluate_model(
                 "backend 'vllm' needs vLLM installed (pip install 'amft-trl[vllm]') and a GPU."
             )
     if model is None or isinstance(model, (str, os.PathLike)):
-        from amft_trl.models import resolve_model_name_or_path
+        from amft_trl.embedded_model import resolve_model_name_or_path
 
         try:
             model = resolve_model_name_or_path(None if model is None else str(model))

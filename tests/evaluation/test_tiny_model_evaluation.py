@@ -13,8 +13,8 @@ from amft_trl.evaluation import EvalResults, benchmark_from_dataset, evaluate_mo
 from amft_trl.evaluation.cli import main
 from amft_trl.rewards import math_accuracy_reward, multiple_choice_reward
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "eval")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "eval")
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUESTIONS = [
     "Compute 3 + 4 =",
     "Compute 12 + 7 = ?",
