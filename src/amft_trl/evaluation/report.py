@@ -99,9 +99,9 @@ def markdown_tables(results: EvalResults | Sequence[EvalResults]) -> str:
             + _table(header, rows)
         )
     for group, title in (
-        ("general_points", "General Points"),
+        ("general_points", "General Points, accuracy"),
         *((g, f"{t}, success rate") for g, t in _EPISODE_TITLES.items()),
-        ("other", "Other benchmarks"),
+        ("other", "Other benchmarks, accuracy"),
     ):
         columns = _ordered(results, group)
         if not columns:
@@ -114,9 +114,7 @@ def markdown_tables(results: EvalResults | Sequence[EvalResults]) -> str:
             ]
             for r in results
         ]
-        parts.append(
-            f"{title}, accuracy (%):\n\n" + _table(["Model"] + [label for _, label in columns], rows)
-        )
+        parts.append(f"{title} (%):\n\n" + _table(["Model"] + [label for _, label in columns], rows))
     parts.append(_footnote(results))
     return "\n\n".join(parts) + "\n"
 
