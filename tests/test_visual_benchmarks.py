@@ -315,3 +315,23 @@ def test_incomplete_virl_folder_names_the_missing_file(tmp_path, capsys):
     assert eval_main(["--benchmarks", "virl_vl_id", "--virl-path", path, "--output-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "gps_pano_mapping.pkl" in err, err
+
+
+def test_revision_episodes_on_a_real_tiny_model_through_transformers_generate(tmp_path):
+    """The text path end to end: the chat template with the tool schema, batched `generate`, TRL's parser on
+    whatever a random model writes (no tool call: the episode ends after one answer and fails), saved and resumed."""
+    from amft_trl.toy import build_model
+
+    tokenizer = tool_tokenizer()
+    model = build_model(tokenizer)
+    model.config.max_position_embeddings = 4096
+    kw = dict(
+        tokenizer=tokenizer, output_dir=str(tmp_path), num_samples=2, max_new_tokens=6, progress=False, **GP
+    )
+    results = evaluate_model(model, "gp_l_id", **kw)
+    metrics = results["gp_l_id"]
+    assert metrics["num_problems"] == 3 and metrics["greedy"] == metrics["avg@2"] == 0.0
+    assert metrics["mean_turns"] == 1.0 and metrics["mean_reward"] == -3.0  # never submitted: -3
+    assert results.backend == "transformers"
+    again = evaluate_model(model, "gp_l_id", **kw)  # resumed from the saved episodes, nothing generated
+    assert again.backend.startswith("none") and again["gp_l_id"] == metrics

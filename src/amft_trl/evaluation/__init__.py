@@ -41,6 +41,7 @@ from amft_trl.evaluation.benchmarks import (
     resolve_reward,
 )
 from amft_trl.evaluation.metrics import avg_at_k, pass_at_k, pass_at_k_problem
+from amft_trl.evaluation.multiturn import VisualTaskOptions
 from amft_trl.evaluation.prompts import TEMPLATES, PromptTemplate, get_template
 from amft_trl.evaluation.report import markdown_report, markdown_tables
 from amft_trl.evaluation.runner import BenchmarkResult, EvalConfig, EvalResults, evaluate_model
@@ -67,6 +68,7 @@ __all__ = [
     "SamplingSettings",
     "TransformersBackend",
     "VLLMBackend",
+    "VisualTaskOptions",
     "avg_at_k",
     "benchmark_from_dataset",
     "evaluate_model",
