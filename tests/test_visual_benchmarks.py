@@ -335,3 +335,29 @@ def test_revision_episodes_on_a_real_tiny_model_through_transformers_generate(tm
     assert results.backend == "transformers"
     again = evaluate_model(model, "gp_l_id", **kw)  # resumed from the saved episodes, nothing generated
     assert again.backend.startswith("none") and again["gp_l_id"] == metrics
+
+
+def test_cli_evaluates_a_saved_vlm_checkpoint(tmp_path, capsys):
+    """`amft-eval --model DIR --benchmarks gp_vl`: the processor and the image-text model are loaded from the folder."""
+    from amft_trl.toy import build_vlm, build_vlm_processor
+
+    processor = build_vlm_processor()
+    model = build_vlm(processor)
+    model.config.text_config.max_position_embeddings = 2048
+    model.save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+    argv = ["--model", str(tmp_path / "vlm"), "--benchmarks", "gp_vl", "--gp-revision-turns", "0"]
+    argv += ["--gp-resolution", "96", "--gp-num-eval", "2", "--gp-num-cards", "3", "--gp-target", "10"]
+    argv += [
+        "--num-samples",
+        "0",
+        "--max-new-tokens",
+        "4",
+        "--output-dir",
+        str(tmp_path / "eval"),
+        "--no-progress",
+    ]
+    assert eval_main(argv) == 0
+    assert "General Points-VL (card images), success rate (%)" in capsys.readouterr().out
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["backend"] == "transformers" and len(results["benchmarks"]) == 3

@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     names = ", ".join(list(BENCHMARKS) + list(BENCHMARK_GROUPS))
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Evaluate a model on math, out-of-distribution and General Points benchmarks; write "
+        description="Evaluate a model on math, out-of-distribution, General Points and visual / multi-turn (GP-VL, V-IRL) benchmarks; write "
         "results.json and the paper's markdown table.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
