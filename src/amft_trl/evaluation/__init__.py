@@ -43,6 +43,7 @@ from amft_trl.evaluation.benchmarks import (
 )
 from amft_trl.evaluation.metrics import avg_at_k, pass_at_k, pass_at_k_problem
 from amft_trl.evaluation.model_evaluation import BenchmarkResult, EvalConfig, EvalResults, evaluate_model
+from amft_trl.evaluation.multiturn import VisualTaskOptions
 from amft_trl.evaluation.prompts import TEMPLATES, PromptTemplate, get_template
 from amft_trl.evaluation.tables import markdown_report, markdown_tables
 
@@ -68,6 +69,7 @@ __all__ = [
     "SamplingSettings",
     "TransformersBackend",
     "VLLMBackend",
+    "VisualTaskOptions",
     "avg_at_k",
     "benchmark_from_dataset",
     "evaluate_model",

@@ -8,6 +8,9 @@ only: greedy decoding gives the same completions on both, up to floating-point t
 
 A backend is any object with `name`, `generate(prompt_ids, n, settings, seed) -> list[list[str]]` and
 `problems_per_call(n)` (`GenerationBackend`); pass your own to `evaluate_model(backend=...)` to evaluate through another engine.
+Benchmarks with images (General Points-VL, V-IRL street views) also need `generate_multimodal(texts, images, n,
+settings, seed)`: rendered prompt texts and each prompt's images, processed together by a VLM processor
+(`TransformersBackend` given a `processor`).
 """
 
 from __future__ import annotations
@@ -91,12 +94,18 @@ class TransformersBackend:
         tokenizer: its tokenizer (the pad token falls back to EOS).
         batch_size: sequences per `generate` call (prompts x samples); prompts are sorted by length first
             so that each batch pads little.
+        processor: a vision-language processor (for `generate_multimodal`); its tokenizer is used when
+            `tokenizer` is None.
     """
 
     name = "transformers"
 
-    def __init__(self, model: Any, tokenizer: Any, batch_size: int = 16) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, batch_size: int = 16, processor: Any | None = None
+    ) -> None:
+        tokenizer = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
         self.model, self.tokenizer, self.batch_size = model, tokenizer, max(1, int(batch_size))
+        self.processor = processor
         self.eos_token_id = _eos_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_token_id = pad if pad is not None else (self.eos_token_id[0] if self.eos_token_id else 0)
@@ -115,6 +124,11 @@ class TransformersBackend:
             if ids:
                 input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                 attention_mask[row, width - len(ids) :] = 1
+        return self._generate_inputs(
+            {"input_ids": input_ids, "attention_mask": attention_mask}, width, settings
+        )
+
+    def _generate_inputs(self, inputs: dict[str, Any], width: int, settings: SamplingSettings) -> list[str]:
         device = self.model.device
         kwargs: dict[str, Any] = {
             "max_new_tokens": settings.max_new_tokens,
@@ -130,10 +144,53 @@ class TransformersBackend:
         else:  # and no top-k / min-p / typical-p filter from the model's defaults either
             kwargs.update(do_sample=True, temperature=settings.temperature, top_p=settings.top_p)
             kwargs.update(top_k=0, min_p=0.0, typical_p=1.0)
-        output = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs
-        )
+        inputs = {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
+        if "pixel_values" in inputs and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
+        output = self.model.generate(**inputs, **kwargs)
         return self.tokenizer.batch_decode(output[:, width:], skip_special_tokens=True)
+
+    def generate_multimodal(
+        self,
+        texts: Sequence[str],
+        images: Sequence[Sequence[Any]],
+        n: int,
+        settings: SamplingSettings,
+        seed: int,
+    ) -> list[list[str]]:
+        """`n` completions for each rendered prompt `texts[i]` with its images `images[i]` (in the order of
+        its image placeholders), processed by the processor and generated with the same settings as `generate`."""
+        import torch
+
+        if self.processor is None:
+            raise ValueError("TransformersBackend: prompts with images need a processor (processor=...).")
+        requests = [(i, j) for i in range(len(texts)) for j in range(n)]
+        results: list[list[str]] = [[""] * n for _ in texts]
+        was_training = self.model.training
+        self.model.eval()
+        device = self.model.device
+        devices = [device.index or 0] if device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), torch.inference_mode():
+                torch.manual_seed(seed)
+                for start in range(0, len(requests), self.batch_size):
+                    chunk = requests[start : start + self.batch_size]
+                    flat = [image for i, _ in chunk for image in images[i]]
+                    inputs = self.processor(
+                        text=[texts[i] for i, _ in chunk],
+                        images=flat or None,
+                        padding=True,
+                        padding_side="left",
+                        add_special_tokens=False,
+                        return_tensors="pt",
+                    )
+                    width = inputs["input_ids"].shape[1]
+                    for (i, j), text in zip(chunk, self._generate_inputs(dict(inputs), width, settings)):
+                        results[i][j] = text
+        finally:
+            if was_training:
+                self.model.train()
+        return results
 
     def generate(
         self,

@@ -87,6 +87,7 @@ class Problem:
         reward_kwargs: the columns the benchmark's reward reads for this problem (`solution`, `answer`,
             `cards`/`face_card_rule`/`target`, or a file's own columns).
         meta: anything worth recording (options and their order, the source row, ...).
+        images: the images of the prompt's image parts, in order (General Points-VL, V-IRL street views).
     """
 
     id: str
@@ -94,6 +95,7 @@ class Problem:
     gold: Any
     reward_kwargs: dict[str, Any]
     meta: dict[str, Any] = field(default_factory=dict)
+    images: list[Any] | None = None
 
 
 @dataclass
@@ -112,6 +114,8 @@ class Benchmark:
         source: where the problems came from (a hub id, a file, `"in-memory"`).
         num_samples: this benchmark's default number of samples per problem (None: the run's default).
         notes: remarks recorded in the results (duplicates collapsed, options relabelled, ...).
+        episode: how a multi-turn problem is played (`amft_trl.evaluation.multiturn.EpisodeTask`); None: one
+            answer per problem.
     """
 
     name: str
@@ -124,6 +128,12 @@ class Benchmark:
     source: str = "in-memory"
     num_samples: int | None = None
     notes: list[str] = field(default_factory=list)
+    episode: Any = None
+
+    @property
+    def needs_images(self) -> bool:
+        """Whether its prompts carry images (a vision-language model and processor are needed)."""
+        return any(p.images for p in self.problems)
 
     def __len__(self) -> int:
         return len(self.problems)
@@ -145,13 +155,15 @@ class BenchmarkInfo:
     name: str
     label: str
     group: str
-    kind: str  # "math" | "multiple_choice" | "general_points"
+    kind: str  # "math" | "multiple_choice" | "general_points" | "general_points_revision" | "virl"
     hub_id: str | None = None
     hub_config: str | None = None
     hub_split: str = "test"
     luffy_sources: tuple[str, ...] = ()
     num_samples: int = 1
     face_card_rule: str | None = None
+    split: str | None = None  # revision / V-IRL: "id", "ood_rule" or "ood_visual"
+    visual: bool = False  # revision / V-IRL: images (True) or text observations
 
 
 BENCHMARKS: dict[str, BenchmarkInfo] = {
@@ -207,6 +219,17 @@ BENCHMARKS: dict[str, BenchmarkInfo] = {
         BenchmarkInfo(
             "general_points_ood", "OOD (rule)", "general_points", "general_points", face_card_rule="ood"
         ),
+        *(
+            BenchmarkInfo(f"{prefix}_{split}", label, prefix, kind, split=split, visual=visual)
+            for prefix, kind, visual, splits in (
+                ("gp_vl", "general_points_revision", True, ("id", "ood_rule", "ood_visual")),
+                ("gp_l", "general_points_revision", False, ("id", "ood_rule")),
+                ("virl_vl", "virl", True, ("id", "ood_rule", "ood_visual")),
+                ("virl_l", "virl", False, ("id", "ood_rule", "ood_visual")),
+            )
+            for split, label in (("id", "ID"), ("ood_rule", "OOD (rule)"), ("ood_visual", "OOD (visual)"))
+            if split in splits
+        ),
     )
 }
 
@@ -215,6 +238,10 @@ BENCHMARK_GROUPS: dict[str, tuple[str, ...]] = {
     "math": ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench"),
     "ood": ("arc_c", "gpqa_diamond", "mmlu_pro"),
     "general_points": ("general_points_id", "general_points_ood"),
+    "gp_vl": ("gp_vl_id", "gp_vl_ood_rule", "gp_vl_ood_visual"),
+    "gp_l": ("gp_l_id", "gp_l_ood_rule"),
+    "virl_vl": ("virl_vl_id", "virl_vl_ood_rule", "virl_vl_ood_visual"),
+    "virl_l": ("virl_l_id", "virl_l_ood_rule", "virl_l_ood_visual"),
 }
 
 REWARDS: dict[str, Callable[..., list[float | None]]] = {
@@ -663,6 +690,7 @@ def load_benchmark(
     *,
     seed: int = 0,
     general_points: GeneralPointsOptions | None = None,
+    visual_tasks: Any = None,
 ) -> Benchmark:
     """Load one named benchmark (`BENCHMARKS`), from its default hub dataset or from `source`.
 
@@ -673,6 +701,8 @@ def load_benchmark(
             `data_source` is this benchmark's (e.g. `math` for math500) are used.
         seed: seeds GPQA's option shuffle.
         general_points: how the General Points hands are dealt.
+        visual_tasks: how the revision and V-IRL benchmarks are built
+            (`amft_trl.evaluation.multiturn.VisualTaskOptions`); a V-IRL benchmark's `source` is its data folder.
 
     Raises:
         EvaluationInputError: unknown name, unreadable source, missing columns, a gold key outside its options.
@@ -680,6 +710,17 @@ def load_benchmark(
     if name not in BENCHMARKS:
         raise EvaluationInputError(_unknown(name))
     info = BENCHMARKS[name]
+    if info.kind in ("general_points_revision", "virl"):
+        from amft_trl.evaluation import multiturn
+
+        options = visual_tasks or multiturn.VisualTaskOptions()
+        if info.kind == "virl":
+            return multiturn.virl_benchmark(info, options, source)
+        if source is not None:
+            raise EvaluationInputError(
+                f"{name}: General Points hands are generated; it takes no source ({source!r})."
+            )
+        return multiturn.general_points_revision_benchmark(info, options)
     if info.kind == "general_points":
         if source is not None:
             raise EvaluationInputError(
@@ -823,6 +864,7 @@ def load_benchmarks(
     seed: int = 0,
     general_points: GeneralPointsOptions | None = None,
     max_problems: int | None = None,
+    visual_tasks: Any = None,
 ) -> list[Benchmark]:
     """Resolve benchmark specs into loaded, validated benchmarks (nothing is generated).
 
@@ -836,6 +878,7 @@ def load_benchmarks(
         seed: seeds GPQA's option shuffle.
         general_points: how the General Points hands are dealt.
         max_problems: keep the first N problems of each benchmark (smoke runs).
+        visual_tasks: how the revision and V-IRL benchmarks are built (`multiturn.VisualTaskOptions`).
 
     Raises:
         EvaluationInputError: an unknown name, a missing file or column, a gold key outside its options, the
@@ -863,12 +906,22 @@ def load_benchmarks(
         name, sep, source = spec.partition("=")
         name = name.strip()
         if sep:
-            loaded.append(load_benchmark(name, source.strip(), seed=seed, general_points=general_points))
+            loaded.append(
+                load_benchmark(
+                    name, source.strip(), seed=seed, general_points=general_points, visual_tasks=visual_tasks
+                )
+            )
         elif name in BENCHMARK_GROUPS:
             for member in BENCHMARK_GROUPS[name]:
-                loaded.append(load_benchmark(member, seed=seed, general_points=general_points))
+                loaded.append(
+                    load_benchmark(
+                        member, seed=seed, general_points=general_points, visual_tasks=visual_tasks
+                    )
+                )
         elif name in BENCHMARKS:
-            loaded.append(load_benchmark(name, seed=seed, general_points=general_points))
+            loaded.append(
+                load_benchmark(name, seed=seed, general_points=general_points, visual_tasks=visual_tasks)
+            )
         else:
             loaded.extend(
                 _file_benchmarks(

@@ -4,6 +4,8 @@
     amft-eval --model out/checkpoint-500 --benchmarks data/valid.all.parquet,data/valid.arc_c.parquet
     amft-eval --benchmarks general_points --num-samples 0 --max-new-tokens 128     # the embedded model, greedy
     amft-eval --model M --benchmarks my.jsonl --reward math_accuracy_reward --question-column problem
+    amft-eval --model out/qwen-vl --benchmarks gp_vl --backend transformers      # card images, revision loop
+    amft-eval --model out/qwen-vl --benchmarks virl_vl --virl-path data/nyc_1k_routes --virl-ood-path data/sf
 
 Bad input (an unknown benchmark, a file without the needed columns, a gold key outside its options, a pass@k
 larger than the number of samples, settings that differ from a saved run's) stops with one `error:` line
@@ -74,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     names = ", ".join(list(BENCHMARKS) + list(BENCHMARK_GROUPS))
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Evaluate a model on math, out-of-distribution and General Points benchmarks; write "
+        description="Evaluate a model on math, out-of-distribution, General Points and visual / multi-turn (GP-VL, V-IRL) benchmarks; write "
         "results.json and the paper's markdown table.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -139,6 +141,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gp-target", type=int, default=24, help="General Points target.")
     p.add_argument("--gp-seed", type=int, default=0, help="Seed of the General Points deal.")
     p.add_argument(
+        "--gp-revision-turns",
+        type=int,
+        default=5,
+        help="gp_vl/gp_l: verified answers per episode (the reference's verify_iter); 0: one JSON answer, no tools.",
+    )
+    p.add_argument("--gp-resolution", type=int, default=512, help="gp_vl: card image size in pixels.")
+    p.add_argument(
+        "--virl-path", default=None, help="virl_*: the local V-IRL data folder (route_infos.json, ...)."
+    )
+    p.add_argument(
+        "--virl-ood-path", default=None, help="virl_*_ood_visual: another city's V-IRL data folder."
+    )
+    p.add_argument(
+        "--virl-num-train",
+        type=int,
+        default=0,
+        help="virl_*: routes the training split off first (build_virl_datasets' num_train); evaluation takes the next.",
+    )
+    p.add_argument(
+        "--virl-num-validation", type=int, default=0, help="virl_*: validation routes split off next."
+    )
+    p.add_argument(
+        "--virl-num-eval", type=int, default=None, help="virl_*: evaluation routes (default: the rest)."
+    )
+    p.add_argument("--virl-seed", type=int, default=0, help="virl_*: seed of the route shuffle.")
+    p.add_argument(
+        "--virl-verify-iter", type=int, default=2, help="virl_*: wrong answers allowed at one position."
+    )
+    p.add_argument("--max-turns", type=int, default=64, help="gp_vl/gp_l/virl_*: most answers per episode.")
+    p.add_argument(
         "--vllm-kwargs",
         default=None,
         help="JSON object of extra vllm.LLM arguments, e.g. '{\"tensor_parallel_size\": 8}'.",
@@ -158,7 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _list_benchmarks() -> str:
     lines = [f"{'name':20} {'group':15} {'default source':40} samples"]
     for info in BENCHMARKS.values():
-        source = info.hub_id or "amft_trl.tasks.general_points"
+        source = info.hub_id or {
+            "general_points_revision": "amft_trl.tasks.general_points_visual",
+            "virl": "--virl-path" if info.split != "ood_visual" else "--virl-ood-path",
+        }.get(info.kind, "amft_trl.tasks.general_points")
         lines.append(f"{info.name:20} {info.group:15} {source:40} {info.num_samples}")
     lines.append("groups: " + "; ".join(f"{g} = {','.join(m)}" for g, m in BENCHMARK_GROUPS.items()))
     return "\n".join(lines)
@@ -211,6 +246,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             gp_target=args.gp_target,
             gp_seed=args.gp_seed,
             vllm_kwargs=_parse_json_object(args.vllm_kwargs, "--vllm-kwargs"),
+            visual_tasks=dict(
+                gp_revision_turns=args.gp_revision_turns,
+                gp_resolution=args.gp_resolution,
+                virl_path=args.virl_path,
+                virl_ood_path=args.virl_ood_path,
+                virl_num_train=args.virl_num_train,
+                virl_num_validation=args.virl_num_validation,
+                virl_num_eval=args.virl_num_eval,
+                virl_seed=args.virl_seed,
+                virl_verify_iter=args.virl_verify_iter,
+                max_turns=args.max_turns,
+            ),
         )
         results = evaluate_model(args.model, args.benchmarks, tokenizer=args.tokenizer, config=config)
     except EvaluationInputError as exc:

@@ -39,6 +39,7 @@ from amft_trl.evaluation.benchmarks import (
     load_benchmarks,
 )
 from amft_trl.evaluation.metrics import avg_at_k, mean, pass_at_k
+from amft_trl.evaluation.multiturn import episode_metrics, play
 from amft_trl.evaluation.prompts import get_template
 from amft_trl.evaluation.results import BenchmarkResult, EvalResults
 
@@ -90,6 +91,9 @@ class EvalConfig:
         gp_target: the General Points target.
         gp_seed: seed of the General Points deal (the train/validation/test split of hands).
         vllm_kwargs: extra arguments of `vllm.LLM`.
+        visual_tasks: settings of the revision and V-IRL benchmarks (`gp_vl_*`, `gp_l_*`, `virl_*`): fields of
+            `amft_trl.evaluation.multiturn.VisualTaskOptions` (`gp_revision_turns`, `virl_path`, ...); the General
+            Points deal comes from the `gp_*` fields above.
     """
 
     num_samples: int | dict[str, int] | None = None
@@ -118,6 +122,7 @@ class EvalConfig:
     gp_target: int = 24
     gp_seed: int = 0
     vllm_kwargs: dict[str, Any] = field(default_factory=dict)
+    visual_tasks: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
         """Raise `EvaluationInputError` for an out-of-range setting."""
@@ -138,6 +143,18 @@ class EvalConfig:
             raise EvaluationInputError(f"num_samples must be integers >= 0, got {self.num_samples!r}.")
         if self.pass_k is not None and any(not isinstance(k, int) or k < 1 for k in self.pass_k):
             raise EvaluationInputError(f"pass@k needs integers k >= 1, got {self.pass_k!r}.")
+        self.visual_task_options()
+
+    def visual_task_options(self) -> Any:
+        """The `VisualTaskOptions` of this run (the General Points deal from the `gp_*` fields)."""
+        from amft_trl.evaluation.multiturn import VisualTaskOptions
+
+        known = {f.name for f in fields(VisualTaskOptions)}
+        unknown = sorted(set(self.visual_tasks) - known)
+        if unknown:
+            raise EvaluationInputError(f"visual_tasks: unknown settings {unknown}; see VisualTaskOptions.")
+        deal = dict(gp_num_eval=self.gp_num_eval, gp_num_cards=self.gp_num_cards, gp_target=self.gp_target)
+        return VisualTaskOptions(**{**deal, "gp_seed": self.gp_seed, **self.visual_tasks})
 
 
 # --------------------------------------------------------------------------------------------- settings
@@ -220,7 +237,9 @@ def _weights_hash(model: Any) -> str:
 def _fingerprint(
     config: EvalConfig, benchmark: Benchmark, n: int, model_fp: dict[str, Any], tokenizer_name: str
 ) -> dict[str, Any]:
+    episode = {"episode": benchmark.episode.describe()} if benchmark.episode is not None else {}
     return {
+        **episode,
         "model": model_fp,
         "tokenizer": tokenizer_name,
         "benchmark": benchmark.name,
@@ -360,22 +379,23 @@ def _aggregates(results: Mapping[str, BenchmarkResult]) -> dict[str, dict[str, A
 # --------------------------------------------------------------------------------------------- model loading
 
 
-def _load_tokenizer(source: str) -> Any:
-    from transformers import AutoTokenizer
+def _load_tokenizer(source: str, processor: bool = False) -> Any:
+    from transformers import AutoProcessor, AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source)
+    return (AutoProcessor if processor else AutoTokenizer).from_pretrained(source)
 
 
-def _load_model(path: str, dtype: str) -> Any:
+def _load_model(path: str, dtype: str, vision: bool = False) -> Any:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     cuda = torch.cuda.is_available()
     if dtype == "auto":
         torch_dtype = torch.bfloat16 if cuda else torch.float32
     else:
         torch_dtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=torch_dtype)
     return model.to("cuda" if cuda else "cpu")
 
 
@@ -444,6 +464,7 @@ def evaluate_model(
             config.gp_num_eval, config.gp_num_cards, config.gp_target, config.gp_seed
         ),
         max_problems=config.max_problems,
+        visual_tasks=config.visual_task_options(),
     )
     if config.prompt_template is not None or config.system_prompt is not None:
         for b in loaded:
@@ -490,11 +511,25 @@ def evaluate_model(
     todo = {b.name: [p for p in b.problems if p.id not in saved[b.name]] for b in loaded}
 
     # ---- tokenizer, model and backend (the model only when something is left to generate) ----
+    images = any(b.needs_images for b in loaded)
+    if images and config.backend == "vllm" and backend is None:
+        raise EvaluationInputError(
+            "The image benchmarks run on the transformers backend: use --backend transformers."
+        )
     if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = _load_tokenizer(str(tokenizer or name_or_path))
+        tokenizer = _load_tokenizer(str(tokenizer or name_or_path), processor=images)
+    if images and not hasattr(tokenizer, "image_processor") and backend is None:
+        raise EvaluationInputError(
+            f"{[b.name for b in loaded if b.needs_images]}: image benchmarks need the model's processor (a "
+            "vision-language model), not a tokenizer."
+        )
+    if any(todo[b.name] for b in loaded if b.episode is not None):
+        from amft_trl.evaluation.multiturn import check_tool_parsing
+
+        check_tool_parsing(tokenizer, next(b.name for b in loaded if b.episode is not None))
     engine = backend
     if engine is None and any(todo.values()):
-        engine = _make_backend(model, tokenizer, config)
+        engine = _make_backend(model, tokenizer, config, vision=images)
     backend_name = getattr(engine, "name", "none (all problems already scored)")
 
     results: dict[str, BenchmarkResult] = {}
@@ -513,7 +548,7 @@ def evaluate_model(
             num_samples=n,
             greedy=config.greedy,
             notes=list(b.notes),
-            metrics=_metrics(records, n, config.greedy, _pass_ks(config, n)),
+            metrics={**_metrics(records, n, config.greedy, _pass_ks(config, n)), **episode_metrics(records)},
             problems=records,
         )
     out = EvalResults(
@@ -530,19 +565,23 @@ def evaluate_model(
     return out
 
 
-def _make_backend(model: Any, tokenizer: Any, config: EvalConfig) -> GenerationBackend:
+def _make_backend(model: Any, tokenizer: Any, config: EvalConfig, vision: bool = False) -> GenerationBackend:
     is_path = isinstance(model, (str, os.PathLike))
-    use_vllm = config.backend == "vllm" or (config.backend == "auto" and is_path and vllm_available())
+    use_vllm = not vision and (
+        config.backend == "vllm" or (config.backend == "auto" and is_path and vllm_available())
+    )
     if use_vllm:
         kwargs = dict(config.vllm_kwargs)
         if config.dtype != "auto":
             kwargs.setdefault("dtype", config.dtype)
         return VLLMBackend(model, getattr(tokenizer, "name_or_path", None), seed=config.seed, **kwargs)
     if is_path:
-        model = _load_model(str(model), config.dtype)
+        model = _load_model(str(model), config.dtype, vision=vision)
     batch_size = config.batch_size or (
         64 if getattr(model, "device", None) is not None and model.device.type == "cuda" else 16
     )
+    if hasattr(tokenizer, "image_processor"):  # a processor: images go through it, text through its tokenizer
+        return TransformersBackend(model, tokenizer.tokenizer, batch_size=batch_size, processor=tokenizer)
     return TransformersBackend(model, tokenizer, batch_size=batch_size)
 
 
@@ -585,10 +624,33 @@ def _run_benchmark(
         try:
             for start in range(0, len(todo), per_call):
                 chunk = todo[start : start + per_call]
-                ids = [_encode(tokenizer, *rendered[p.id]) for p in chunk]
                 seed = config.seed + int(
                     hashlib.sha256(f"{benchmark.name}/{chunk[0].id}".encode()).hexdigest()[:8], 16
                 )
+                if benchmark.episode is not None or benchmark.needs_images:  # multi-turn, or images
+                    greedy = (
+                        play(benchmark, chunk, 1, engine, tokenizer, greedy_settings, seed)
+                        if config.greedy
+                        else None
+                    )
+                    sampled = (
+                        play(benchmark, chunk, n, engine, tokenizer, sample_settings, seed) if n else None
+                    )
+                    lines = []
+                    for i, problem in enumerate(chunk):
+                        record = {
+                            "id": problem.id,
+                            "greedy": None if greedy is None else greedy[i][0],
+                            "samples": [] if sampled is None else sampled[i],
+                        }
+                        saved[problem.id] = record
+                        lines.append(json.dumps(record, ensure_ascii=False))
+                    if path is not None:
+                        with path.open("a", encoding="utf-8") as f:
+                            f.write("\n".join(lines) + "\n")
+                    bar.update(len(chunk))
+                    continue
+                ids = [_encode(tokenizer, *rendered[p.id]) for p in chunk]
                 greedy_texts = engine.generate(ids, 1, greedy_settings, seed) if config.greedy else None
                 sample_texts = engine.generate(ids, n, sample_settings, seed) if n else [[] for _ in chunk]
                 greedy_scores = _score(benchmark, chunk, greedy_texts) if greedy_texts is not None else None

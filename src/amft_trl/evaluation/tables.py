@@ -70,6 +70,14 @@ def _ordered(results: Sequence[EvalResults], group: str) -> list[tuple[str, str]
     )
 
 
+_EPISODE_TITLES = {
+    "gp_vl": "General Points-VL (card images)",
+    "gp_l": "General Points-L (reference verifier)",
+    "virl_vl": "V-IRL (street views)",
+    "virl_l": "V-IRL (text observations)",
+}
+
+
 def markdown_tables(results: EvalResults | Sequence[EvalResults]) -> str:
     """The comparison tables only (one row per model), without the per-benchmark details."""
     results = [results] if not isinstance(results, Sequence) else list(results)
@@ -90,7 +98,11 @@ def markdown_tables(results: EvalResults | Sequence[EvalResults]) -> str:
             "Math (in-distribution) and out-of-distribution benchmarks, accuracy (%):\n\n"
             + _table(header, rows)
         )
-    for group, title in (("general_points", "General Points"), ("other", "Other benchmarks")):
+    for group, title in (
+        ("general_points", "General Points, accuracy"),
+        *((g, f"{t}, success rate") for g, t in _EPISODE_TITLES.items()),
+        ("other", "Other benchmarks, accuracy"),
+    ):
         columns = _ordered(results, group)
         if not columns:
             continue
@@ -102,9 +114,7 @@ def markdown_tables(results: EvalResults | Sequence[EvalResults]) -> str:
             ]
             for r in results
         ]
-        parts.append(
-            f"{title}, accuracy (%):\n\n" + _table(["Model"] + [label for _, label in columns], rows)
-        )
+        parts.append(f"{title} (%):\n\n" + _table(["Model"] + [label for _, label in columns], rows))
     parts.append(_footnote(results))
     return "\n\n".join(parts) + "\n"
 

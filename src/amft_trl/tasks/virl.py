@@ -66,6 +66,8 @@ __all__ = [
     "build_rail",
     "build_virl_datasets",
     "load_gps_pano_mapping",
+    "split_route_indices",
+    "virl_prompt_dataset",
     "load_virl_data",
     "virl_env_factory",
     "virl_step_reward",
@@ -605,6 +607,60 @@ def _route_rows(
     return Dataset.from_list(rows)
 
 
+def split_route_indices(
+    num_routes: int,
+    num_train: int,
+    num_validation: int,
+    num_eval: int,
+    *,
+    seed: int = 0,
+    path: str = "the data",
+) -> tuple[list[int], list[int], list[int]]:
+    """The route indices of the train, validation and evaluation splits: a seeded shuffle of all routes, cut in
+    that order (what `build_virl_datasets` trains and evaluates on; `amft-eval` picks its ID routes the same way).
+
+    Raises:
+        VIRLDataError: when the folder has fewer routes than the splits ask for.
+    """
+    wanted = num_train + num_validation + num_eval
+    if min(num_train, num_validation, num_eval) < 0 or wanted > num_routes:
+        raise VIRLDataError(
+            f"V-IRL data: cannot build the splits: {path} has {num_routes} routes, the splits ask for {wanted} "
+            f"({num_train} train + {num_validation} validation + {num_eval} evaluation)."
+        )
+    order = list(range(num_routes))
+    random.Random(f"virl-splits/{seed}").shuffle(order)
+    return (
+        order[:num_train],
+        order[num_train : num_train + num_validation],
+        order[num_train + num_validation : wanted],
+    )
+
+
+def virl_prompt_dataset(
+    data: VIRLData,
+    indices: Sequence[int],
+    *,
+    absolute_action: bool = True,
+    vision: bool = False,
+    seed: int = 0,
+    resolution: int = 256,
+    straight_line_length: int = 2,
+) -> Dataset:
+    """Prompt rows for the routes `indices` of `data` (the rows of `build_virl_datasets`' RL and evaluation
+    splits: `prompt`, `route_index`, `absolute_action`, `vision`, `seed`, `first_observation`, and `images` for the
+    vision-language variant)."""
+    return _route_rows(
+        data,
+        indices,
+        absolute_action=absolute_action,
+        vision=vision,
+        seed=seed,
+        resolution=resolution,
+        straight_line_length=straight_line_length,
+    )
+
+
 @dataclass
 class VIRLDatasets:
     """V-IRL datasets (prompt rows carry `route_index`, `absolute_action`, `vision`, `seed` for
@@ -642,17 +698,9 @@ def build_virl_datasets(
             which and why).
     """
     data = load_virl_data(path, vision=vision)
-    wanted = num_train + num_validation + num_eval
-    if wanted > len(data.routes):
-        raise VIRLDataError(
-            f"V-IRL data: cannot build the splits: {path} has {len(data.routes)} routes, the splits ask for {wanted} "
-            f"({num_train} train + {num_validation} validation + {num_eval} evaluation)."
-        )
-    order = list(range(len(data.routes)))
-    random.Random(f"virl-splits/{seed}").shuffle(order)
-    train = order[:num_train]
-    validation = order[num_train : num_train + num_validation]
-    test = order[num_train + num_validation : wanted]
+    train, validation, test = split_route_indices(
+        len(data.routes), num_train, num_validation, num_eval, seed=seed, path=path
+    )
     kw = {
         "vision": vision,
         "seed": seed,
