@@ -230,7 +230,7 @@ def virl_policy(path, *, correct: bool, absolute: bool = True):
 
 @pytest.fixture(scope="module")
 def virl_dirs(tmp_path_factory):
-    from test_virl import write_fixture
+    from _virl_fixture import write_fixture
 
     root = tmp_path_factory.mktemp("virl-eval")
     return write_fixture(root / "nyc", n_routes=4), write_fixture(root / "other", n_routes=2)
@@ -309,7 +309,7 @@ def test_bad_input_is_one_line_before_any_model_loads(argv, expected, capsys, tm
 
 
 def test_incomplete_virl_folder_names_the_missing_file(tmp_path, capsys):
-    from test_virl import write_fixture
+    from _virl_fixture import write_fixture
 
     path = write_fixture(tmp_path / "text-only", vision=False)
     assert eval_main(["--benchmarks", "virl_vl_id", "--virl-path", path, "--output-dir", str(tmp_path)]) == 2

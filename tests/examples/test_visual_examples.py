@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("PIL")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = ROOT / "examples" / "recipes"
 sys.path.insert(0, str(ROOT / "examples"))
 
@@ -100,7 +100,7 @@ def test_bad_input_is_one_line_before_the_model_loads(no_model, tmp_path, capsys
 
 
 def test_virl_splits_the_data_cannot_fill_are_one_line(no_model, tmp_path, capsys):
-    from test_virl import write_fixture
+    from _virl_fixture import write_fixture
 
     path = write_fixture(tmp_path / "virl", n_routes=3, vision=True)
     argv = [*CPU, "--output_dir", str(tmp_path), "--task", "virl", "--virl_path", path]
