@@ -6,7 +6,7 @@ RL and SFT gradients, at one gradient-sized buffer.
 All three gradients are taken at the step's parameters theta_t, before the optimizer step (Algorithm 2, line 24):
 
 1. At the step's first micro-step, validation rollouts are generated through TRL's own generation path (training
-   metrics, completion tables and token counts left untouched: `_trl_compat.isolated_generation`) and the
+   metrics, completion tables and token counts left untouched: `_private_api.isolated_generation`) and the
    policy-gradient surrogate of -U is backpropagated (`validation_backward`), a training micro-batch of rollouts at
    a time. Its gradient is moved out of the framework's storage into the one buffer, `grad_u`.
 2. The step's RL and SFT backward passes then run exactly as in any other step, with their weights `w_RL = 1 - mu`
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 
-from . import _trl_compat
+from . import _private_api
 from ._distributed import BoundaryBackwardWithoutStep
 from .balancing.amft import cosine_meta_gradient, meta_gradient
 from .balancing.base import StepMeasurements
@@ -220,7 +220,7 @@ def backwards_without_engine_step(meta: MetaStep | None, accelerator: Any) -> It
     if meta is None or accelerator.distributed_type != DistributedType.DEEPSPEED:
         yield
         return
-    with _trl_compat.swapped_deepspeed_backward(accelerator, BoundaryBackwardWithoutStep):
+    with _private_api.swapped_deepspeed_backward(accelerator, BoundaryBackwardWithoutStep):
         yield
 
 
@@ -240,7 +240,7 @@ def finish_meta_step(meta: MetaStep, rl_weight: float, sft_weight: float, alpha:
     step was kept from (`backwards_without_engine_step`)."""
     measurements = meta.finish(rl_weight, sft_weight, alpha=alpha)
     if meta.accelerator.distributed_type == DistributedType.DEEPSPEED:
-        engine = _trl_compat.deepspeed_engine(meta.accelerator)
+        engine = _private_api.deepspeed_engine(meta.accelerator)
         engine.set_gradient_accumulation_boundary(True)
         engine.step()
     return measurements
@@ -264,8 +264,8 @@ def validation_backward(
     mean validation reward (NaN when every validation reward was None or NaN).
     """
     accelerator = trainer.accelerator
-    with _trl_compat.isolated_generation(trainer) as val_metrics:
-        out = _trl_compat.generate_and_score(trainer, rows)
+    with _private_api.isolated_generation(trainer) as val_metrics:
+        out = _private_api.generate_and_score(trainer, rows)
     rewards = val_metrics.get("reward") or [float("nan")]
     val_reward = float(rewards[0])
     prompt_ids, completion_ids = out["prompt_ids"], out["completion_ids"]
@@ -280,7 +280,7 @@ def validation_backward(
     for start in range(0, input_ids.size(0), chunk_size):
         rows_ = slice(start, start + chunk_size)
         with trainer.compute_loss_context_manager():
-            logps, _ = _trl_compat.per_token_logps_and_entropies(
+            logps, _ = _private_api.per_token_logps_and_entropies(
                 trainer,
                 model,
                 input_ids[rows_],
@@ -300,7 +300,7 @@ def _per_row_multimodal(out: dict[str, Any]) -> dict[str, Any]:
     its generation batch into micro-batches (`trl.trainer.utils.split_pixel_values_by_grid`). Empty for text."""
     from trl.trainer.utils import split_pixel_values_by_grid
 
-    fields = {k: out[k] for k in _trl_compat.MULTIMODAL_KEYS if out.get(k) is not None}
+    fields = {k: out[k] for k in _private_api.MULTIMODAL_KEYS if out.get(k) is not None}
     return split_pixel_values_by_grid(fields) if fields else {}
 
 

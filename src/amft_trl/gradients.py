@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from . import _trl_compat
+from . import _private_api
 
 
 class TorchGrads:
@@ -77,8 +77,8 @@ class ZeroGrads:
 
     def _local(self, param: torch.nn.Parameter) -> torch.Tensor | None:
         if self.stage == 3:
-            return _trl_compat.zero3_local_grad(param)
-        return _trl_compat.zero_lp_grad_fragment(param)  # None: no fragment in this process's partition
+            return _private_api.zero3_local_grad(param)
+        return _private_api.zero_lp_grad_fragment(param)  # None: no fragment in this process's partition
 
     def take(self, param: torch.nn.Parameter) -> torch.Tensor | None:
         """A float32 copy of this process's shard, then zeroed in place (the next backward starts from zero)."""
@@ -101,7 +101,7 @@ class ZeroGrads:
 
     def _write(self, param: torch.nn.Parameter, local: torch.Tensor, value: torch.Tensor) -> None:
         if self.stage == 3:
-            _trl_compat.set_zero3_local_grad(param, value.to(local.dtype))
+            _private_api.set_zero3_local_grad(param, value.to(local.dtype))
         else:
             local.copy_(value.view_as(local))
 
@@ -112,8 +112,8 @@ def grad_access(accelerator: Any) -> TorchGrads | ZeroGrads:
 
     if accelerator.distributed_type != DistributedType.DEEPSPEED:
         return TorchGrads()
-    engine = _trl_compat.deepspeed_engine(accelerator)
-    if not isinstance(engine.optimizer, _trl_compat.zero_optimizer_classes()):
+    engine = _private_api.deepspeed_engine(accelerator)
+    if not isinstance(engine.optimizer, _private_api.zero_optimizer_classes()):
         raise RuntimeError(
             "The meta-gradient under DeepSpeed reads the gradient partitions of a ZeRO stage 1-3 optimizer, but "
             f"the engine's optimizer is {type(engine.optimizer).__name__}. Use ZeRO stage 1-3 or set "

@@ -18,7 +18,7 @@ import torch
 from datasets import Dataset
 from trl.data_utils import common_prefix_length, is_conversational
 
-from ._trl_compat import tokenize as _tokenize
+from ._private_api import tokenize as _tokenize
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import _trl_compat
+from . import _private_api
 from ._distributed import global_sum
 from .balancing import BalancingStrategy
 from .sft_data import (
@@ -168,7 +168,7 @@ class SFTTerm:
         c = batch.completion_ids.size(1)
         extra = batch.model_inputs  # image demonstrations: pixel_values, image_grid_thw, ..., num_images
         if self.trainer.temperature == 1.0:
-            return _trl_compat.per_token_logps_and_entropies(
+            return _private_api.per_token_logps_and_entropies(
                 self.trainer, model, input_ids, attention_mask, c, compute_entropy=compute_entropy, **extra
             )
         forward = {k: v for k, v in extra.items() if k != "num_images"}

@@ -23,7 +23,7 @@ The concepts live in their modules: the SFT term (`sft_term`), demonstrations at
 (`attached_demonstrations`: HPT), LUFFY's off-policy rows (`luffy_rollouts`), ReLIFT's buffer (`relift_buffer`), the
 meta step (`_meta_step`), gradient access under DDP and ZeRO (`gradients`), the two-phase learning-rate schedule
 (`lr_schedule`) and the checkpoint file (`checkpoint`). Every private member of TRL, transformers, Accelerate and
-DeepSpeed touched is listed in `amft_trl._trl_compat` (the private methods overridden here included).
+DeepSpeed touched is listed in `amft_trl._private_api` (the private methods overridden here included).
 
 Simplification, documented: the strategy's state after step t (AMFT's mu) is used from step t + 1 on (Algorithm 2
 applies mu to step t's own loss, which would need the entropy before the backward, i.e. a second forward).
@@ -48,7 +48,7 @@ from trl import GRPOTrainer
 from trl.data_utils import is_conversational
 from trl.import_utils import is_vllm_available
 
-from . import _trl_compat
+from . import _private_api
 from ._distributed import check_parallel_setup, global_sum, launcher_deepspeed_config
 from ._meta_step import (
     MetaStep,
@@ -364,7 +364,7 @@ class AMFTTrainer(GRPOTrainer):
         optimizer = self.optimizer if optimizer is None else optimizer
         lr_lambda = two_phase_lr_lambda(self.args, self.strategy.sft_warmup_steps, num_training_steps)
         self.lr_scheduler = LambdaLR(optimizer, lr_lambda)
-        _trl_compat.mark_lr_scheduler_created(self)
+        _private_api.mark_lr_scheduler_created(self)
         return self.lr_scheduler
 
     def _reset_optimizer_state(self) -> None:
@@ -398,7 +398,7 @@ class AMFTTrainer(GRPOTrainer):
                 self._step_state = None
         step.seconds += time.perf_counter() - start
         if self._step_state is None:  # the step's time: RL, SFT and meta, not only GRPO's `training_step`
-            _trl_compat.replace_last_step_time(self, step.seconds, appended_by_trl=step.plan.rl)
+            _private_api.replace_last_step_time(self, step.seconds, appended_by_trl=step.plan.rl)
         return torch.tensor(display, device=self.args.device)
 
     def _begin_step(self, model) -> _StepState:
@@ -453,7 +453,7 @@ class AMFTTrainer(GRPOTrainer):
         attached = None
         if plan.rl:
             # TRL's rollouts for this micro-step (generated every steps_per_generation x num_iterations micro-steps)
-            inputs = _trl_compat.prepare_rollouts(self, generation_batch)
+            inputs = _private_api.prepare_rollouts(self, generation_batch)
             step.unscorable |= bool(inputs.get("amft_unscorable", False))
             if self._attached is not None:  # HPT: the demonstrations this micro-step trains, dealt per step
                 attached = self._attached.micro_step()
@@ -511,12 +511,12 @@ class AMFTTrainer(GRPOTrainer):
             and self.accelerator.sync_gradients
         )
         if off:
-            _trl_compat.set_sync_gradients(self.accelerator, False)
+            _private_api.set_sync_gradients(self.accelerator, False)
         try:
             yield
         finally:
             if off:
-                _trl_compat.set_sync_gradients(self.accelerator, True)
+                _private_api.set_sync_gradients(self.accelerator, True)
 
     def _prepare_inputs(self, generation_batch):
         """TRL's micro-batch of rollouts; one `_micro_step` prepared already (with AMFT's loss arguments) passes."""
@@ -531,7 +531,7 @@ class AMFTTrainer(GRPOTrainer):
 
         The strategy's advantages from the entropies (SRFT) and LUFFY's term use the log-probs and entropies of
         TRL's own forward in its `_compute_loss`: they are read from `_get_per_token_logps_and_entropies`'s output,
-        and TRL reads `inputs["advantages"]` after that call (`tests/test_trl_contract.py` pins this order)."""
+        and TRL reads `inputs["advantages"]` after that call (`tests/test_private_api_contract.py` pins this order)."""
         arguments: RLLossArguments | None = inputs.get(RL_LOSS_KEY)
         if arguments is None:
             return super()._compute_loss(model, inputs)
@@ -638,7 +638,7 @@ class AMFTTrainer(GRPOTrainer):
                 step.prompts_to_sft,
             ],
         )
-        metrics = _trl_compat.train_metrics(self)
+        metrics = _private_api.train_metrics(self)
         if self._luffy is not None and plan.rl:
             self._luffy.log_step(metrics)
         if tokens > 0:
@@ -710,7 +710,7 @@ class AMFTTrainer(GRPOTrainer):
         """The fields strategies read, LUFFY's marks, ReLIFT's buffer and the token counts, for TRL's output `out`."""
         rewards = generation.rewards
         if generation.demonstrations is not None:
-            self._luffy.mark(out, generation.demonstrations, rewards, _trl_compat.train_metrics(self))
+            self._luffy.mark(out, generation.demonstrations, rewards, _private_api.train_metrics(self))
         if generation.validation or self.model.training:
             mask = out["completion_mask"]
             off = out.get(
@@ -823,7 +823,7 @@ class AMFTTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training:
-            metrics = _trl_compat.train_metrics(self)
+            metrics = _private_api.train_metrics(self)
             for key, values in self.strategy.log_values().items():
                 metrics[f"amft/{key}"].extend(values)
             for key, value in self._token_counts.items():  # cumulative: the latest value, not a mean
@@ -857,7 +857,7 @@ class AMFTTrainer(GRPOTrainer):
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
-            folder = _trl_compat.checkpoint_dir(self, trial, self.state.global_step)
+            folder = _private_api.checkpoint_dir(self, trial, self.state.global_step)
             write_amft_state(folder, self.amft_state_dict())
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

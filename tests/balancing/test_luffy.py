@@ -16,7 +16,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
-from amft_trl import AMFTTrainer, _trl_compat
+from amft_trl import AMFTTrainer, _private_api
 from amft_trl._completions import completion_to_text
 from amft_trl.balancing.luffy import (
     aggregate_token_loss,
@@ -213,7 +213,7 @@ def test_loss_is_trls_on_policy_loss_plus_the_shaped_off_policy_term(tmp_path, t
     reference = GRPOTrainer._compute_loss(trainer, trainer.model, on_only)
     input_ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
     attention = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
-    logps, _ = _trl_compat.per_token_logps_and_entropies(
+    logps, _ = _private_api.per_token_logps_and_entropies(
         trainer, model, input_ids, attention, inputs["completion_ids"].size(1)
     )
     p = logps.exp()

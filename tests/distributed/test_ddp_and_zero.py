@@ -12,8 +12,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
+import torch
 from _parallel_launch import _close, _plain_and_zero, _run
 from datasets import Dataset
 
@@ -24,6 +26,24 @@ from amft_trl._distributed import launcher_deepspeed_config as _launcher_deepspe
 needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed"
 )
+
+
+def _matches_recording(result: dict, key: str) -> None:
+    """The run ends where `benchmarks/bit_identity.py --record` recorded it (`tests/fixtures/bit_identity.json`):
+    bit for bit on a host like the recording's (torch version, CPU capability), else its float checksum to 1e-9
+    (rounding differs between CPU instruction sets). Guards refactors that must not change a number."""
+    recorded = json.loads(
+        (Path(__file__).resolve().parents[1] / "fixtures" / "bit_identity.json").read_text()
+    )
+    run = recorded["runs"][key]
+    host = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    if recorded["host"] == host:
+        assert result["param_sha256"] == run["param_sha256"], (
+            f"{key}: the final weights differ from the recording"
+        )
+        assert result["mu"] == run["mu"] and result["sft_loss"] == run["sft_loss"], key
+    else:
+        assert math.isclose(result["param_checksum"], run["param_checksum"], rel_tol=1e-9), key
 
 
 def test_two_processes_give_the_one_process_trajectory(tiny_model_dir, tmp_path):
@@ -46,6 +66,8 @@ def test_two_processes_give_the_one_process_trajectory(tiny_model_dir, tmp_path)
     assert _close(one["rl_loss"], two["rl_loss"], 1e-5)
     assert _close(one["val_reward"], two["val_reward"], 1e-6)
     assert math.isclose(one["param_checksum"], two["param_checksum"], rel_tol=1e-9)
+    _matches_recording(one, "amft/1")
+    _matches_recording(two, "amft/2")
 
 
 def test_a_rank_whose_mu_diverged_stops_the_run(tiny_model_dir, tmp_path):
@@ -271,6 +293,8 @@ def test_strategies_give_the_one_process_trajectory_on_two(tiny_model_dir, tmp_p
         assert one["relift_sft_step"] == two["relift_sft_step"]
         assert one["relift_buffer_fill"] == two["relift_buffer_fill"]
     assert math.isclose(one["param_checksum"], two["param_checksum"], rel_tol=1e-9)
+    _matches_recording(one, f"{balancing}/1")
+    _matches_recording(two, f"{balancing}/2")
 
 
 @needs_deepspeed

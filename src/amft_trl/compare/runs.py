@@ -46,7 +46,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from amft_trl._distributed import global_sum
-from amft_trl._trl_compat import quiet_tied_weights_on_resume
+from amft_trl._private_api import quiet_tied_weights_on_resume
 from amft_trl.compare.configs import build_configs
 from amft_trl.compare.grid import Grid, GridError, check_against_data
 from amft_trl.compare.grid_tasks import TaskData, build_task
@@ -102,7 +102,7 @@ def _metered_classes():
     from trl import GRPOTrainer, SFTTrainer
 
     class MeteredGRPOTrainer(GRPOTrainer):
-        def _generate_and_score_completions(self, inputs):  # listed in amft_trl._trl_compat.OVERRIDDEN
+        def _generate_and_score_completions(self, inputs):  # listed in amft_trl._private_api.OVERRIDDEN
             out = super()._generate_and_score_completions(inputs)
             self.spent.generated_tokens += global_sum(self.accelerator, float(out["completion_mask"].sum()))
             return out

@@ -1,4 +1,4 @@
-"""The private TRL / transformers / Accelerate / DeepSpeed members amft-trl relies on (`amft_trl._trl_compat`), pinned.
+"""The private TRL / transformers / Accelerate / DeepSpeed members amft-trl relies on (`amft_trl._private_api`), pinned.
 
 Like TRL's own `TestTransformersContinuousBatchingContract`: when a TRL release changes one of these, a test here
 fails and names it, instead of AMFT silently training on something else. The most important one: a validation
@@ -24,7 +24,7 @@ from conftest import digit_fraction_reward, make_config, make_demos, make_prompt
 from trl import GRPOTrainer
 from trl.trainer.utils import shuffle_sequence_dict, split_tensor_dict
 
-from amft_trl import AMFTTrainer, _trl_compat
+from amft_trl import AMFTTrainer, _private_api
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "amft_trl"
 
@@ -85,13 +85,13 @@ def test_private_members_exist_with_the_assumed_signatures():
     from accelerate import Accelerator
 
     assert "deepspeed_engine_wrapped" in inspect.getsource(Accelerator.backward)
-    assert callable(_trl_compat.tokenize)
+    assert callable(_private_api.tokenize)
 
 
 def test_generation_output_and_its_extra_keys_survive_trls_shuffle_and_split(trainer):
     trainer.model.train()
     out = trainer._generate_and_score_completions(_rows())
-    for key in _trl_compat.GENERATION_KEYS:
+    for key in _private_api.GENERATION_KEYS:
         assert key in out, f"TRL's generation no longer returns {key!r}"
     assert out["advantages"].dim() == 1 and len(out["advantages"]) == 8
     for key in ("amft_reward", "amft_group_rewards"):
@@ -250,7 +250,7 @@ def _owner(path: str) -> type:
 
 
 def test_overridden_private_members_exist_with_the_pinned_signatures():
-    for owner, members in _trl_compat.OVERRIDDEN.items():
+    for owner, members in _private_api.OVERRIDDEN.items():
         cls = _owner(owner)
         for name, params in members.items():
             assert hasattr(cls, name), f"{owner}.{name} is gone"
@@ -273,7 +273,7 @@ def test_transformers_accelerate_and_deepspeed_members_exist():
     assert callable(getattr(GradientState, "_set_sync_gradients", None))
     assert "deepspeed_engine_wrapped" in inspect.getsource(Accelerator.backward)
     deepspeed = pytest.importorskip("deepspeed")
-    assert _trl_compat.zero_optimizer_classes()  # both ZeRO optimizer classes still import from these paths
+    assert _private_api.zero_optimizer_classes()  # both ZeRO optimizer classes still import from these paths
     mixed_precision_linkage = importlib.import_module("deepspeed.utils.mixed_precision_linkage")
     tensor_fragment = importlib.import_module("deepspeed.utils.tensor_fragment")
     assert "lp_param._hp_mapping = " in inspect.getsource(mixed_precision_linkage)
@@ -292,7 +292,7 @@ def _foreign_private_names() -> set[str]:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, Trainer
     from trl import SFTTrainer
 
-    names: set[str] = set(_trl_compat.READ["deepspeed"])
+    names: set[str] = set(_private_api.READ["deepspeed"])
     classes = (GRPOTrainer, SFTTrainer, Trainer, Accelerator, GradientState)
     for cls in (*classes, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase):
         for base in cls.__mro__:
@@ -367,8 +367,8 @@ class _Touches(ast.NodeVisitor):
 
 
 def test_no_private_member_is_touched_outside_the_compat_module():
-    foreign = _foreign_private_names() | {n for names in _trl_compat.READ.values() for n in names}
-    overridden = {n for members in _trl_compat.OVERRIDDEN.values() for n in members}
+    foreign = _foreign_private_names() | {n for names in _private_api.READ.values() for n in names}
+    overridden = {n for members in _private_api.OVERRIDDEN.values() for n in members}
     assert {
         "_metrics",
         "_save_checkpoint",
@@ -378,14 +378,14 @@ def test_no_private_member_is_touched_outside_the_compat_module():
     } <= foreign
     problems = {}
     for path in sorted(SRC.rglob("*.py")):
-        if path.name == "_trl_compat.py":
+        if path.name == "_private_api.py":
             continue
         visitor = _Touches(foreign, overridden)
         visitor.visit(ast.parse(path.read_text()))
         if visitor.found:
             problems[str(path.relative_to(SRC))] = visitor.found
     assert problems == {}, (
-        f"private members touched outside amft_trl._trl_compat (list them there): {problems}"
+        f"private members touched outside amft_trl._private_api (list them there): {problems}"
     )
 
 
@@ -430,10 +430,10 @@ def test_resume_warns_about_tied_weights_in_the_form_the_filter_reads(caplog):
     try:
         with caplog.at_level(logging.WARNING, logger="transformers.trainer"):
             warn(["lm_head.weight"])
-            assert caplog.records[-1].getMessage().startswith(_trl_compat.MISSING_KEYS_WARNING)
+            assert caplog.records[-1].getMessage().startswith(_private_api.MISSING_KEYS_WARNING)
             assert "['lm_head.weight']" in caplog.records[-1].getMessage()
             caplog.clear()
-            with _trl_compat.quiet_tied_weights_on_resume(model):
+            with _private_api.quiet_tied_weights_on_resume(model):
                 warn(["lm_head.weight"])  # the tied copy: nothing is missing
                 assert not caplog.records
                 warn(["lm_head.weight", "model.norm.weight"])  # a real missing key is still reported
@@ -454,7 +454,7 @@ def test_vision_members_exist_with_the_assumed_signatures():
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
     from trl.trainer.utils import split_pixel_values_by_grid, unsplit_pixel_values_by_grid  # noqa: F401
 
-    from amft_trl._trl_compat import MULTIMODAL_KEYS
+    from amft_trl._private_api import MULTIMODAL_KEYS
 
     params = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
     assert set(MULTIMODAL_KEYS) <= set(params)

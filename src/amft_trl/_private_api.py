@@ -1,7 +1,7 @@
 """Every private member of TRL, transformers, Accelerate and DeepSpeed that amft-trl touches, in one place.
 
-The file keeps its historical name; it covers all four packages. `trl<1.17` is pinned because of these, and
-`tests/test_trl_contract.py` fails loudly, naming the member, when one of them changes. It also checks that the list
+It covers all four packages (it was `_trl_compat` while it held TRL's alone). `trl<1.17` is pinned because of these, and
+`tests/test_private_api_contract.py` fails loudly, naming the member, when one of them changes. It also checks that the list
 is complete: a private member of those packages read, assigned or overridden anywhere else in `amft_trl` fails it.
 
 Two kinds of use:
@@ -158,7 +158,7 @@ def isolated_generation(trainer: Any) -> Iterator[dict[str, list[float]]]:
     """Run TRL's generation without touching the training metrics, completion tables and token count.
 
     Yields the metrics the generation logged (its `reward`, ...). The containers are TRL's; a container TRL adds
-    that generation writes to would leak: `tests/test_trl_contract.py` compares every attribute of the trainer
+    that generation writes to would leak: `tests/test_private_api_contract.py` compares every attribute of the trainer
     before and after a validation generation to catch that.
     """
     saved = (trainer._metrics, trainer._logs, trainer._pending_extra_logs, trainer._pending_metrics)
