@@ -39,7 +39,7 @@ What is measured, per configuration:
   validation rollouts are both counted; tokens per second are given per whole step and per second inside `generate`;
 - the parts of each step, timed inside it (wall and CPU seconds): the RL part (`GRPOTrainer.training_step`, which
   AMFT calls through `super()`), the SFT part (`AMFTTrainer._sft_micro_step`), the meta step's validation part
-  (`_validation_for_meta_step`), `optimizer.step()`, and the rest (the step minus these).
+  (`_validation_backward`), `optimizer.step()`, and the rest (the step minus these).
 
 Ratios: `amft / (grpo + sft_only)`; the amortised AMFT step with a meta step every K = 20 steps,
 `((19 * amft + amft_meta) / 20) / (grpo + sft_only)`; the meta step's extra time `(amft_meta - amft) / grpo` (its
@@ -57,7 +57,7 @@ tokenizer (the reward only has to vary so that GRPO's advantages are non-zero: c
 from the wrapped `generate`), so all configurations generate the same number of tokens whatever the model samples;
 the learning rate is constant (its value does not affect the cost); TRL's other defaults are kept (among them, in
 TRL 1.16: activation checkpointing on, fused AdamW, `beta = 0` so no reference model). Besides the two private
-methods the part timers wrap (`_sft_micro_step`, `_validation_for_meta_step`; a `src/` without them leaves that part
+methods the part timers wrap (`_sft_micro_step`, `_validation_backward`; a `src/` without them leaves that part
 in the rest), only public API is used (`GRPOConfig`/`AMFTConfig` fields, the trainers' constructors, callbacks,
 `state.log_history`), so the same script measures an older or newer `src/` (`--src`).
 
@@ -624,7 +624,7 @@ def run_worker(args: argparse.Namespace) -> None:
             callbacks=[clock],
         )
         phases.wrap(trainer, "_sft_micro_step", "sft")
-        phases.wrap(trainer, "_validation_for_meta_step", "meta_validation")
+        phases.wrap(trainer, "_validation_backward", "meta_validation")
     t_train = time.perf_counter()
     trainer.train()
     t_end = time.perf_counter()
@@ -987,7 +987,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
             "",
             "Where a step's time goes (median wall s over the measured steps; CPU s in brackets). RL: "
             "`GRPOTrainer.training_step` (generation, rewards, RL forward/backward); SFT: `_sft_micro_step`; meta "
-            "validation: `_validation_for_meta_step`; optimizer: `optimizer.step()`; rest: the step minus these "
+            "validation: `_validation_backward`; optimizer: `optimizer.step()`; rest: the step minus these "
             "(Trainer loop, gradient clipping, AMFT's bookkeeping; in a meta step also the inner products around the RL "
             "backward, those around the SFT backward being in the SFT part).",
             "",

@@ -170,18 +170,18 @@ def test_hpt_text_demonstrations_of_conversational_prompts_are_the_assistants_me
         tmp_path, vlm_dir, processor, [always_wrong], balancing="hpt", hpt_demonstration_column="solution"
     )
     row = trainer.train_dataset[0]
-    with_images = trainer._tokenize_demonstration(row["prompt"], row["solution"], [row["image"]])
-    text = trainer._tokenize_demonstration(row["prompt"], row["solution"])
+    with_images = trainer.sft_term.tokenize_demonstration(row["prompt"], row["solution"], [row["image"]])
+    text = trainer.sft_term.tokenize_demonstration(row["prompt"], row["solution"])
     assert with_images["completion_ids"] == text["completion_ids"]
     image_token = processor.tokenizer.convert_tokens_to_ids("<image>")
     assert with_images["prompt_ids"].count(image_token) == 4 and image_token not in text["prompt_ids"]
     # truncation never cuts the image tokens: a prompt that leaves no room for a completion token is dropped
     trainer.args.max_sft_length = len(with_images["prompt_ids"])
-    assert trainer._tokenize_demonstration(row["prompt"], row["solution"], [row["image"]]) is None
+    assert trainer.sft_term.tokenize_demonstration(row["prompt"], row["solution"], [row["image"]]) is None
     trainer.args.max_sft_length = len(with_images["prompt_ids"]) + 2
-    cut = trainer._tokenize_demonstration(row["prompt"], row["solution"], [row["image"]])
+    cut = trainer.sft_term.tokenize_demonstration(row["prompt"], row["solution"], [row["image"]])
     assert cut["completion_ids"] == with_images["completion_ids"][:2]
-    assert trainer._collate_demonstrations([cut]).completion_mask.sum() == 2
+    assert trainer.sft_term.collate_demonstrations([cut]).completion_mask.sum() == 2
 
 
 def image_parts(data):
@@ -275,15 +275,15 @@ def test_hpt_placeholder_row_of_a_process_without_demonstrations_carries_images(
         attached = AttachedDemonstrations(
             HPTStrategy("solution"),
             _FakeAccelerator(rank, 2, board),
-            trainer._tokenize_demonstration,
+            trainer.sft_term.tokenize_demonstration,
             pad_token_id=processor.tokenizer.pad_token_id,
             eos_token_id=processor.tokenizer.eos_token_id,
             gradient_accumulation_steps=1,
             steps_per_generation=1,
             num_generations=4,
             image_column="image",
-            collate=trainer._collate_demonstrations,
-            placeholder=trainer._vision_placeholder,
+            collate=trainer.sft_term.collate_demonstrations,
+            placeholder=trainer.sft_term.vision_placeholder,
         )
         mine = slice(rank * 4, rank * 4 + 4)
         attached.generation(
