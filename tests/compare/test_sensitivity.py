@@ -193,7 +193,13 @@ def test_a_grid_mixing_a_sweep_and_plain_methods_reports_both(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ shipped start
 
-TOY_GRIDS = ("toy_addition", "toy_addition_lr", "toy_addition_sft40", "toy_addition_sensitivity")
+TOY_GRIDS = (
+    "toy_addition",
+    "toy_addition_lr",
+    "toy_addition_sft40",
+    "toy_addition_sensitivity",
+    "toy_addition_sensitivity_luffy_relift",
+)
 
 
 @pytest.mark.parametrize("name", TOY_GRIDS)
@@ -265,20 +271,40 @@ def test_building_the_shipped_recipe_on_this_host_reproduces_it(tmp_path):
 # ------------------------------------------------------------------------------------------------ committed grids
 
 
-#: grids that add methods to a published comparison, on its data (luffy and relift beside the SmolLM2 methods)
-EXTENDS = {"smollm2_addition_luffy_relift": "smollm2_addition"}
+#: grids that add methods to a published comparison, on its data (luffy and relift beside the SmolLM2 methods, and
+#: beside the toy knob sweeps)
+EXTENDS = {
+    "smollm2_addition_luffy_relift": "smollm2_addition",
+    "toy_addition_sensitivity_luffy_relift": "toy_addition_sensitivity",
+}
+#: what a grid in EXTENDS keeps of the comparison it joins: everything but its methods
+SHARED = (
+    "task",
+    "task_options",
+    "model",
+    "model_options",
+    "seeds",
+    "budget",
+    "training",
+    "evaluation",
+    "checkpoint_every",
+    "tuning_seed",
+    "tuning_max_steps",
+)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "benchmarks" / "grids").glob("*.yaml")), ids=lambda p: p.stem)
 def test_committed_grids_parse_and_new_smollm2_grids_evaluate_on_300_problems(path):
     """Every committed grid is valid; a SmolLM2 grid without published results scores >= 300 problems per split
     (issue 25: the published ones, 60 problems, resolve 1.7 points per problem). The exception: a grid that adds
-    methods to a published comparison (`EXTENDS`) must keep that comparison's data, or its rows could not join it."""
+    methods to a published comparison (`EXTENDS`) must keep that comparison's data, starting model, budget, training
+    and evaluation settings, or its rows could not join it."""
     grid = load_grid(path)
     published = (ROOT / "benchmarks" / "results" / "compare" / path.stem / "base_eval.json").exists()
     if path.stem in EXTENDS:
         base = load_grid(ROOT / "benchmarks" / "grids" / f"{EXTENDS[path.stem]}.yaml")
-        assert (grid.task, grid.task_options, grid.seeds) == (base.task, base.task_options, base.seeds)
+        differing = [name for name in SHARED if getattr(grid, name) != getattr(base, name)]
+        assert not differing, f"{path.stem} differs from {EXTENDS[path.stem]} in {differing}"
     elif grid.task == "arithmetic" and not published:
         options = build_task(grid.task, grid.task_options).options
         assert min(options.num_test, options.num_ood, options.num_val) >= 300
