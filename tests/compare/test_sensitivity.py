@@ -174,6 +174,23 @@ def test_sensitivity_report_against_the_run_files(swept):
         assert len(list(csv.DictReader(f))) == 10
 
 
+@pytest.mark.parametrize(
+    "values, log",
+    [
+        ([0.01, 0.1, 1.0, 10.0], True),  # luffy's shaping gamma: decades
+        ([4, 8, 16, 128], True),  # relift's buffer: powers of two up to the default
+        ([0.1, 0.3, 0.5, 0.7, 0.9], False),  # mu
+        ([0.1, 0.5, 1.0, 2.0], False),  # srft's coefficient: a factor of 20
+        ([0.0, 0.25, 0.5, 0.75], False),  # hpt's gate: 0 has no place on a log axis
+        ([-1.0, 100.0], False),
+    ],
+)
+def test_knobs_spanning_a_factor_of_30_are_drawn_on_a_log_axis(values, log):
+    from amft_trl.compare.sensitivity import log_axis
+
+    assert log_axis(values) is log
+
+
 def test_a_grid_mixing_a_sweep_and_plain_methods_reports_both(tmp_path):
     grid = parse_grid(_grid(seeds=[0], methods={"grpo_only": {}, "fixed": {"sweep": {"mu_init": [0.5]}}}))
     out = run_grid(grid, tmp_path / "out", progress=False)
