@@ -216,6 +216,7 @@ TOY_GRIDS = (
     "toy_addition_sft40",
     "toy_addition_sensitivity",
     "toy_addition_sensitivity_luffy_relift",
+    "toy_addition_sensitivity_luffy_shared_rate",
 )
 
 
@@ -293,6 +294,7 @@ def test_building_the_shipped_recipe_on_this_host_reproduces_it(tmp_path):
 EXTENDS = {
     "smollm2_addition_luffy_relift": "smollm2_addition",
     "toy_addition_sensitivity_luffy_relift": "toy_addition_sensitivity",
+    "toy_addition_sensitivity_luffy_shared_rate": "toy_addition_sensitivity",
 }
 #: what a grid in EXTENDS keeps of the comparison it joins: everything but its methods
 SHARED = (
