@@ -174,6 +174,23 @@ def test_sensitivity_report_against_the_run_files(swept):
         assert len(list(csv.DictReader(f))) == 10
 
 
+@pytest.mark.parametrize(
+    "values, log",
+    [
+        ([0.01, 0.1, 1.0, 10.0], True),  # luffy's shaping gamma: decades
+        ([4, 8, 16, 128], True),  # relift's buffer: powers of two up to the default
+        ([0.1, 0.3, 0.5, 0.7, 0.9], False),  # mu
+        ([0.1, 0.5, 1.0, 2.0], False),  # srft's coefficient: a factor of 20
+        ([0.0, 0.25, 0.5, 0.75], False),  # hpt's gate: 0 has no place on a log axis
+        ([-1.0, 100.0], False),
+    ],
+)
+def test_knobs_spanning_a_factor_of_30_are_drawn_on_a_log_axis(values, log):
+    from amft_trl.compare.sensitivity import log_axis
+
+    assert log_axis(values) is log
+
+
 def test_a_grid_mixing_a_sweep_and_plain_methods_reports_both(tmp_path):
     grid = parse_grid(_grid(seeds=[0], methods={"grpo_only": {}, "fixed": {"sweep": {"mu_init": [0.5]}}}))
     out = run_grid(grid, tmp_path / "out", progress=False)
@@ -193,7 +210,14 @@ def test_a_grid_mixing_a_sweep_and_plain_methods_reports_both(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ shipped start
 
-TOY_GRIDS = ("toy_addition", "toy_addition_lr", "toy_addition_sft40", "toy_addition_sensitivity")
+TOY_GRIDS = (
+    "toy_addition",
+    "toy_addition_lr",
+    "toy_addition_sft40",
+    "toy_addition_sensitivity",
+    "toy_addition_sensitivity_luffy_relift",
+    "toy_addition_sensitivity_luffy_shared_rate",
+)
 
 
 @pytest.mark.parametrize("name", TOY_GRIDS)
@@ -265,20 +289,41 @@ def test_building_the_shipped_recipe_on_this_host_reproduces_it(tmp_path):
 # ------------------------------------------------------------------------------------------------ committed grids
 
 
-#: grids that add methods to a published comparison, on its data (luffy and relift beside the SmolLM2 methods)
-EXTENDS = {"smollm2_addition_luffy_relift": "smollm2_addition"}
+#: grids that add methods to a published comparison, on its data (luffy and relift beside the SmolLM2 methods, and
+#: beside the toy knob sweeps)
+EXTENDS = {
+    "smollm2_addition_luffy_relift": "smollm2_addition",
+    "toy_addition_sensitivity_luffy_relift": "toy_addition_sensitivity",
+    "toy_addition_sensitivity_luffy_shared_rate": "toy_addition_sensitivity",
+}
+#: what a grid in EXTENDS keeps of the comparison it joins: everything but its methods
+SHARED = (
+    "task",
+    "task_options",
+    "model",
+    "model_options",
+    "seeds",
+    "budget",
+    "training",
+    "evaluation",
+    "checkpoint_every",
+    "tuning_seed",
+    "tuning_max_steps",
+)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "benchmarks" / "grids").glob("*.yaml")), ids=lambda p: p.stem)
 def test_committed_grids_parse_and_new_smollm2_grids_evaluate_on_300_problems(path):
     """Every committed grid is valid; a SmolLM2 grid without published results scores >= 300 problems per split
     (issue 25: the published ones, 60 problems, resolve 1.7 points per problem). The exception: a grid that adds
-    methods to a published comparison (`EXTENDS`) must keep that comparison's data, or its rows could not join it."""
+    methods to a published comparison (`EXTENDS`) must keep that comparison's data, starting model, budget, training
+    and evaluation settings, or its rows could not join it."""
     grid = load_grid(path)
     published = (ROOT / "benchmarks" / "results" / "compare" / path.stem / "base_eval.json").exists()
     if path.stem in EXTENDS:
         base = load_grid(ROOT / "benchmarks" / "grids" / f"{EXTENDS[path.stem]}.yaml")
-        assert (grid.task, grid.task_options, grid.seeds) == (base.task, base.task_options, base.seeds)
+        differing = [name for name in SHARED if getattr(grid, name) != getattr(base, name)]
+        assert not differing, f"{path.stem} differs from {EXTENDS[path.stem]} in {differing}"
     elif grid.task == "arithmetic" and not published:
         options = build_task(grid.task, grid.task_options).options
         assert min(options.num_test, options.num_ood, options.num_val) >= 300

@@ -258,8 +258,16 @@ def _versus_fixed(grid: Grid, sweeps: dict, name: str) -> list[str]:
     return lines
 
 
+def log_axis(values: list[float]) -> bool:
+    """Whether a knob's values are drawn on a log axis: all positive, the largest at least 30 times the smallest
+    (e.g. a shaping gamma of 0.01 to 10, or a buffer of 4 to 128 prompts, which a linear axis would crowd into its
+    left edge)."""
+    return bool(values) and min(values) > 0 and max(values) / min(values) >= 30
+
+
 def plot(grid: Grid, out: Path, sweeps: dict, sets: list[str]) -> dict[str, Path]:
-    """sensitivity.png: accuracy against the knob value, one curve per method, one panel per (knob, test set)."""
+    """sensitivity.png: accuracy against the knob value, one curve per method, one panel per (knob, test set); a
+    knob whose values span a factor of 30 or more is drawn on a log axis (`log_axis`)."""
     try:
         import matplotlib
 
@@ -283,7 +291,8 @@ def plot(grid: Grid, out: Path, sweeps: dict, sets: list[str]) -> dict[str, Path
             )
             labels: list[str] = []
             xs_all = [p[knob[0]] for m in methods for p in grid.methods[m].sweep] if numeric else [0, 1]
-            span = (max(xs_all) - min(xs_all)) or 1.0
+            log = numeric and log_axis(xs_all)
+            span = (math.log10(max(xs_all) / min(xs_all)) if log else max(xs_all) - min(xs_all)) or 1.0
             for j, method in enumerate(methods):
                 dodge = (j - (len(methods) - 1) / 2) * 0.012 * span  # the curves' error bars side by side
                 xs, ys, lo, hi = [], [], [], []
@@ -299,13 +308,18 @@ def plot(grid: Grid, out: Path, sweeps: dict, sets: list[str]) -> dict[str, Path
                         if label not in labels:
                             labels.append(label)
                         x = labels.index(label)
-                    xs.append(x + dodge)
+                    xs.append(x * 10**dodge if log else x + dodge)
                     ys.append(100 * iv.mean)
                     low = iv.low if math.isfinite(iv.low) else iv.mean
                     high = iv.high if math.isfinite(iv.high) else iv.mean
                     lo.append(100 * (iv.mean - low))
                     hi.append(100 * (high - iv.mean))
                 ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=4, capsize=3, label=method)
+            if log:
+                ax.set_xscale("log")
+                ax.set_xticks(sorted(set(xs_all)))
+                ax.set_xticklabels([f"{x:g}" for x in sorted(set(xs_all))])
+                ax.tick_params(axis="x", which="minor", bottom=False, labelbottom=False)
             if not numeric:
                 ax.set_xticks(range(len(labels)))
                 ax.set_xticklabels(labels, rotation=20, fontsize=7, ha="right")
