@@ -28,24 +28,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
+from _parallel_launch import STRATEGY_FAMILIES  # noqa: E402
+
 FIXTURE = ROOT / "tests" / "fixtures" / "bit_identity.json"
 
-#: the strategy arguments of each run (tests/distributed/test_ddp_and_zero.py's STRATEGY_FAMILIES for the families it covers)
+#: the strategy arguments of each run: the multi-process tests' one strategy of each family, and the (1 - mu, mu) ones
 STRATEGY_ARGS: dict[str, dict] = {
     "amft": {},
     "fixed": {"mu_init": 0.3},
     "sft_then_rl": {},  # the runner's sft_warmup_steps=1: one SFT step, then RL
-    "chord": {
-        "chord_mu_warmup_steps": 1,
-        "chord_mu_decay_steps": 2,
-        "chord_mu_peak": 0.6,
-        "chord_mu_valley": 0.2,
-        "chord_enable_phi_function": True,
-    },
-    "srft": {},
-    "hpt": {"hpt_success_reward": 0.3},
-    "luffy": {"luffy_num_off_policy": 1},
-    "relift": {"relift_buffer_size": 4, "relift_fail_reward": 0.2},
+    **STRATEGY_FAMILIES,
 }
 
 #: layout -> (runner arguments, processes, DeepSpeed environment)

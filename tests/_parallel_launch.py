@@ -95,3 +95,24 @@ def _plain_and_zero(model_dir: str, tmp_path: Path, stage: int, *extra: str) -> 
     )
     assert zero["distributed_type"] == "DistributedType.DEEPSPEED"
     return plain, zero
+
+
+#: One strategy of each family, with the arguments its multi-process runs use (also `benchmarks/bit_identity.py`'s).
+STRATEGY_FAMILIES = {
+    # a schedule with per-token weights on the demonstrations
+    "chord": {
+        "chord_mu_warmup_steps": 1,
+        "chord_mu_decay_steps": 2,
+        "chord_mu_peak": 0.6,
+        "chord_mu_valley": 0.2,
+        "chord_enable_phi_function": True,
+    },
+    # per-sequence weights from entropies, on demonstrations and on rollouts (advantages replaced)
+    "srft": {},
+    # a per-prompt gate: demonstrations from the RL batch, a different number on each process
+    "hpt": {"hpt_success_reward": 0.3},
+    # demonstrations as off-policy rows of the groups (generation of the other rows only), shaped loss
+    "luffy": {"luffy_num_off_policy": 1},
+    # a buffer of all-failed prompts gathered from every process, and an SFT step on it when it is full
+    "relift": {"relift_buffer_size": 4, "relift_fail_reward": 0.2},
+}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _parallel_launch import _close, _plain_and_zero, _run
+from _parallel_launch import STRATEGY_FAMILIES, _close, _plain_and_zero, _run
 from datasets import Dataset
 
 from amft_trl import AMFTConfig, AMFTTrainer, MuController
@@ -235,26 +235,6 @@ def test_deepspeed_config_in_args_is_checked_before_the_model_loads(monkeypatch)
             sft_dataset=Dataset.from_dict({"prompt": ["a"], "completion": ["b"]}),
             val_dataset=Dataset.from_dict({"prompt": ["a"]}),
         )
-
-
-STRATEGY_FAMILIES = {
-    # a schedule with per-token weights on the demonstrations
-    "chord": {
-        "chord_mu_warmup_steps": 1,
-        "chord_mu_decay_steps": 2,
-        "chord_mu_peak": 0.6,
-        "chord_mu_valley": 0.2,
-        "chord_enable_phi_function": True,
-    },
-    # per-sequence weights from entropies, on demonstrations and on rollouts (advantages replaced)
-    "srft": {},
-    # a per-prompt gate: demonstrations from the RL batch, a different number on each process
-    "hpt": {"hpt_success_reward": 0.3},
-    # demonstrations as off-policy rows of the groups (generation of the other rows only), shaped loss
-    "luffy": {"luffy_num_off_policy": 1},
-    # a buffer of all-failed prompts gathered from every process, and an SFT step on it when it is full
-    "relift": {"relift_buffer_size": 4, "relift_fail_reward": 0.2},
-}
 
 
 @pytest.mark.parametrize("balancing", list(STRATEGY_FAMILIES))
