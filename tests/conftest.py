@@ -55,12 +55,9 @@ def val_prompts():
     return make_prompts(16, seed=3)
 
 
-def make_config(output_dir, **overrides):
-    """A small, fast, deterministic AMFTConfig for CPU tests."""
-    from amft_trl import AMFTConfig
-
+def grpo_kwargs(**overrides) -> dict:
+    """The GRPOConfig fields every small CPU run of the tests shares (3 steps of 4 rollouts, one group)."""
     kwargs = dict(
-        output_dir=str(output_dir),
         per_device_train_batch_size=4,
         num_generations=4,
         max_completion_length=8,
@@ -69,15 +66,27 @@ def make_config(output_dir, **overrides):
         report_to="none",
         use_cpu=True,
         bf16=False,
-        logging_steps=1,
         save_strategy="no",
         seed=42,
+        disable_tqdm=True,
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def make_config(output_dir, **overrides):
+    """A small, fast, deterministic AMFTConfig for CPU tests."""
+    from amft_trl import AMFTConfig
+
+    kwargs = dict(
+        output_dir=str(output_dir),
+        **grpo_kwargs(),
+        logging_steps=1,
         sft_warmup_steps=0,
         meta_update_steps=2,
         meta_val_batch_size=2,
         target_entropy_num_samples=8,
         max_sft_length=64,
-        disable_tqdm=True,
     )
     kwargs.update(overrides)
     return AMFTConfig(**kwargs)

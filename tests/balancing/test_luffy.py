@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_trainer, digit_fraction_reward, make_config, make_prompts
+from conftest import build_trainer, digit_fraction_reward, grpo_kwargs, make_config, make_prompts
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
@@ -265,19 +265,7 @@ def test_low_probability_demonstration_keeps_its_gradient_where_ppo_clipping_zer
 
 
 def test_no_off_policy_rollout_is_grpo_trainer_bit_for_bit(tmp_path, tiny_model_dir, tokenizer):
-    common = dict(
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=8,
-        max_steps=3,
-        learning_rate=1e-2,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        seed=7,
-        disable_tqdm=True,
-    )
+    common = grpo_kwargs(seed=7)
     data = luffy_prompts()
     amft = build(
         tmp_path / "a", tiny_model_dir, tokenizer, luffy_num_off_policy=0, train_dataset=data, **common

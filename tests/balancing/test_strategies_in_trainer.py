@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import build_trainer, digit_fraction_reward, make_config, make_demos, make_prompts
+from conftest import build_trainer, digit_fraction_reward, grpo_kwargs, make_config, make_demos, make_prompts
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOTrainer
@@ -74,19 +74,7 @@ def test_sft_then_rl_draws_no_sft_batch_after_the_switch(tmp_path, tiny_model_di
     assert len(logged(trainer, "amft/sft_loss")) == 2
 
 
-GRPO_COMMON = dict(
-    per_device_train_batch_size=4,
-    num_generations=4,
-    max_completion_length=8,
-    max_steps=4,
-    learning_rate=1e-2,
-    report_to="none",
-    use_cpu=True,
-    bf16=False,
-    seed=42,
-    disable_tqdm=True,
-    save_strategy="no",
-)
+GRPO_COMMON = grpo_kwargs(max_steps=4)
 
 
 def _sft_then_rl(folder, tiny_model_dir, tokenizer, **overrides):

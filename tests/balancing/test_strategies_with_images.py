@@ -15,25 +15,15 @@ import json
 
 import pytest
 import torch
-from conftest import make_config
+from conftest import grpo_kwargs, make_config
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from amft_trl import AMFTTrainer
 from amft_trl.toy import build_vlm, build_vlm_processor, digit_fraction_reward, image_addition_prompts
 
-COMMON = dict(
-    per_device_train_batch_size=8,  # 2 prompts x 4 rollouts per step
-    num_generations=4,
-    max_completion_length=6,
-    max_steps=1,
-    learning_rate=1e-2,
-    report_to="none",
-    use_cpu=True,
-    bf16=False,
-    save_strategy="no",
-    seed=7,
-    disable_tqdm=True,
-)
+COMMON = grpo_kwargs(
+    per_device_train_batch_size=8, max_completion_length=6, max_steps=1, seed=7
+)  # 2 prompts x 4 rollouts per step
 
 
 def solution(answer: str) -> str:

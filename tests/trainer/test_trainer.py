@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import digit_fraction_reward, make_config, make_demos, make_prompts
+from conftest import digit_fraction_reward, grpo_kwargs, make_config, make_demos, make_prompts
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from amft_trl import AMFTTrainer
@@ -41,19 +41,7 @@ def test_mu_pinned_to_zero_equals_grpo(tmp_path, tiny_model_dir, tokenizer, prom
     """mu = 0, no warm-up, no controller: the same parameters as TRL's GRPOTrainer, same seed and arguments."""
     from trl import GRPOConfig, GRPOTrainer
 
-    common = dict(
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=8,
-        max_steps=3,
-        learning_rate=1e-2,
-        report_to="none",
-        use_cpu=True,
-        bf16=False,
-        save_strategy="no",
-        seed=7,
-        disable_tqdm=True,
-    )
+    common = grpo_kwargs(seed=7)
     amft_args = make_config(
         tmp_path / "amft",
         **common,

@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_config
+from conftest import grpo_kwargs, make_config
 from transformers import AutoProcessor, TrainerCallback
 
 from amft_trl import AMFTTrainer
@@ -25,19 +25,7 @@ from amft_trl.toy import (
     image_addition_prompts,
 )
 
-COMMON = dict(
-    per_device_train_batch_size=4,
-    num_generations=4,
-    max_completion_length=6,
-    max_steps=2,
-    learning_rate=1e-2,
-    report_to="none",
-    use_cpu=True,
-    bf16=False,
-    save_strategy="no",
-    seed=7,
-    disable_tqdm=True,
-)
+COMMON = grpo_kwargs(max_completion_length=6, max_steps=2, seed=7)
 PINNED = dict(mu_min=0.0, mu_max=1.0, meta_learning_rate=0.0, entropy_learning_rate=0.0)
 
 
