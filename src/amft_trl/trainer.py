@@ -569,8 +569,6 @@ class AMFTTrainer(GRPOTrainer):
         finally:
             self._loss_forward_reader = None
 
-    _loss_forward_reader: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None
-
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         out = super()._get_per_token_logps_and_entropies(*args, **kwargs)
         read, self._loss_forward_reader = self._loss_forward_reader, None
