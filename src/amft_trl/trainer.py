@@ -293,9 +293,10 @@ class AMFTTrainer(GRPOTrainer):
                 self, strategy, self.sft_term, self._rl_image_column, self._rl_image_parts
             )
         self._step_state: _StepState | None = None  # the optimizer step in progress (`training_step`)
-        self._generation: _Generation | None = (
-            None  # the generation in progress (`_generate_and_score_completions`)
-        )
+        # the generation in progress (`_generate_and_score_completions`)
+        self._generation: _Generation | None = None
+        # set by `_compute_loss` around TRL's loss: reads that loss's forward (`_get_per_token_logps_and_entropies`)
+        self._loss_forward_reader: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None
         self._num_skipped_rl_steps = 0
         # what the run has trained on and generated, cumulative over the run (logged as amft/<key>_tokens)
         self._token_counts = dict.fromkeys(TOKEN_COUNTS, 0.0)
