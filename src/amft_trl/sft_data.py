@@ -606,6 +606,19 @@ def vision_collator(processor: Any, max_length: int | None) -> Any:
     )
 
 
+def _completion_image_parts(example: dict[str, Any]) -> int:
+    """How many `{"type": "image"}` parts the completion's messages hold."""
+    _, completion = _as_prompt_completion(example)
+    if not isinstance(completion, list):
+        return 0
+    return sum(
+        isinstance(part, dict) and part.get("type") == "image"
+        for message in completion
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for part in message["content"]
+    )
+
+
 def prepare_vision_sft_dataset(
     dataset: Dataset,
     processor: Any,
@@ -641,6 +654,13 @@ def prepare_vision_sft_dataset(
                 f"`{name}` row {index}: cannot load the row's images from column `{column}` "
                 f"({type(error).__name__}: {error})."
             ) from error
+        in_completion = _completion_image_parts(example)
+        if in_completion:
+            raise ValueError(
+                f"`{name}` row {index}: its completion holds {in_completion} image part(s) (e.g. views in tool "
+                "replies). TRL 1.16's VLM collator processes a completion as text, without images, so AMFT cannot "
+                "train on such demonstrations: put the images in the prompt's messages only."
+            )
         try:
             labels = collate(_vision_examples([example], column, processor, tools))["labels"][0]
         except Exception as error:
