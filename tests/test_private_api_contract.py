@@ -86,6 +86,9 @@ def test_private_members_exist_with_the_assumed_signatures():
 
     assert "deepspeed_engine_wrapped" in inspect.getsource(Accelerator.backward)
     assert callable(_private_api.tokenize)
+    # the SFT term renders demonstrations with the tools of the environment their rollouts use
+    assert "self._env_tools[name] = tools + methods" in inspect.getsource(GRPOTrainer.__init__)
+    assert "tools=self._env_tools[name]" in inspect.getsource(GRPOTrainer._tokenize_prompts)
 
 
 def test_generation_output_and_its_extra_keys_survive_trls_shuffle_and_split(trainer):

@@ -26,6 +26,7 @@ Two kinds of use:
 | `GRPOTrainer._metrics["train"]["step_time"]` | TRL | `replace_last_step_time` | one value appended per optimizer step by `GRPOTrainer.training_step` |
 | `GRPOTrainer._tag_names`, `_name` | TRL | class attributes of `AMFTTrainer` | the tags and trainer name TRL writes into the model card |
 | `trl.data_utils._tokenize` | TRL | `amft_trl.sft_data` (`tokenize`) | tokenises a prompt or conversation like TRL's SFTTrainer |
+| `GRPOTrainer._env_tools` | TRL | `environment_tools` (the SFT term's tool list) | `{environment name: tools}` with a dict `environment_factory` (`{None: tools}` with one factory): the tools each environment's rollout prompts are rendered with |
 | `GRPOTrainer._get_per_token_logps_and_entropies(..., **MULTIMODAL_KEYS)` | TRL | image demonstrations, validation rollouts | takes a VLM's extra inputs as `_compute_loss` passes them |
 | `Trainer._load_from_checkpoint(resume_from_checkpoint, model)` | transformers | overridden by `AMFTTrainer` | loads the weights of a resumed run (VLM checkpoints then reloaded by `amft_trl.vision`) |
 | `Trainer._save_checkpoint(model, trial)` | transformers | overridden by `AMFTTrainer` | writes `amft_state.json` into the checkpoint folder it has just written |
@@ -85,6 +86,7 @@ READ: dict[str, tuple[str, ...]] = {
         "_pending_extra_logs",
         "_pending_metrics",
         "_tokenize",
+        "_env_tools",
     ),
     "transformers": ("_get_output_dir", "_created_lr_scheduler", "_issue_warnings_after_load"),
     "accelerate": ("_set_sync_gradients", "deepspeed_engine_wrapped"),
@@ -128,6 +130,12 @@ def per_token_logps_and_entropies(
         model, input_ids, attention_mask, logits_to_keep, compute_entropy=compute_entropy, **multimodal
     )
     return logps, entropies
+
+
+def environment_tools(trainer: Any) -> dict[Any, list[Any]]:
+    """The tools GRPOTrainer renders each environment's rollout prompts with (`_env_tools`: `{name: tools}`; the one
+    unnamed environment of a single `environment_factory` is `None`)."""
+    return trainer._env_tools
 
 
 def prepare_rollouts(trainer: Any, generation_batch: Any) -> dict[str, Any]:

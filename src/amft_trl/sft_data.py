@@ -175,6 +175,64 @@ def _decode_row(example: dict[str, Any], json_columns: list[str]) -> dict[str, A
     return {key: _json_cell(value) if key in json_columns else value for key, value in example.items()}
 
 
+def tool_schemas(tools: Any) -> list[dict[str, Any]] | None:
+    """`tools` (JSON-schema dicts and / or callables, as `apply_chat_template` takes them) as JSON schemas, callables
+    converted by transformers' `get_json_schema` (as `apply_chat_template` converts them, so the rendering is the
+    same); None when there are none (TRL renders `tools=[]` as no tools)."""
+    if not tools:
+        return None
+    from transformers.utils import get_json_schema
+
+    return [tool if isinstance(tool, dict) else get_json_schema(tool) for tool in tools]
+
+
+@dataclass
+class DemonstrationTools:
+    """Which tools a demonstration is rendered with by the chat template.
+
+    - A row with a `tools` column: that row's value, read as TRL's SFTTrainer reads it (a JSON string is parsed; a
+      list of JSON schemas is taken as is; null or `[]`: no tools).
+    - Otherwise the trainer's tools, as its rollouts are rendered: `default` (GRPOTrainer's `tools` plus the methods
+      of its `environment_factory`'s environment), or, with a dict of environments, the tools of the environment
+      the row's `environment` column names (`by_environment`).
+    """
+
+    default: list[dict[str, Any]] | None = None
+    by_environment: dict[Any, list[dict[str, Any]] | None] | None = None
+
+    def for_row(self, example: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """The tools of one demonstration (a ValueError names what is wrong with its `tools` / `environment`)."""
+        if "tools" in example:
+            value = example["tools"]
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError as error:
+                    raise ValueError(f"its `tools` is a string that is not JSON ({error})") from error
+            if value is not None and not (
+                isinstance(value, list) and all(isinstance(tool, dict) for tool in value)
+            ):
+                raise ValueError(
+                    f"its `tools` is {type(value).__name__}; expected a list of JSON-schema dicts (or its JSON text), "
+                    "or null for no tools"
+                )
+            return value or None
+        if self.by_environment is None:
+            return self.default
+        if "environment" not in example:
+            raise ValueError(
+                "the trainer has several environments (a dict `environment_factory`) and the row says neither which "
+                "one its rollouts use (an `environment` column, as in train_dataset) nor its tools (a `tools` column)"
+            )
+        name = example["environment"]
+        if name not in self.by_environment:
+            raise ValueError(
+                f"its `environment` is {name!r}, which is not one of the trainer's environments "
+                f"{sorted(map(str, self.by_environment))}"
+            )
+        return self.by_environment[name]
+
+
 def check_sft_columns(dataset: Dataset, name: str = "sft_dataset") -> None:
     """Raise a ValueError unless every row of `dataset` is a demonstration in an accepted format.
 
@@ -247,6 +305,19 @@ def check_sft_columns(dataset: Dataset, name: str = "sft_dataset") -> None:
         raise _format_error(name, f"row {row}", problem)
 
 
+def check_tools_column(dataset: Dataset, name: str = "sft_dataset") -> None:
+    """Refuse a `tools` column on standard (string) demonstrations: only a chat template renders tools."""
+    columns = list(dataset.column_names or [])
+    if "tools" not in columns or len(dataset) == 0:
+        return
+    prompt = dataset[0]["prompt"] if "prompt" in columns else dataset[0].get("messages")
+    if isinstance(prompt, str):
+        raise ValueError(
+            f"`{name}` has a `tools` column, but its demonstrations are standard (strings): tools are rendered by the "
+            "chat template, so they need conversational demonstrations (lists of messages)."
+        )
+
+
 def _as_prompt_completion(example: dict[str, Any]) -> tuple[Any, Any]:
     """(prompt, completion) of one demonstration: its `prompt`/`completion`, or `messages` split before the last."""
     if "prompt" in example and "completion" in example:
@@ -264,16 +335,19 @@ def tokenize_prompt_completion(
     completion: Any,
     max_length: int | None,
     chat_template: str | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> dict[str, list[int]]:
     """One demonstration as `prompt_ids` / `completion_ids`, the way TRL's SFTTrainer tokenises it.
 
-    Conversational prompts go through the chat template (the generation prompt closes the prompt); a standard
-    completion gets EOS appended. The completion starts where the tokenised prompt and prompt + completion diverge.
+    Conversational prompts go through the chat template (the generation prompt closes the prompt), with `tools`
+    rendered as the template renders a tool list; a standard completion gets EOS appended (`tools` do not apply). The completion starts where the tokenised prompt and prompt + completion diverge.
     Truncated on the right to `max_length` tokens in all; the completion may come out empty.
     """
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     eos = tokenizer.eos_token
-    kwargs = {"chat_template": chat_template} if chat_template is not None else {}
+    kwargs: dict[str, Any] = {"chat_template": chat_template} if chat_template is not None else {}
+    if tools:
+        kwargs["tools"] = tools
     if is_conversational({"prompt": prompt}):
         prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
         full_ids = _tokenize(processing_class, prompt + completion, **kwargs)["input_ids"]
@@ -295,22 +369,31 @@ def tokenize_sft_dataset(
     max_length: int | None,
     chat_template: str | None = None,
     name: str = "sft_dataset",
+    tools: DemonstrationTools | None = None,
 ) -> tuple[Dataset, int]:
     """Tokenise demonstrations into `prompt_ids` / `completion_ids`, dropping those with no completion left.
 
-    `dataset` is checked first (`check_sft_columns`); `name` is how errors call it. Returns the tokenised dataset
+    `dataset` is checked first (`check_sft_columns`); `name` is how errors call it. Conversational demonstrations
+    are rendered with their tools (`DemonstrationTools.for_row`: the row's `tools` column, else `tools`' defaults);
+    a `tools` column on standard (string) demonstrations is refused, since no template renders it. Returns the tokenised dataset
     and the number of examples dropped because truncation to `max_length` removed their whole completion, or
     because their prompt has no token (reported with a warning; they are never trained on as empty). Raises a
     ValueError naming `max_sft_length` when that drops every example.
     """
     check_sft_columns(dataset, name)
+    check_tools_column(dataset, name)
+    tools = tools if tools is not None else DemonstrationTools()
     json_columns = [c for c in dataset.column_names if _feature_kind(dataset.features[c]) == _PER_ROW]
     dataset = _undecoded_json(dataset, json_columns)
 
     def tokenize(example: dict[str, Any], index: int) -> dict[str, Any]:
         try:
-            prompt, completion = _as_prompt_completion(_decode_row(example, json_columns))
-            whole = tokenize_prompt_completion(processing_class, prompt, completion, None, chat_template)
+            row = _decode_row(example, json_columns)
+            prompt, completion = _as_prompt_completion(row)
+            row_tools = tools.for_row(row) if is_conversational({"prompt": prompt}) else None
+            whole = tokenize_prompt_completion(
+                processing_class, prompt, completion, None, chat_template, tools=row_tools
+            )
         except Exception as error:  # a row check_sft_columns let through: say which one
             raise ValueError(
                 f"`{name}` row {index}: cannot tokenise the demonstration ({type(error).__name__}: {error}). "
@@ -474,10 +557,43 @@ def row_images(example: dict[str, Any], column: str) -> list[Any]:
     return list(value or [])
 
 
-def _vision_example(example: dict[str, Any], column: str) -> dict[str, Any]:
-    """One image demonstration as TRL's VLM collator takes it: `prompt`, `completion`, `images` (fresh objects)."""
+def _vision_example(
+    example: dict[str, Any], column: str, processor: Any = None, tools: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """One image demonstration as TRL's VLM collator takes it: `prompt`, `completion`, `images` (fresh objects).
+
+    With `processor`, a conversational demonstration is rendered here with `tools`, the way the collator renders it
+    without (`prepare_multimodal_messages`, then `trl.data_utils.apply_chat_template`), and handed to the collator
+    as text: TRL 1.16's VLM collator renders prompt-completion rows without a tool list."""
     prompt, completion = _as_prompt_completion(example)
-    return {"prompt": prompt, "completion": completion, "images": row_images(example, column)}
+    images = row_images(example, column)
+    if processor is not None and is_conversational({"prompt": prompt}):
+        from trl.data_utils import apply_chat_template, prepare_multimodal_messages
+
+        rendered = apply_chat_template(
+            {
+                "prompt": prepare_multimodal_messages(prompt, images=images),
+                "completion": prepare_multimodal_messages(completion),
+            },
+            processor,
+            tools=tools,
+        )
+        prompt, completion = rendered["prompt"], rendered["completion"]
+    return {"prompt": prompt, "completion": completion, "images": images}
+
+
+def _vision_examples(
+    examples: list[dict[str, Any]], column: str, processor: Any, tools: DemonstrationTools | None
+) -> list[dict[str, Any]]:
+    """A batch of image demonstrations for TRL's VLM collator. When a row has tools (`tools.for_row`), every row of
+    the batch is rendered here (the collator takes a batch of one format); otherwise they go to it as they are."""
+    row_tools = [
+        tools.for_row(e) if tools is not None and is_conversational(_vision_example(e, column)) else None
+        for e in examples
+    ]
+    if not any(row_tools):
+        return [_vision_example(e, column) for e in examples]
+    return [_vision_example(e, column, processor, t) for e, t in zip(examples, row_tools, strict=True)]
 
 
 def vision_collator(processor: Any, max_length: int | None) -> Any:
@@ -490,8 +606,25 @@ def vision_collator(processor: Any, max_length: int | None) -> Any:
     )
 
 
+def _completion_image_parts(example: dict[str, Any]) -> int:
+    """How many `{"type": "image"}` parts the completion's messages hold."""
+    _, completion = _as_prompt_completion(example)
+    if not isinstance(completion, list):
+        return 0
+    return sum(
+        isinstance(part, dict) and part.get("type") == "image"
+        for message in completion
+        if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for part in message["content"]
+    )
+
+
 def prepare_vision_sft_dataset(
-    dataset: Dataset, processor: Any, max_length: int | None, name: str = "sft_dataset"
+    dataset: Dataset,
+    processor: Any,
+    max_length: int | None,
+    name: str = "sft_dataset",
+    tools: DemonstrationTools | None = None,
 ) -> tuple[Dataset, int]:
     """Check and measure image demonstrations; keep those whose prompt (with its image tokens) fits `max_length`.
 
@@ -521,8 +654,15 @@ def prepare_vision_sft_dataset(
                 f"`{name}` row {index}: cannot load the row's images from column `{column}` "
                 f"({type(error).__name__}: {error})."
             ) from error
+        in_completion = _completion_image_parts(example)
+        if in_completion:
+            raise ValueError(
+                f"`{name}` row {index}: its completion holds {in_completion} image part(s) (e.g. views in tool "
+                "replies). TRL 1.16's VLM collator processes a completion as text, without images, so AMFT cannot "
+                "train on such demonstrations: put the images in the prompt's messages only."
+            )
         try:
-            labels = collate([_vision_example(example, column)])["labels"][0]
+            labels = collate(_vision_examples([example], column, processor, tools))["labels"][0]
         except Exception as error:
             raise ValueError(
                 f"`{name}` row {index}: the processor cannot process this image demonstration (column `{column}` "
@@ -561,16 +701,21 @@ _PER_TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")
 
 
 def collate_vision_sft(
-    examples: list[dict[str, Any]], processor: Any, max_length: int | None, column: str
+    examples: list[dict[str, Any]],
+    processor: Any,
+    max_length: int | None,
+    column: str,
+    tools: DemonstrationTools | None = None,
 ) -> SFTBatch:
     """Image demonstrations through TRL's VLM collator (chat template, image processor, completion-only labels),
     laid out like GRPO's rollouts: prompts (with their image tokens) left-padded, completions right-padded.
 
     The model's extra inputs (`pixel_values`, `image_grid_thw`, `image_sizes`, ...) ride in `model_inputs`, with
     `num_images` per row (how TRL's log-prob helper splits them); per-token ones are laid out like `prompt_ids` +
-    `completion_ids`. Rows must fit `max_length` with a completion token (`prepare_vision_sft_dataset`).
+    `completion_ids`. Rows must fit `max_length` with a completion token (`prepare_vision_sft_dataset`). `tools`:
+    which tools each conversation is rendered with (`DemonstrationTools.for_row`; None: none, as TRL's collator).
     """
-    out = vision_collator(processor, max_length)([_vision_example(e, column) for e in examples])
+    out = vision_collator(processor, max_length)(_vision_examples(examples, column, processor, tools))
     input_ids, attention_mask, labels = out.pop("input_ids"), out.pop("attention_mask"), out.pop("labels")
     completion = labels != -100
     prompt = attention_mask.bool() & ~completion
@@ -609,15 +754,23 @@ def as_completion(prompt: Any, demonstration: Any) -> Any:
 
 
 def vision_demonstration(
-    processor: Any, prompt: Any, completion: Any, images: list[Any], max_length: int | None
+    processor: Any,
+    prompt: Any,
+    completion: Any,
+    images: list[Any],
+    max_length: int | None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any] | None:
     """One demonstration of an RL prompt with images, as `collate_vision_sft` takes it: `prompt`, `completion`,
     `images`, plus its `prompt_ids` / `completion_ids` (image tokens included, truncated to `max_length` as the
     collator truncates it). None when the prompt with its image tokens leaves no room for a completion token within
     `max_length`: such a demonstration is dropped, never cut through its image tokens (as `prepare_vision_sft_dataset`
-    drops them from `sft_dataset`)."""
+    drops them from `sft_dataset`). `tools`: rendered into the conversation (kept in the example as its `tools`, so
+    that `collate_vision_sft` renders it the same way)."""
     example = {"prompt": prompt, "completion": completion, "images": list(images)}
-    batch = collate_vision_sft([example], processor, None, "images")
+    if tools:
+        example["tools"] = tools
+    batch = collate_vision_sft([example], processor, None, "images", DemonstrationTools())
     prompt_ids = batch.prompt_ids[0][batch.prompt_mask[0].bool()].tolist()
     completion_ids = batch.completion_ids[0][batch.completion_mask[0].bool()].tolist()
     if max_length is not None:

@@ -9,6 +9,8 @@ A strategy may weight its tokens (`BalancingStrategy.sft_token_weights`: CHORD's
 
 - the demonstrations of `sft_dataset`, tokenised once (or kept as rows for image demonstrations, processed batch by
   batch by TRL's VLM collator), and the seeded, resumable stream that draws them (`draw`);
+- which tools each demonstration is rendered with (`tools`: a row's `tools` column, else the tools the trainer's
+  rollouts are rendered with; see `demonstration_tools`);
 - demonstrations that come from elsewhere (a `train_dataset` column: HPT, ReLIFT), tokenised the same way
   (`tokenize_demonstration`, `collate_demonstrations`);
 - per-token log-probs and entropies of a batch at temperature 1 (`token_stats`), the weighted NLL and its backward
@@ -27,11 +29,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from trl.data_utils import is_conversational
 
 from . import _private_api
 from ._distributed import global_sum
 from .balancing import BalancingStrategy
 from .sft_data import (
+    DemonstrationTools,
     InfiniteStream,
     SFTBatch,
     as_completion,
@@ -42,8 +46,23 @@ from .sft_data import (
     split_image_parts,
     tokenize_prompt_completion,
     tokenize_sft_dataset,
+    tool_schemas,
     vision_demonstration,
 )
+
+
+def demonstration_tools(trainer: Any) -> DemonstrationTools:
+    """The tools demonstrations are rendered with by default: those GRPOTrainer renders the rollout prompts with.
+
+    With an `environment_factory`, its environment's tools (the trainer's `tools` plus the environment's public
+    methods); with a dict of environments, each environment's own (a demonstration names its environment in an
+    `environment` column, as the RL prompts do); else the trainer's `tools` (none for most runs: then demonstrations
+    are rendered exactly as before). A row's `tools` column overrides them (`DemonstrationTools.for_row`)."""
+    factories = getattr(trainer, "environment_factories", None)
+    if factories is not None and set(factories) != {None}:
+        env_tools = _private_api.environment_tools(trainer)
+        return DemonstrationTools(by_environment={name: tool_schemas(t) for name, t in env_tools.items()})
+    return DemonstrationTools(default=tool_schemas(getattr(trainer, "tools", None)))
 
 
 @dataclass
@@ -75,15 +94,20 @@ class SFTTerm:
         self.batch_size = args.sft_per_device_train_batch_size or args.per_device_train_batch_size
         self.rl_image_parts = rl_image_parts
         self.image_column = image_column(sft_dataset)
+        self.tools = demonstration_tools(trainer)
         self.dataset, self.num_dropped = None, 0
         self.stream: InfiniteStream | None = None
         if self.image_column is not None:  # raw rows, processed batch by batch by TRL's VLM collator
             self.dataset, self.num_dropped = prepare_vision_sft_dataset(
-                sft_dataset, self.processing_class, args.max_sft_length
+                sft_dataset, self.processing_class, args.max_sft_length, tools=self.tools
             )
         elif sft_dataset is not None:
             self.dataset, self.num_dropped = tokenize_sft_dataset(
-                sft_dataset, self.processing_class, args.max_sft_length, chat_template=trainer.chat_template
+                sft_dataset,
+                self.processing_class,
+                args.max_sft_length,
+                chat_template=trainer.chat_template,
+                tools=self.tools,
             )
         if self.dataset is not None:
             self.stream = InfiniteStream(len(self.dataset), seed=args.seed)
@@ -109,6 +133,7 @@ class SFTTerm:
                 self.processing_class,
                 self.args.max_sft_length,
                 self.image_column,
+                self.tools,
             )
         return collate_sft([self.dataset[i] for i in indices], self.pad_token_id)
 
@@ -125,9 +150,10 @@ class SFTTerm:
         completion = as_completion(prompt, demonstration)
         if images is None and self.rl_image_parts:
             prompt, images = split_image_parts(prompt)
+        tools = self.tools.default if is_conversational({"prompt": prompt}) else None
         if images is not None:
             return vision_demonstration(
-                self.processing_class, prompt, completion, images, self.args.max_sft_length
+                self.processing_class, prompt, completion, images, self.args.max_sft_length, tools
             )
         example = tokenize_prompt_completion(
             self.processing_class,
@@ -135,20 +161,24 @@ class SFTTerm:
             completion,
             self.args.max_sft_length,
             chat_template=self.trainer.chat_template,
+            tools=tools,
         )
         return example if example["completion_ids"] else None
 
     def collate_demonstrations(self, examples: list[dict[str, Any]]) -> SFTBatch:
         """Demonstrations of image prompts (`tokenize_demonstration` with images), through TRL's VLM collator."""
-        return collate_vision_sft(examples, self.processing_class, self.args.max_sft_length, "images")
+        return collate_vision_sft(
+            examples, self.processing_class, self.args.max_sft_length, "images", DemonstrationTools()
+        )
 
     def vision_placeholder(self, prompt: Any, images: list[Any]) -> dict[str, Any]:
         """A zero-weight row with the prompt's images (the vision tower runs on every process): EOS as completion."""
         eos = getattr(self.processing_class, "tokenizer", self.processing_class).eos_token
         if not images and self.rl_image_parts:
             prompt, images = split_image_parts(prompt)
+        tools = self.tools.default if is_conversational({"prompt": prompt}) else None
         example = vision_demonstration(
-            self.processing_class, prompt, as_completion(prompt, eos), images, None
+            self.processing_class, prompt, as_completion(prompt, eos), images, None, tools
         )
         if example is None:
             raise RuntimeError(f"No placeholder demonstration can be built for the prompt {prompt!r}.")

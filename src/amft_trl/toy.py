@@ -162,6 +162,54 @@ def build_vlm_processor(vocab_size: int = 300, image_size: int = 16, patch_size:
     )
 
 
+#: Qwen's chat-format tokens the tool-calling tiny VLM adds (Qwen3-VL's template writes them).
+QWEN_CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]
+
+
+def build_tool_vlm_processor(vocab_size: int = 300, image_size: int = 16, patch_size: int = 8):
+    """`build_vlm_processor`'s tiny LLaVA processor with Qwen3-VL's chat template (TRL's copy,
+    `trl.chat_template_utils.qwen3_vl_chat_template`), which renders tools, tool calls (`<tool_call>` blocks) and
+    tool replies (`<tool_response>`, text or image parts), and which TRL recognises: `add_response_schema` gives it
+    the Qwen3 response parser, so `GRPOTrainer`'s multi-turn loop (`tools` / `environment_factory`) parses its tool
+    calls.
+
+    The template's image placeholder `<|vision_start|><|image_pad|><|vision_end|>` holds the processor's image token
+    (`<|image_pad|>`, expanded to one token per patch); `<|im_end|>` ends each turn and is the EOS token. Its image
+    processor returns `pixel_values` as a torch tensor, as Qwen2-VL's torchvision processor does (TRL's tool loop
+    needs it). It is not reloadable with `AutoProcessor.from_pretrained`: pass the object itself.
+    """
+    from transformers import CLIPImageProcessorPil, LlavaProcessor
+    from trl.chat_template_utils import qwen3_vl_chat_template
+
+    class CLIPImageProcessorTensors(CLIPImageProcessorPil):
+        """Returns `pixel_values` as one torch tensor even when no `return_tensors` is asked for, as Qwen2-VL's
+        torchvision image processor does: TRL 1.16's tool-calling loop needs that (it splits `pixel_values` per
+        prompt with `split_pixel_values_by_grid`), and the PIL processors return numpy arrays."""
+
+        def preprocess(self, images, *args, **kwargs):
+            if kwargs.get("return_tensors") is None:
+                kwargs["return_tensors"] = "pt"
+            return super().preprocess(images, *args, **kwargs)
+
+    tokenizer = build_tokenizer(vocab_size)
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_CHAT_TOKENS})
+    tokenizer.eos_token = "<|im_end|>"
+    tokenizer.chat_template = qwen3_vl_chat_template
+    image_processor = CLIPImageProcessorTensors(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=qwen3_vl_chat_template,
+        image_token="<|image_pad|>",
+    )
+
+
 def build_vlm(processor, seed: int = 0, hidden_size: int = 32, num_layers: int = 2, init_std: float = 0.2):
     """A tiny random LLaVA sized to `processor`: a 1-layer CLIP vision tower and a small Llama language model.
 
@@ -200,7 +248,7 @@ def build_vlm(processor, seed: int = 0, hidden_size: int = 32, num_layers: int =
     config = LlavaConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_token_id=tokenizer.convert_tokens_to_ids(processor.image_token),
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
         projector_hidden_act="gelu",

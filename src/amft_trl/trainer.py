@@ -77,7 +77,7 @@ from .luffy_rollouts import OffPolicyDemonstrations
 from .relift_buffer import FailedPromptBuffer
 from .sft_data import InfiniteStream, SFTBatch, check_sft_columns, image_column
 from .sft_term import SFTStepSums, SFTTerm
-from .vision import check_image_inputs, first_image_part, reload_converted_checkpoint
+from .vision import check_image_inputs, check_tool_loop_images, first_image_part, reload_converted_checkpoint
 
 __all__ = ["AMFT_STATE_NAME", "AMFT_STATE_VERSION", "TOKEN_COUNTS", "AMFTTrainer", "read_amft_state"]
 
@@ -253,6 +253,10 @@ class AMFTTrainer(GRPOTrainer):
 
         if processing_class is None:  # GRPOTrainer loaded the model's own: check it too
             check_image_inputs(self.model, self.processing_class, image_datasets)
+        if self.tools:  # TRL's tool-calling loop with image prompts
+            check_tool_loop_images(
+                self.processing_class, {"train_dataset": train_dataset, "val_dataset": val_dataset}
+            )
         # image prompts: demonstrations read from train_dataset (HPT, LUFFY, ReLIFT) carry their row's images, from its
         # image column or from the image parts of its prompt
         self._rl_image_column = image_column(train_dataset)

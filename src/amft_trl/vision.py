@@ -8,7 +8,8 @@ every way of training on the text alone an error at construction, naming the dat
   `processing_class`;
 - an image that cannot be opened;
 - rows with and rows without images in one dataset, when the processor cannot take such a batch;
-- demonstrations whose messages hold image parts but no image column carries the images.
+- demonstrations whose messages hold image parts but no image column carries the images;
+- image prompts in TRL's tool-calling loop with a processor whose `pixel_values` TRL's loop cannot split.
 """
 
 from __future__ import annotations
@@ -200,6 +201,49 @@ def first_image_part(dataset: Any) -> tuple[int, str] | None:
                     return row, column
                 row += 1
     return None
+
+
+def check_tool_loop_images(processor: Any, datasets: dict[str, Any]) -> None:
+    """Raise a ValueError when image prompts would meet TRL 1.16's tool-calling loop with a processor it fails on.
+
+    GRPOTrainer's loop (`tools` / `environment_factory`) keeps each prompt's images for its later turns by splitting
+    the `pixel_values` its processor returned (`trl.trainer.utils.split_pixel_values_by_grid`), which takes one
+    torch tensor. Processors return one from `apply_chat_template(tokenize=True)` when their image processor does
+    (Qwen2-VL / 2.5-VL's torchvision processors); the PIL ones (transformers without torchvision) return numpy arrays
+    or lists, and the loop would fail at the first tool call with `'list' object has no attribute 'size'`. Checked
+    once with a blank image; datasets without images skip it."""
+    import torch
+    from datasets import Dataset
+
+    def has_images(dataset: Any) -> bool:
+        if dataset is None or not hasattr(dataset, "column_names"):
+            return False
+        if image_column(dataset) is not None:
+            return True
+        return isinstance(dataset, Dataset) and first_image_part(dataset) is not None
+
+    named = [name for name, dataset in datasets.items() if has_images(dataset)]
+    if not named or getattr(processor, "image_processor", None) is None:
+        return
+    from PIL import Image
+    from trl.data_utils import prepare_multimodal_messages
+
+    messages = prepare_multimodal_messages(
+        [{"role": "user", "content": "x"}], images=[Image.new("RGB", (32, 32))]
+    )
+    out = processor.apply_chat_template(
+        conversation=[messages], add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    pixel_values = out.get("pixel_values")
+    if pixel_values is not None and not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(
+            f"`{named[0]}` has images and the trainer calls tools (`tools` / `environment_factory`), but this "
+            f"processor's image processor ({type(processor.image_processor).__name__}) returns `pixel_values` as "
+            f"{type(pixel_values).__name__}, not as one torch tensor, and TRL 1.16's tool-calling loop splits them as "
+            "a tensor (it would fail at the first tool call). Use the model's torchvision image processor (install "
+            "torchvision; Qwen2-VL / 2.5-VL's returns a tensor), or an image processor that returns "
+            "`return_tensors='pt'` by default."
+        )
 
 
 def reload_converted_checkpoint(model: Any, checkpoint: str) -> bool:
