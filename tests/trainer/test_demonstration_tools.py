@@ -67,7 +67,9 @@ def test_revision_demonstrations_are_rendered_with_the_environments_tools(tmp_pa
         assert row["prompt_ids"] == rollout
         assert row["prompt_ids"] + row["completion_ids"] == whole
         text = tokenizer.decode(row["prompt_ids"])
-        assert "<tools>" in text and '"name": "submit_answer"' in text and "Submit an answer to the card" in text
+        assert (
+            "<tools>" in text and '"name": "submit_answer"' in text and "Submit an answer to the card" in text
+        )
         without = render(tokenizer, prompt, add_generation_prompt=True)
         assert row["prompt_ids"] != without
 
@@ -81,7 +83,9 @@ def test_a_tools_column_overrides_the_trainers_tools_and_null_means_none(tmp_pat
         general_points_revision_env_factory,
     )
 
-    sft = build_general_points_visual_datasets(4, 2, 1, visual=False, revision=True, num_cards=3, target=10).sft
+    sft = build_general_points_visual_datasets(
+        4, 2, 1, visual=False, revision=True, num_cards=3, target=10
+    ).sft
     schema = {"type": "function", "function": {"name": "lookup_rules", "description": "Read the rules."}}
     rows = [dict(r) for r in sft]
     rows[0]["tools"] = json.dumps([schema])  # TRL's SFTTrainer format: JSON text
@@ -93,9 +97,11 @@ def test_a_tools_column_overrides_the_trainers_tools_and_null_means_none(tmp_pat
         tmp_path, tokenizer, Dataset.from_list(rows), general_points_revision_env_factory(3)
     )
     tokenized = trainer.sft_term.dataset
-    assert tokenized[0]["prompt_ids"] == render(tokenizer, rows[0]["prompt"], tools=[schema], add_generation_prompt=True)
+    assert tokenized[0]["prompt_ids"] == render(
+        tokenizer, rows[0]["prompt"], tools=[schema], add_generation_prompt=True
+    )
     assert "lookup_rules" in tokenizer.decode(tokenized[0]["prompt_ids"])
-    assert "\"submit_answer\"" not in tokenizer.decode(tokenized[0]["prompt_ids"])
+    assert '"submit_answer"' not in tokenizer.decode(tokenized[0]["prompt_ids"])
     for i in (1, 2):
         assert tokenized[i]["prompt_ids"] == render(tokenizer, rows[i]["prompt"], add_generation_prompt=True)
 
@@ -170,7 +176,9 @@ def test_each_environments_tools_by_the_rows_environment_column(tmp_path, monkey
         model=model,
         reward_funcs=[],
         environment_factory=factories,
-        args=make_config(tmp_path, max_steps=1, num_generations=2, max_sft_length=4096, meta_update_steps=100),
+        args=make_config(
+            tmp_path, max_steps=1, num_generations=2, max_sft_length=4096, meta_update_steps=100
+        ),
         processing_class=tokenizer,
         train_dataset=rl,
         val_dataset=data.validation.add_column("environment", ["gp"] * len(data.validation)),
