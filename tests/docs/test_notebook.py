@@ -1,7 +1,8 @@
 """The walkthrough notebook executes top to bottom (tiny offline model, a few steps), so it cannot rot.
 
 The notebook's cell tagged `parameters` is kept and a cell after it overrides the values (as papermill does), so the
-notebook's own defaults (the embedded model) are never executed here.
+notebook's own defaults (the embedded model) are never executed here. A cell appended at the end checks, in the
+notebook's kernel, what its visual section (General Points-VL on the tiny VLM) computed.
 """
 
 from __future__ import annotations
@@ -25,6 +26,23 @@ PROMPTS_PER_STEP = 2
 NUM_GENERATIONS = 2
 MAX_COMPLETION_LENGTH = 8
 NUM_TRAIN, NUM_VALIDATION, NUM_EVAL = 8, 4, 4
+"""
+
+# Run in the notebook's kernel after its last cell: the visual section's training, verifier and evaluation.
+VISUAL_CHECKS = """\
+steps = [h for h in visual_trainer.state.log_history if "amft/mu" in h]
+assert visual_trainer.state.global_step == 2 and len(steps) == 2, steps
+assert all("amft/sft_loss" in h for h in steps), steps  # the card-image demonstrations trained at both steps
+assert "reward" not in steps[0] and "amft/val_reward" in steps[1], steps  # warm-up; mixed + meta step
+assert steps[1]["reward"] == -1.5, steps  # the random VLM reads no card: every rollout scores the wrong reading
+# right, cards misread, every card but the wrong result, a number not on the cards (and one unused), no JSON
+assert list(verdicts["reward"]) == [5.0, -1.5, -1.0, -4.0, -1.5], verdicts
+assert {n: m["num_problems"] for n, m in gp_vl_results.metrics.items()} == {
+    "gp_vl_id": 2, "gp_vl_ood_rule": 2, "gp_vl_ood_visual": 2
+}
+# amft-eval's gp_vl_id deals the test hands of build_general_points_visual_datasets' eval_id
+dealt = [json.loads(p["gold"])["cards"] for p in gp_vl_results.benchmarks["gp_vl_id"].problems]
+assert dealt == visual_data.eval_id["cards"], (dealt, visual_data.eval_id["cards"])
 """
 
 
@@ -59,6 +77,7 @@ def test_notebook_executes(tmp_path, monkeypatch):
     src = str(Path(__file__).resolve().parents[2] / "src")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")])))
 
+    notebook.cells.append(nbformat.v4.new_code_cell(VISUAL_CHECKS))
     client = nbclient.NotebookClient(
         notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
     )
@@ -78,7 +97,16 @@ def test_notebook_executes(tmp_path, monkeypatch):
     assert int(rows["AMFT"]["validation rollouts"]) > 0  # AMFT took meta steps, GRPO-only none
     assert int(rows["GRPO only"]["validation rollouts"]) == 0
 
-    # The last cell displays the comparison table.
-    last_outputs = [c for c in notebook.cells if c.cell_type == "code"][-1]["outputs"]
-    shown = "".join(str(o.get("data", {}).get("text/plain", "")) for o in last_outputs)
-    assert "GRPO only" in shown and "ID acc. after" in shown
+    # Section 9's cell displays the comparison table; section 10's first cell shows the card image.
+    assert "GRPO only" in _shown(notebook, "## 9. Comparison", "text/plain")
+    assert "ID acc. after" in _shown(notebook, "## 9. Comparison", "text/plain")
+    assert _shown(notebook, "## 10. A visual task", "image/png")
+
+
+def _shown(notebook, heading: str, mime: str) -> str:
+    """What the first code cell after the markdown cell starting with `heading` displayed as `mime`."""
+    (start,) = [
+        i for i, c in enumerate(notebook.cells) if c.cell_type == "markdown" and c.source.startswith(heading)
+    ]
+    cell = next(c for c in notebook.cells[start:] if c.cell_type == "code")
+    return "".join(str(o.get("data", {}).get(mime, "")) for o in cell["outputs"])
