@@ -682,7 +682,7 @@ def conversation_demonstration(
         )  # TRL's convention: images before the first user turn
 
         prompt = prepare_multimodal_messages(prompt, images=[None] * len(images))
-    n_prompt, n_all = _image_parts(prompt), _image_parts(prompt) + _image_parts(completion)
+    n_all = _image_parts(prompt) + _image_parts(completion)
     if n_all != len(images):
         raise ValueError(
             f"its messages hold {n_all} image part(s) but its `{column}` column holds {len(images)} image(s); "
