@@ -287,3 +287,27 @@ def test_virl_vl_demonstrations_are_cut_only_after_their_last_image(tmp_path):
     assert cut.model_inputs["pixel_values"].size(0) == len(sft[0]["images"])
     with pytest.raises(ValueError, match=r"none of the 1 image demonstrations fits max_sft_length="):
         prepare_vision_sft_dataset(sft, processor, last_image)
+
+
+def test_a_template_whose_prompt_is_not_a_prefix_of_the_conversation_is_refused_by_row(tmp_path):
+    """A chat template that renders the generation prompt as something the whole conversation does not start with
+    (e.g. a thinking header the later turns drop): the completion cannot be split off, so the row is refused."""
+    from _virl_fixture import write_fixture
+
+    from amft_trl.sft_data import prepare_vision_sft_dataset
+    from amft_trl.tasks.virl import build_virl_datasets
+    from amft_trl.toy import build_tool_vlm_processor
+
+    path = write_fixture(tmp_path / "virl", n_routes=4, vision=True)
+    sft = build_virl_datasets(path, 2, 1, 1, vision=True, resolution=32, straight_line_length=0).sft
+    processor = build_tool_vlm_processor()
+    render = processor.apply_chat_template
+
+    def thinking(messages, **kwargs):
+        return render(messages, **kwargs) + ("<think>\n" if kwargs.get("add_generation_prompt") else "")
+
+    processor.apply_chat_template = thinking
+    with pytest.raises(
+        ValueError, match=r"`sft_dataset` row 0: .*the prompt \(with the generation prompt\).* not a prefix"
+    ):
+        prepare_vision_sft_dataset(sft, processor, None)
