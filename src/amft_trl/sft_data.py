@@ -492,9 +492,11 @@ class SFTBatch:
     prompt_ids:      (B, P) left-padded
     prompt_mask:     (B, P)
     completion_ids:  (B, C) right-padded
-    completion_mask: (B, C)
+    completion_mask: (B, C) the completion's tokens (attended to)
     model_inputs:    the model's other inputs for image demonstrations (`pixel_values`, `image_grid_thw`, ...,
                      `num_images` per row; per-token ones laid out as (B, P + C)); empty for text
+    tool_mask:       (B, C) or None: 1 on the completion tokens the loss is taken on (the assistant's), 0 on tool
+                     replies and image tokens, as GRPO's `tool_mask` on multi-turn rollouts; None: all of them
     """
 
     prompt_ids: torch.Tensor
@@ -502,10 +504,16 @@ class SFTBatch:
     completion_ids: torch.Tensor
     completion_mask: torch.Tensor
     model_inputs: dict[str, Any] = field(default_factory=dict)
+    tool_mask: torch.Tensor | None = None
+
+    @property
+    def loss_mask(self) -> torch.Tensor:
+        """The completion tokens the NLL is taken on: `completion_mask`, times `tool_mask` when there is one."""
+        return self.completion_mask if self.tool_mask is None else self.completion_mask * self.tool_mask
 
     @property
     def num_tokens(self) -> int:
-        return int(self.completion_mask.sum())
+        return int(self.loss_mask.sum())
 
     def to(self, device: torch.device | str) -> SFTBatch:
         return SFTBatch(
@@ -514,6 +522,7 @@ class SFTBatch:
                 for t in (self.prompt_ids, self.prompt_mask, self.completion_ids, self.completion_mask)
             ),
             {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.model_inputs.items()},
+            None if self.tool_mask is None else self.tool_mask.to(device),
         )
 
 
@@ -619,6 +628,184 @@ def _completion_image_parts(example: dict[str, Any]) -> int:
     )
 
 
+def completion_image_rows(dataset: Dataset) -> list[int]:
+    """The rows whose completion's messages hold image parts (e.g. V-IRL's street views in tool replies). Reads
+    only the conversation columns (the images are not decoded)."""
+    columns = [c for c in ("prompt", "completion", "messages") if c in (dataset.column_names or [])]
+    text = dataset.select_columns(columns)
+    return [i for i in range(len(text)) if _completion_image_parts(text[i])]
+
+
+def _image_parts(messages: list[dict[str, Any]]) -> int:
+    return sum(
+        isinstance(part, dict) and part.get("type") == "image"
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+    )
+
+
+def _process(processor: Any, text: str, images: list[Any]) -> dict[str, Any]:
+    """One rendered conversation through the processor, text and images in one call (as TRL's collator calls it:
+    no special tokens added, the template wrote them), so every image's placeholder is expanded."""
+    return processor(text=[text], images=images or None, return_tensors="pt", add_special_tokens=False)
+
+
+def conversation_demonstration(
+    processor: Any, example: dict[str, Any], column: str, tools: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """One image demonstration processed as a whole conversation: its images may sit anywhere in it, in the tool
+    replies of its completion too (V-IRL's street views), which TRL 1.16's VLM collator cannot process (it gives
+    every image to the prompt and processes the completion as text).
+
+    The prompt + completion messages are rendered by the processor's chat template with `tools`, and the text and
+    all the row's images (in order of their image parts) go through one processor call. The prompt (rendered with
+    the generation prompt, with its own images, processed the same way) must be a prefix of it; the completion is
+    the rest. The loss is on the assistant's tokens only: for each assistant message, from the end of the
+    conversation before it rendered with the generation prompt to the end of it rendered (its EOS and the template's
+    end of turn included, as for any demonstration). Tool replies, the headers of the turns after them and image
+    tokens are not trained on: GRPO masks tool replies out of multi-turn rollouts the same way (`tool_mask`).
+
+    Returns `input_ids` (list), `prompt_length`, `assistant_mask` (list over `input_ids`), `num_images` and
+    `model_inputs` (the processor's other outputs: `pixel_values`, `image_grid_thw`, per-token inputs, ...).
+    Raises a ValueError saying what is wrong (image count, a template whose renderings are not prefixes).
+    """
+    prompt, completion = _as_prompt_completion(example)
+    images = row_images(example, column)
+    if not (isinstance(prompt, list) and isinstance(completion, list)):
+        raise ValueError(
+            "a demonstration with images in its completion must be conversational (lists of messages)"
+        )
+    if _image_parts(prompt) + _image_parts(completion) == 0 and images:
+        from trl.data_utils import (
+            prepare_multimodal_messages,
+        )  # TRL's convention: images before the first user turn
+
+        prompt = prepare_multimodal_messages(prompt, images=[None] * len(images))
+    n_all = _image_parts(prompt) + _image_parts(completion)
+    if n_all != len(images):
+        raise ValueError(
+            f"its messages hold {n_all} image part(s) but its `{column}` column holds {len(images)} image(s); "
+            "they are matched in order, one image per image part"
+        )
+    conversation = prompt + completion
+    kwargs: dict[str, Any] = {"tools": tools} if tools else {}
+    full_text = processor.apply_chat_template(conversation, tokenize=False, **kwargs)
+    full = _process(processor, full_text, images)
+    input_ids = full.pop("input_ids")[0].tolist()
+    full.pop("attention_mask", None)
+    cache: dict[str, int] = {}
+
+    def end_of(messages: list[dict[str, Any]], generation_prompt: bool, what: str) -> int:
+        """Where the rendering of `messages` ends in `input_ids` (it must be a prefix of the whole rendering)."""
+        text = processor.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs
+        )
+        if text not in cache:
+            ids = _process(processor, text, images[: _image_parts(messages)])["input_ids"][0].tolist()
+            if not full_text.startswith(text) or ids != input_ids[: len(ids)]:
+                raise ValueError(
+                    f"the chat template renders {what} as something that is not a prefix of the whole conversation's "
+                    "rendering, so the completion and its assistant tokens cannot be told apart; this template cannot "
+                    "train demonstrations with images in their completion"
+                )
+            cache[text] = len(ids)
+        return cache[text]
+
+    prompt_length = end_of(prompt, True, "the prompt (with the generation prompt)")
+    mask = [0] * len(input_ids)
+    for i in range(len(prompt), len(conversation)):
+        if conversation[i]["role"] != "assistant":
+            continue
+        start = prompt_length if i == len(prompt) else end_of(conversation[:i], True, f"message {i}'s turn")
+        end = end_of(conversation[: i + 1], False, f"the conversation up to message {i}")
+        mask[start:end] = [1] * (end - start)
+    image_token = getattr(processor, "image_token_id", None)
+    if image_token is None and getattr(processor, "image_token", None) is not None:
+        image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    if image_token is not None:
+        mask = [0 if t == image_token else m for t, m in zip(input_ids, mask, strict=True)]
+    return {
+        "input_ids": input_ids,
+        "prompt_length": prompt_length,
+        "assistant_mask": mask,
+        "image_positions": [
+            i for i, t in enumerate(input_ids) if image_token is not None and t == image_token
+        ],
+        "num_images": len(images),
+        "model_inputs": dict(full),
+    }
+
+
+def _fits(demo: dict[str, Any], max_length: int | None) -> bool:
+    """Whether a processed conversation can be cut to `max_length` with a prompt token and an assistant token, and
+    without cutting through an image (its placeholder and its pixels go together): a conversation longer than
+    `max_length` is cut only after its last image token."""
+    prompt, ids = demo["prompt_length"], demo["input_ids"]
+    length = len(ids) if max_length is None else min(len(ids), max_length)
+    if length < len(ids) and demo["image_positions"] and demo["image_positions"][-1] >= length:
+        return False
+    return prompt > 0 and any(demo["assistant_mask"][prompt:length])
+
+
+def collate_vision_conversations(
+    examples: list[dict[str, Any]],
+    processor: Any,
+    max_length: int | None,
+    column: str,
+    tools: DemonstrationTools | None = None,
+) -> SFTBatch:
+    """Image demonstrations processed as whole conversations (`conversation_demonstration`), laid out like GRPO's
+    rollouts: prompts left-padded, completions right-padded, `tool_mask` 1 on the assistant's tokens only. Each row
+    is cut to `max_length` after its last image (`prepare_vision_sft_dataset` drops the rows that cannot be). The
+    processor's other outputs ride in `model_inputs` as in `collate_vision_sft` (image inputs concatenated in row
+    order, with `num_images` per row; per-token ones laid out as prompt + completion)."""
+    demos = []
+    for example in examples:
+        prompt, _ = _as_prompt_completion(example)
+        row_tools = (
+            tools.for_row(example) if tools is not None and is_conversational({"prompt": prompt}) else None
+        )
+        demo = conversation_demonstration(processor, example, column, row_tools)
+        if not _fits(demo, max_length):
+            raise ValueError(
+                f"a demonstration does not fit max_sft_length={max_length} without cutting an image or its whole "
+                "completion: pass it through `prepare_vision_sft_dataset` first"
+            )
+        length = len(demo["input_ids"]) if max_length is None else min(len(demo["input_ids"]), max_length)
+        demos.append((demo, length))
+    pad = processor.tokenizer.pad_token_id
+    b = len(demos)
+    p_len = max(d["prompt_length"] for d, _ in demos)
+    c_len = max(n - d["prompt_length"] for d, n in demos)
+    prompt_ids = torch.full((b, p_len), pad, dtype=torch.long)
+    prompt_mask = torch.zeros((b, p_len), dtype=torch.long)
+    completion_ids = torch.full((b, c_len), pad, dtype=torch.long)
+    completion_mask = torch.zeros((b, c_len), dtype=torch.long)
+    tool_mask = torch.zeros((b, c_len), dtype=torch.long)
+    per_token_keys = [k for k in _PER_TOKEN_INPUTS if any(k in d["model_inputs"] for d, _ in demos)]
+    laid_out = {k: torch.zeros((b, p_len + c_len), dtype=torch.long) for k in per_token_keys}
+    stacked: dict[str, list[torch.Tensor]] = {}
+    for i, (demo, length) in enumerate(demos):
+        ids, p = torch.tensor(demo["input_ids"][:length]), demo["prompt_length"]
+        c = length - p
+        prompt_ids[i, p_len - p :] = ids[:p]
+        prompt_mask[i, p_len - p :] = 1
+        completion_ids[i, :c] = ids[p:]
+        completion_mask[i, :c] = 1
+        tool_mask[i, :c] = torch.tensor(demo["assistant_mask"][p:length])
+        for key, value in demo["model_inputs"].items():
+            if key in per_token_keys:
+                laid_out[key][i, p_len - p : p_len] = value[0][:p]
+                laid_out[key][i, p_len : p_len + c] = value[0][p:length]
+            elif isinstance(value, torch.Tensor):
+                stacked.setdefault(key, []).append(value)
+    model_inputs = {k: torch.cat(v) for k, v in stacked.items()}
+    model_inputs.update(laid_out)
+    model_inputs["num_images"] = [d["num_images"] for d, _ in demos]
+    return SFTBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, model_inputs, tool_mask)
+
+
 def prepare_vision_sft_dataset(
     dataset: Dataset,
     processor: Any,
@@ -634,6 +821,11 @@ def prepare_vision_sft_dataset(
     or processed is named in the error. A demonstration is dropped (and counted, like text ones) when its prompt
     leaves no room for a completion token within `max_length`: truncation then cuts only completion tokens, never
     image tokens. Raises a ValueError naming `max_sft_length` when that drops every demonstration.
+
+    When some row's completion holds images (`completion_image_rows`: V-IRL's street views in tool replies), every
+    row is processed as a whole conversation instead (`conversation_demonstration`; batches by
+    `collate_vision_conversations`); a row is then kept when it has a prompt token and an assistant token within
+    `max_length`, and is longer than `max_length` only past its last image token (an image is never cut).
     """
     check_sft_columns(dataset, name)
     column = image_column(dataset)
@@ -645,6 +837,7 @@ def prepare_vision_sft_dataset(
             "processor: pass the model's processor (`AutoProcessor.from_pretrained(...)`) as `processing_class`."
         )
     collate = vision_collator(processor, None)
+    conversations = bool(completion_image_rows(dataset))
     prompt_tokens, keep = [], []
     for index in range(len(dataset)):
         try:
@@ -654,13 +847,21 @@ def prepare_vision_sft_dataset(
                 f"`{name}` row {index}: cannot load the row's images from column `{column}` "
                 f"({type(error).__name__}: {error})."
             ) from error
-        in_completion = _completion_image_parts(example)
-        if in_completion:
-            raise ValueError(
-                f"`{name}` row {index}: its completion holds {in_completion} image part(s) (e.g. views in tool "
-                "replies). TRL 1.16's VLM collator processes a completion as text, without images, so AMFT cannot "
-                "train on such demonstrations: put the images in the prompt's messages only."
-            )
+        if conversations:  # images in completions: every row is processed as a whole conversation
+            try:
+                prompt, _ = _as_prompt_completion(example)
+                row_tools = tools.for_row(example) if tools is not None and isinstance(prompt, list) else None
+                demo = conversation_demonstration(processor, example, column, row_tools)
+            except Exception as error:
+                raise ValueError(
+                    f"`{name}` row {index}: cannot process this image demonstration as a whole conversation "
+                    f"(images in its completion's messages; column `{column}` holds "
+                    f"{len(row_images(example, column))} image(s)): {type(error).__name__}: {error}."
+                ) from error
+            prompt_tokens.append(demo["prompt_length"])
+            if _fits(demo, max_length):
+                keep.append(index)
+            continue
         try:
             labels = collate(_vision_examples([example], column, processor, tools))["labels"][0]
         except Exception as error:
@@ -678,8 +879,9 @@ def prepare_vision_sft_dataset(
     if dropped:
         logger.warning(
             "AMFT: %d of %d image demonstrations have no room for a completion token within max_sft_length=%s once "
-            "their prompt and its image tokens are counted (or have no prompt or no completion token); they are "
-            "dropped (first indices: %s). Raise `max_sft_length` to keep them.",
+            "their prompt and its image tokens are counted (or have no prompt or no completion token, or, with "
+            "images in the completion, would be cut through an image); they are dropped (first indices: %s). Raise "
+            "`max_sft_length` to keep them.",
             dropped,
             len(dataset),
             max_length,
@@ -690,7 +892,12 @@ def prepare_vision_sft_dataset(
                 f"`{name}`: none of the {len(dataset)} image demonstrations fits max_sft_length={max_length} tokens "
                 f"with at least one completion token: their prompts, image tokens included, take "
                 f"{min(prompt_tokens)} to {max(prompt_tokens)} tokens. Raise `max_sft_length` above the prompt "
-                "lengths (truncation never cuts image tokens)."
+                "lengths (truncation never cuts image tokens"
+                + (
+                    "; with images in the completions, above each conversation's last image token)."
+                    if conversations
+                    else ")."
+                )
             )
         dataset = dataset.select(keep)
     return dataset, dropped

@@ -8,7 +8,8 @@ A strategy may weight its tokens (`BalancingStrategy.sft_token_weights`: CHORD's
 `SFTTerm` owns everything about it that is not the step's control flow:
 
 - the demonstrations of `sft_dataset`, tokenised once (or kept as rows for image demonstrations, processed batch by
-  batch by TRL's VLM collator), and the seeded, resumable stream that draws them (`draw`);
+  batch by TRL's VLM collator, or as whole conversations when completions hold images: V-IRL's tool replies), and
+  the seeded, resumable stream that draws them (`draw`);
 - which tools each demonstration is rendered with (`tools`: a row's `tools` column, else the tools the trainer's
   rollouts are rendered with; see `demonstration_tools`);
 - demonstrations that come from elsewhere (a `train_dataset` column: HPT, ReLIFT), tokenised the same way
@@ -40,7 +41,9 @@ from .sft_data import (
     SFTBatch,
     as_completion,
     collate_sft,
+    collate_vision_conversations,
     collate_vision_sft,
+    completion_image_rows,
     image_column,
     prepare_vision_sft_dataset,
     split_image_parts,
@@ -97,6 +100,8 @@ class SFTTerm:
         self.tools = demonstration_tools(trainer)
         self.dataset, self.num_dropped = None, 0
         self.stream: InfiniteStream | None = None
+        # images in some completion (tool replies): rows are processed as whole conversations, not by TRL's collator
+        self.whole_conversations = self.image_column is not None and bool(completion_image_rows(sft_dataset))
         if self.image_column is not None:  # raw rows, processed batch by batch by TRL's VLM collator
             self.dataset, self.num_dropped = prepare_vision_sft_dataset(
                 sft_dataset, self.processing_class, args.max_sft_length, tools=self.tools
@@ -127,6 +132,14 @@ class SFTTerm:
 
     def collate(self, indices: list[int]) -> SFTBatch:
         """The tokenised demonstrations at `indices`, padded into one batch (image ones processed here)."""
+        if self.whole_conversations:
+            return collate_vision_conversations(
+                [self.dataset[i] for i in indices],
+                self.processing_class,
+                self.args.max_sft_length,
+                self.image_column,
+                self.tools,
+            )
         if self.image_column is not None:
             return collate_vision_sft(
                 [self.dataset[i] for i in indices],
@@ -245,7 +258,7 @@ class SFTTerm:
                 self.trainer.compute_loss_context_manager(),
             ):
                 logps, entropies = self.token_stats(model, batch, compute_entropy=compute_entropy)
-            mask = batch.completion_mask.to(logps.dtype)
+            mask = batch.loss_mask.to(logps.dtype)
             if row_weights is not None:
                 mask = mask * row_weights.to(mask.device, mask.dtype).unsqueeze(1)
             token_weights = (
@@ -281,7 +294,7 @@ class SFTTerm:
         for start in range(0, per_process, self.batch_size):
             batch = self.collate(local[start : start + self.batch_size]).to(self.accelerator.device)
             row = torch.tensor(weights[start : start + self.batch_size], device=self.accelerator.device)
-            mask = batch.completion_mask * row.unsqueeze(1)
+            mask = batch.loss_mask * row.unsqueeze(1)
             with self.trainer.compute_loss_context_manager():
                 _, entropies = self.token_stats(model, batch, compute_entropy=True)
             entropy_sum += float((entropies * mask).sum())
