@@ -81,7 +81,7 @@ class VisualTaskOptions:
     max_turns: int = 64
 
     def __post_init__(self) -> None:
-        from amft_trl.evaluation.benchmarks import EvaluationInputError
+        from amft_trl.evaluation.problems import EvaluationInputError
 
         minimum = {"gp_revision_turns": 0, "virl_verify_iter": 1, "max_turns": 1, "virl_num_train": 0}
         minimum.update(virl_num_validation=0, gp_resolution=32, virl_resolution=8)
@@ -139,7 +139,7 @@ def check_tool_parsing(processing_class: Any, what: str) -> None:
     try:
         add_response_schema(processing_class)
     except Exception as exc:
-        from amft_trl.evaluation.benchmarks import EvaluationInputError
+        from amft_trl.evaluation.problems import EvaluationInputError
 
         raise EvaluationInputError(
             f"{what}: the model's chat template has no tool-call parser TRL knows ({exc}); the revision and "
@@ -198,7 +198,7 @@ def _generate(
     texts = [_render(processing_class, e) for e in episodes]
     if any(e.images for e in episodes):
         if not hasattr(engine, "generate_multimodal"):
-            from amft_trl.evaluation.benchmarks import EvaluationInputError
+            from amft_trl.evaluation.problems import EvaluationInputError
 
             raise EvaluationInputError(
                 f"the {getattr(engine, 'name', type(engine).__name__)} backend cannot take images; use "
@@ -345,7 +345,7 @@ def _success_reward(completions: Sequence[Any], **columns: Any) -> list[float]:
 
 def general_points_revision_benchmark(info: Any, options: VisualTaskOptions) -> Any:
     """A General Points benchmark of `build_general_points_visual_datasets`' evaluation split `info.split`."""
-    from amft_trl.evaluation.benchmarks import Benchmark, EvaluationInputError, Problem
+    from amft_trl.evaluation.problems import Benchmark, EvaluationInputError, Problem
     from amft_trl.evaluation.prompts import TEMPLATES
     from amft_trl.tasks import general_points_visual as gpv
 
@@ -409,7 +409,7 @@ def _never(
 
 def virl_benchmark(info: Any, options: VisualTaskOptions, source: str | None = None) -> Any:
     """A V-IRL benchmark: the held-out routes of `options.virl_path` (or `source`), or the OOD city's routes."""
-    from amft_trl.evaluation.benchmarks import Benchmark, EvaluationInputError, Problem
+    from amft_trl.evaluation.problems import Benchmark, EvaluationInputError, Problem
     from amft_trl.evaluation.prompts import TEMPLATES
     from amft_trl.tasks import virl
 
