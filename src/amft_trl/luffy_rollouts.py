@@ -98,6 +98,7 @@ class OffPolicyDemonstrations:
                 demonstration,
                 None,
                 chat_template=trainer.chat_template,
+                template_kwargs=getattr(trainer, "chat_template_kwargs", None),
             )["completion_ids"]
             ids = demonstration_completion_ids(
                 ids, list(trainer.eos_token_ids), trainer.args.max_completion_length

@@ -336,16 +336,20 @@ def tokenize_prompt_completion(
     max_length: int | None,
     chat_template: str | None = None,
     tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, list[int]]:
     """One demonstration as `prompt_ids` / `completion_ids`, the way TRL's SFTTrainer tokenises it.
 
     Conversational prompts go through the chat template (the generation prompt closes the prompt), with `tools`
-    rendered as the template renders a tool list; a standard completion gets EOS appended (`tools` do not apply). The completion starts where the tokenised prompt and prompt + completion diverge.
+    rendered as the template renders a tool list and `template_kwargs` passed to it (`GRPOConfig.chat_template_kwargs`,
+    as GRPOTrainer renders its prompts); a standard completion gets EOS appended (neither applies). The completion starts where the tokenised prompt and prompt + completion diverge.
     Truncated on the right to `max_length` tokens in all; the completion may come out empty.
     """
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     eos = tokenizer.eos_token
-    kwargs: dict[str, Any] = {"chat_template": chat_template} if chat_template is not None else {}
+    kwargs: dict[str, Any] = dict(template_kwargs or {})
+    if chat_template is not None:
+        kwargs["chat_template"] = chat_template
     if tools:
         kwargs["tools"] = tools
     if is_conversational({"prompt": prompt}):
@@ -370,11 +374,13 @@ def tokenize_sft_dataset(
     chat_template: str | None = None,
     name: str = "sft_dataset",
     tools: DemonstrationTools | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[Dataset, int]:
     """Tokenise demonstrations into `prompt_ids` / `completion_ids`, dropping those with no completion left.
 
     `dataset` is checked first (`check_sft_columns`); `name` is how errors call it. Conversational demonstrations
-    are rendered with their tools (`DemonstrationTools.for_row`: the row's `tools` column, else `tools`' defaults);
+    are rendered with their tools (`DemonstrationTools.for_row`: the row's `tools` column, else `tools`' defaults)
+    and `template_kwargs` (the chat template's extra arguments, `GRPOConfig.chat_template_kwargs`);
     a `tools` column on standard (string) demonstrations is refused, since no template renders it. Returns the tokenised dataset
     and the number of examples dropped because truncation to `max_length` removed their whole completion, or
     because their prompt has no token (reported with a warning; they are never trained on as empty). Raises a
@@ -392,7 +398,7 @@ def tokenize_sft_dataset(
             prompt, completion = _as_prompt_completion(row)
             row_tools = tools.for_row(row) if is_conversational({"prompt": prompt}) else None
             whole = tokenize_prompt_completion(
-                processing_class, prompt, completion, None, chat_template, tools=row_tools
+                processing_class, prompt, completion, None, chat_template, row_tools, template_kwargs
             )
         except Exception as error:  # a row check_sft_columns let through: say which one
             raise ValueError(
@@ -567,13 +573,17 @@ def row_images(example: dict[str, Any], column: str) -> list[Any]:
 
 
 def _vision_example(
-    example: dict[str, Any], column: str, processor: Any = None, tools: list[dict[str, Any]] | None = None
+    example: dict[str, Any],
+    column: str,
+    processor: Any = None,
+    tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One image demonstration as TRL's VLM collator takes it: `prompt`, `completion`, `images` (fresh objects).
 
-    With `processor`, a conversational demonstration is rendered here with `tools`, the way the collator renders it
-    without (`prepare_multimodal_messages`, then `trl.data_utils.apply_chat_template`), and handed to the collator
-    as text: TRL 1.16's VLM collator renders prompt-completion rows without a tool list."""
+    With `processor`, a conversational demonstration is rendered here with `tools` and `template_kwargs`, the way the
+    collator renders it without (`prepare_multimodal_messages`, then `trl.data_utils.apply_chat_template`), and
+    handed to the collator as text: TRL 1.16's VLM collator renders prompt-completion rows with neither."""
     prompt, completion = _as_prompt_completion(example)
     images = row_images(example, column)
     if processor is not None and is_conversational({"prompt": prompt}):
@@ -586,23 +596,32 @@ def _vision_example(
             },
             processor,
             tools=tools,
+            **(template_kwargs or {}),
         )
         prompt, completion = rendered["prompt"], rendered["completion"]
     return {"prompt": prompt, "completion": completion, "images": images}
 
 
 def _vision_examples(
-    examples: list[dict[str, Any]], column: str, processor: Any, tools: DemonstrationTools | None
+    examples: list[dict[str, Any]],
+    column: str,
+    processor: Any,
+    tools: DemonstrationTools | None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    """A batch of image demonstrations for TRL's VLM collator. When a row has tools (`tools.for_row`), every row of
-    the batch is rendered here (the collator takes a batch of one format); otherwise they go to it as they are."""
+    """A batch of image demonstrations for TRL's VLM collator. When a row has tools (`tools.for_row`) or the chat
+    template takes extra arguments (`template_kwargs`), every row of the batch is rendered here (the collator takes a
+    batch of one format, and renders with neither); otherwise they go to it as they are."""
     row_tools = [
         tools.for_row(e) if tools is not None and is_conversational(_vision_example(e, column)) else None
         for e in examples
     ]
-    if not any(row_tools):
+    if not any(row_tools) and not template_kwargs:
         return [_vision_example(e, column) for e in examples]
-    return [_vision_example(e, column, processor, t) for e, t in zip(examples, row_tools, strict=True)]
+    return [
+        _vision_example(e, column, processor, t, template_kwargs)
+        for e, t in zip(examples, row_tools, strict=True)
+    ]
 
 
 def vision_collator(processor: Any, max_length: int | None) -> Any:
@@ -652,13 +671,18 @@ def _process(processor: Any, text: str, images: list[Any]) -> dict[str, Any]:
 
 
 def conversation_demonstration(
-    processor: Any, example: dict[str, Any], column: str, tools: list[dict[str, Any]] | None = None
+    processor: Any,
+    example: dict[str, Any],
+    column: str,
+    tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One image demonstration processed as a whole conversation: its images may sit anywhere in it, in the tool
     replies of its completion too (V-IRL's street views), which TRL 1.16's VLM collator cannot process (it gives
     every image to the prompt and processes the completion as text).
 
-    The prompt + completion messages are rendered by the processor's chat template with `tools`, and the text and
+    The prompt + completion messages are rendered by the processor's chat template with `tools` and
+    `template_kwargs` (`GRPOConfig.chat_template_kwargs`), and the text and
     all the row's images (in order of their image parts) go through one processor call. The prompt (rendered with
     the generation prompt, with its own images, processed the same way) must be a prefix of it; the completion is
     the rest. The loss is on the assistant's tokens only: for each assistant message, from the end of the
@@ -689,7 +713,9 @@ def conversation_demonstration(
             "they are matched in order, one image per image part"
         )
     conversation = prompt + completion
-    kwargs: dict[str, Any] = {"tools": tools} if tools else {}
+    kwargs: dict[str, Any] = dict(template_kwargs or {})
+    if tools:
+        kwargs["tools"] = tools
     full_text = processor.apply_chat_template(conversation, tokenize=False, **kwargs)
     full = _process(processor, full_text, images)
     input_ids = full.pop("input_ids")[0].tolist()
@@ -754,6 +780,7 @@ def collate_vision_conversations(
     max_length: int | None,
     column: str,
     tools: DemonstrationTools | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> SFTBatch:
     """Image demonstrations processed as whole conversations (`conversation_demonstration`), laid out like GRPO's
     rollouts: prompts left-padded, completions right-padded, `tool_mask` 1 on the assistant's tokens only. Each row
@@ -766,7 +793,7 @@ def collate_vision_conversations(
         row_tools = (
             tools.for_row(example) if tools is not None and is_conversational({"prompt": prompt}) else None
         )
-        demo = conversation_demonstration(processor, example, column, row_tools)
+        demo = conversation_demonstration(processor, example, column, row_tools, template_kwargs)
         if not _fits(demo, max_length):
             raise ValueError(
                 f"a demonstration does not fit max_sft_length={max_length} without cutting an image or its whole "
@@ -812,6 +839,7 @@ def prepare_vision_sft_dataset(
     max_length: int | None,
     name: str = "sft_dataset",
     tools: DemonstrationTools | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> tuple[Dataset, int]:
     """Check and measure image demonstrations; keep those whose prompt (with its image tokens) fits `max_length`.
 
@@ -851,7 +879,7 @@ def prepare_vision_sft_dataset(
             try:
                 prompt, _ = _as_prompt_completion(example)
                 row_tools = tools.for_row(example) if tools is not None and isinstance(prompt, list) else None
-                demo = conversation_demonstration(processor, example, column, row_tools)
+                demo = conversation_demonstration(processor, example, column, row_tools, template_kwargs)
             except Exception as error:
                 raise ValueError(
                     f"`{name}` row {index}: cannot process this image demonstration as a whole conversation "
@@ -863,7 +891,8 @@ def prepare_vision_sft_dataset(
                 keep.append(index)
             continue
         try:
-            labels = collate(_vision_examples([example], column, processor, tools))["labels"][0]
+            rendered = _vision_examples([example], column, processor, tools, template_kwargs)
+            labels = collate(rendered)["labels"][0]
         except Exception as error:
             raise ValueError(
                 f"`{name}` row {index}: the processor cannot process this image demonstration (column `{column}` "
@@ -913,6 +942,7 @@ def collate_vision_sft(
     max_length: int | None,
     column: str,
     tools: DemonstrationTools | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> SFTBatch:
     """Image demonstrations through TRL's VLM collator (chat template, image processor, completion-only labels),
     laid out like GRPO's rollouts: prompts (with their image tokens) left-padded, completions right-padded.
@@ -920,9 +950,11 @@ def collate_vision_sft(
     The model's extra inputs (`pixel_values`, `image_grid_thw`, `image_sizes`, ...) ride in `model_inputs`, with
     `num_images` per row (how TRL's log-prob helper splits them); per-token ones are laid out like `prompt_ids` +
     `completion_ids`. Rows must fit `max_length` with a completion token (`prepare_vision_sft_dataset`). `tools`:
-    which tools each conversation is rendered with (`DemonstrationTools.for_row`; None: none, as TRL's collator).
+    which tools each conversation is rendered with (`DemonstrationTools.for_row`; None: none, as TRL's collator);
+    `template_kwargs`: the chat template's extra arguments (`GRPOConfig.chat_template_kwargs`).
     """
-    out = vision_collator(processor, max_length)(_vision_examples(examples, column, processor, tools))
+    examples_in = _vision_examples(examples, column, processor, tools, template_kwargs)
+    out = vision_collator(processor, max_length)(examples_in)
     input_ids, attention_mask, labels = out.pop("input_ids"), out.pop("attention_mask"), out.pop("labels")
     completion = labels != -100
     prompt = attention_mask.bool() & ~completion
@@ -967,17 +999,19 @@ def vision_demonstration(
     images: list[Any],
     max_length: int | None,
     tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any] | None:
     """One demonstration of an RL prompt with images, as `collate_vision_sft` takes it: `prompt`, `completion`,
     `images`, plus its `prompt_ids` / `completion_ids` (image tokens included, truncated to `max_length` as the
     collator truncates it). None when the prompt with its image tokens leaves no room for a completion token within
     `max_length`: such a demonstration is dropped, never cut through its image tokens (as `prepare_vision_sft_dataset`
     drops them from `sft_dataset`). `tools`: rendered into the conversation (kept in the example as its `tools`, so
-    that `collate_vision_sft` renders it the same way)."""
+    that `collate_vision_sft` renders it the same way); `template_kwargs`: the chat template's extra arguments (pass
+    the same to `collate_vision_sft`)."""
     example = {"prompt": prompt, "completion": completion, "images": list(images)}
     if tools:
         example["tools"] = tools
-    batch = collate_vision_sft([example], processor, None, "images", DemonstrationTools())
+    batch = collate_vision_sft([example], processor, None, "images", DemonstrationTools(), template_kwargs)
     prompt_ids = batch.prompt_ids[0][batch.prompt_mask[0].bool()].tolist()
     completion_ids = batch.completion_ids[0][batch.completion_mask[0].bool()].tolist()
     if max_length is not None:

@@ -10,8 +10,9 @@ A strategy may weight its tokens (`BalancingStrategy.sft_token_weights`: CHORD's
 - the demonstrations of `sft_dataset`, tokenised once (or kept as rows for image demonstrations, processed batch by
   batch by TRL's VLM collator, or as whole conversations when completions hold images: V-IRL's tool replies), and
   the seeded, resumable stream that draws them (`draw`);
-- which tools each demonstration is rendered with (`tools`: a row's `tools` column, else the tools the trainer's
-  rollouts are rendered with; see `demonstration_tools`);
+- how each demonstration is rendered, as the rollout prompts are: with which tools (`tools`: a row's `tools` column,
+  else the tools the trainer's rollouts are rendered with; see `demonstration_tools`) and the chat template's extra
+  arguments (`template_kwargs`: `GRPOConfig.chat_template_kwargs`, e.g. Qwen3's `enable_thinking`);
 - demonstrations that come from elsewhere (a `train_dataset` column: HPT, ReLIFT), tokenised the same way
   (`tokenize_demonstration`, `collate_demonstrations`);
 - per-token log-probs and entropies of a batch at temperature 1 (`token_stats`), the weighted NLL and its backward
@@ -98,13 +99,19 @@ class SFTTerm:
         self.rl_image_parts = rl_image_parts
         self.image_column = image_column(sft_dataset)
         self.tools = demonstration_tools(trainer)
+        # the chat template's extra arguments the rollout prompts are rendered with (GRPOConfig.chat_template_kwargs)
+        self.template_kwargs = dict(getattr(trainer, "chat_template_kwargs", None) or {})
         self.dataset, self.num_dropped = None, 0
         self.stream: InfiniteStream | None = None
         # images in some completion (tool replies): rows are processed as whole conversations, not by TRL's collator
         self.whole_conversations = self.image_column is not None and bool(completion_image_rows(sft_dataset))
         if self.image_column is not None:  # raw rows, processed batch by batch by TRL's VLM collator
             self.dataset, self.num_dropped = prepare_vision_sft_dataset(
-                sft_dataset, self.processing_class, args.max_sft_length, tools=self.tools
+                sft_dataset,
+                self.processing_class,
+                args.max_sft_length,
+                tools=self.tools,
+                template_kwargs=self.template_kwargs,
             )
         elif sft_dataset is not None:
             self.dataset, self.num_dropped = tokenize_sft_dataset(
@@ -113,6 +120,7 @@ class SFTTerm:
                 args.max_sft_length,
                 chat_template=trainer.chat_template,
                 tools=self.tools,
+                template_kwargs=self.template_kwargs,
             )
         if self.dataset is not None:
             self.stream = InfiniteStream(len(self.dataset), seed=args.seed)
@@ -139,6 +147,7 @@ class SFTTerm:
                 self.args.max_sft_length,
                 self.image_column,
                 self.tools,
+                self.template_kwargs,
             )
         if self.image_column is not None:
             return collate_vision_sft(
@@ -147,6 +156,7 @@ class SFTTerm:
                 self.args.max_sft_length,
                 self.image_column,
                 self.tools,
+                self.template_kwargs,
             )
         return collate_sft([self.dataset[i] for i in indices], self.pad_token_id)
 
@@ -166,7 +176,13 @@ class SFTTerm:
         tools = self.tools.default if is_conversational({"prompt": prompt}) else None
         if images is not None:
             return vision_demonstration(
-                self.processing_class, prompt, completion, images, self.args.max_sft_length, tools
+                self.processing_class,
+                prompt,
+                completion,
+                images,
+                self.args.max_sft_length,
+                tools,
+                self.template_kwargs,
             )
         example = tokenize_prompt_completion(
             self.processing_class,
@@ -175,13 +191,19 @@ class SFTTerm:
             self.args.max_sft_length,
             chat_template=self.trainer.chat_template,
             tools=tools,
+            template_kwargs=self.template_kwargs,
         )
         return example if example["completion_ids"] else None
 
     def collate_demonstrations(self, examples: list[dict[str, Any]]) -> SFTBatch:
         """Demonstrations of image prompts (`tokenize_demonstration` with images), through TRL's VLM collator."""
         return collate_vision_sft(
-            examples, self.processing_class, self.args.max_sft_length, "images", DemonstrationTools()
+            examples,
+            self.processing_class,
+            self.args.max_sft_length,
+            "images",
+            DemonstrationTools(),
+            self.template_kwargs,
         )
 
     def vision_placeholder(self, prompt: Any, images: list[Any]) -> dict[str, Any]:
@@ -191,7 +213,13 @@ class SFTTerm:
             prompt, images = split_image_parts(prompt)
         tools = self.tools.default if is_conversational({"prompt": prompt}) else None
         example = vision_demonstration(
-            self.processing_class, prompt, as_completion(prompt, eos), images, None, tools
+            self.processing_class,
+            prompt,
+            as_completion(prompt, eos),
+            images,
+            None,
+            tools,
+            self.template_kwargs,
         )
         if example is None:
             raise RuntimeError(f"No placeholder demonstration can be built for the prompt {prompt!r}.")
