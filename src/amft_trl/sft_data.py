@@ -342,8 +342,14 @@ def tokenize_prompt_completion(
 
     Conversational prompts go through the chat template (the generation prompt closes the prompt), with `tools`
     rendered as the template renders a tool list and `template_kwargs` passed to it (`GRPOConfig.chat_template_kwargs`,
-    as GRPOTrainer renders its prompts); a standard completion gets EOS appended (neither applies). The completion starts where the tokenised prompt and prompt + completion diverge.
-    Truncated on the right to `max_length` tokens in all; the completion may come out empty.
+    as GRPOTrainer renders its prompts); a standard completion gets EOS appended (neither applies). The completion
+    starts where the tokenised prompt and prompt + completion diverge. Truncated on the right to `max_length` tokens
+    in all; the completion may come out empty.
+
+    A completion with other messages than the assistant's (tool replies of a multi-turn demonstration) also gets an
+    `assistant_mask` over `completion_ids` (`text_assistant_mask`): 1 on the assistant's tokens, 0 on the tool
+    replies and the turn headers after them, which the SFT term does not train on, as GRPO masks tool replies out of
+    multi-turn rollouts.
     """
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
     eos = tokenizer.eos_token
@@ -361,10 +367,45 @@ def tokenize_prompt_completion(
         prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
         full_ids = _tokenize(processing_class, prompt + completion)["input_ids"]
     prompt_len = common_prefix_length(prompt_ids, full_ids)
+    mask = None
+    if is_conversational({"prompt": prompt}) and any(m.get("role") != "assistant" for m in completion):
+        mask = text_assistant_mask(processing_class, prompt, completion, full_ids, kwargs)
     if max_length is not None:
         full_ids = full_ids[:max_length]
     prompt_len = min(prompt_len, len(full_ids))
-    return {"prompt_ids": full_ids[:prompt_len], "completion_ids": full_ids[prompt_len:]}
+    out = {"prompt_ids": full_ids[:prompt_len], "completion_ids": full_ids[prompt_len:]}
+    if mask is not None:
+        out["assistant_mask"] = mask[prompt_len : len(full_ids)]
+    return out
+
+
+def text_assistant_mask(
+    processing_class: Any,
+    prompt: list[dict[str, Any]],
+    completion: list[dict[str, Any]],
+    full_ids: list[int],
+    template_kwargs: dict[str, Any],
+) -> list[int]:
+    """Over the whole rendering `full_ids` of `prompt + completion`: 1 on each assistant message of the completion,
+    from the end of the conversation before it rendered with the generation prompt to the end of the conversation up
+    to it (its end of turn included, as a rollout's generated tokens), 0 elsewhere (the prompt, tool replies, the turn
+    headers after them). Where a template renders a shorter conversation as something other than a prefix of the
+    whole (Qwen3 drops the reasoning of earlier turns), the boundary is where the two renderings diverge.
+    `template_kwargs`: the template's arguments (`chat_template`, `tools`, ...), as the whole was rendered with."""
+    conversation = prompt + completion
+    mask = [0] * len(full_ids)
+
+    def end_of(messages: list[dict[str, Any]], generation_prompt: bool) -> int:
+        ids = _tokenize(
+            processing_class, messages, add_generation_prompt=generation_prompt, **template_kwargs
+        )
+        return common_prefix_length(ids["input_ids"], full_ids)
+
+    for i in range(len(prompt), len(conversation)):
+        if conversation[i].get("role") == "assistant":
+            start, end = end_of(conversation[:i], True), end_of(conversation[: i + 1], False)
+            mask[start:end] = [1] * (end - start)
+    return mask
 
 
 def tokenize_sft_dataset(
@@ -407,27 +448,39 @@ def tokenize_sft_dataset(
             ) from error
         prompt_len = len(whole["prompt_ids"])
         full_ids = whole["prompt_ids"] + whole["completion_ids"]
+        mask = whole.get("assistant_mask", [1] * len(whole["completion_ids"]))
         if max_length is not None:
             full_ids = full_ids[:max_length]
         cut = min(prompt_len, len(full_ids))
-        return {"prompt_ids": full_ids[:cut], "completion_ids": full_ids[cut:], "_prompt_tokens": prompt_len}
+        completion_ids = full_ids[cut:]
+        return {
+            "prompt_ids": full_ids[:cut],
+            "completion_ids": completion_ids,
+            "assistant_mask": mask[: len(completion_ids)],
+            "_prompt_tokens": prompt_len,
+        }
 
     tokenized = dataset.map(
         tokenize, with_indices=True, remove_columns=dataset.column_names, desc="Tokenizing SFT dataset"
     )
     prompt_tokens = tokenized["_prompt_tokens"]
+    masks = tokenized["assistant_mask"]
     tokenized = tokenized.remove_columns("_prompt_tokens")
+    if all(
+        all(m) for m in masks
+    ):  # no tool replies anywhere: every completion token is trained on, as before
+        tokenized = tokenized.remove_columns("assistant_mask")
     keep = [
         i
-        for i, (p, c) in enumerate(zip(tokenized["prompt_ids"], tokenized["completion_ids"], strict=True))
-        if len(p) > 0 and len(c) > 0
+        for i, (p, m) in enumerate(zip(tokenized["prompt_ids"], masks, strict=True))
+        if len(p) > 0 and any(m)
     ]
     dropped = len(tokenized) - len(keep)
     if dropped:
         kept = set(keep)
         logger.warning(
-            "AMFT: %d of %d SFT examples have no completion token left after truncation to max_sft_length=%s "
-            "(or no prompt token at all); they are dropped (first indices: %s). Raise `max_sft_length` to keep them.",
+            "AMFT: %d of %d SFT examples have no completion token (no assistant token, for multi-turn ones) left "
+            "after truncation to max_sft_length=%s (or no prompt token at all); they are dropped (first indices: %s). Raise `max_sft_length` to keep them.",
             dropped,
             len(tokenized),
             max_length,
@@ -533,7 +586,9 @@ class SFTBatch:
 
 
 def collate_sft(examples: list[dict[str, list[int]]], pad_token_id: int) -> SFTBatch:
-    """Pad tokenised demonstrations: prompts on the left, completions on the right (as GRPO lays out rollouts)."""
+    """Pad tokenised demonstrations: prompts on the left, completions on the right (as GRPO lays out rollouts).
+    Examples with an `assistant_mask` (multi-turn demonstrations, `tokenize_prompt_completion`) give the batch its
+    `tool_mask`."""
     p_len = max(len(e["prompt_ids"]) for e in examples)
     c_len = max(len(e["completion_ids"]) for e in examples)
     b = len(examples)
@@ -548,7 +603,13 @@ def collate_sft(examples: list[dict[str, list[int]]], pad_token_id: int) -> SFTB
             prompt_mask[i, p_len - len(p) :] = 1
         completion_ids[i, : len(c)] = torch.tensor(c)
         completion_mask[i, : len(c)] = 1
-    return SFTBatch(prompt_ids, prompt_mask, completion_ids, completion_mask)
+    tool_mask = None
+    if any("assistant_mask" in e for e in examples):
+        tool_mask = torch.zeros((b, c_len), dtype=torch.long)
+        for i, e in enumerate(examples):
+            mask = e.get("assistant_mask", [1] * len(e["completion_ids"]))
+            tool_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.long)
+    return SFTBatch(prompt_ids, prompt_mask, completion_ids, completion_mask, tool_mask=tool_mask)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -647,12 +708,21 @@ def _completion_image_parts(example: dict[str, Any]) -> int:
     )
 
 
-def completion_image_rows(dataset: Dataset) -> list[int]:
-    """The rows whose completion's messages hold image parts (e.g. V-IRL's street views in tool replies). Reads
-    only the conversation columns (the images are not decoded)."""
+def whole_conversation_rows(dataset: Dataset) -> list[int]:
+    """The image demonstrations that are processed as whole conversations (`conversation_demonstration`): those whose
+    completion holds images (V-IRL's street views in tool replies) or other messages than the assistant's (the tool
+    replies of General Points' revision loop), whose tokens TRL 1.16's VLM collator cannot mask out. Reads only the
+    conversation columns (the images are not decoded)."""
     columns = [c for c in ("prompt", "completion", "messages") if c in (dataset.column_names or [])]
     text = dataset.select_columns(columns)
-    return [i for i in range(len(text)) if _completion_image_parts(text[i])]
+
+    def multi_turn(example: dict[str, Any]) -> bool:
+        _, completion = _as_prompt_completion(example)
+        return isinstance(completion, list) and any(
+            isinstance(m, dict) and m.get("role") != "assistant" for m in completion
+        )
+
+    return [i for i in range(len(text)) if _completion_image_parts(text[i]) or multi_turn(text[i])]
 
 
 def _image_parts(messages: list[dict[str, Any]]) -> int:
@@ -850,8 +920,8 @@ def prepare_vision_sft_dataset(
     leaves no room for a completion token within `max_length`: truncation then cuts only completion tokens, never
     image tokens. Raises a ValueError naming `max_sft_length` when that drops every demonstration.
 
-    When some row's completion holds images (`completion_image_rows`: V-IRL's street views in tool replies), every
-    row is processed as a whole conversation instead (`conversation_demonstration`; batches by
+    When some row's completion holds images or tool replies (`whole_conversation_rows`: V-IRL's street views, General
+    Points' verifier replies), every row is processed as a whole conversation instead (`conversation_demonstration`; batches by
     `collate_vision_conversations`); a row is then kept when it has a prompt token and an assistant token within
     `max_length`, and is longer than `max_length` only past its last image token (an image is never cut).
     """
@@ -865,7 +935,7 @@ def prepare_vision_sft_dataset(
             "processor: pass the model's processor (`AutoProcessor.from_pretrained(...)`) as `processing_class`."
         )
     collate = vision_collator(processor, None)
-    conversations = bool(completion_image_rows(dataset))
+    conversations = bool(whole_conversation_rows(dataset))
     prompt_tokens, keep = [], []
     for index in range(len(dataset)):
         try:
@@ -875,7 +945,7 @@ def prepare_vision_sft_dataset(
                 f"`{name}` row {index}: cannot load the row's images from column `{column}` "
                 f"({type(error).__name__}: {error})."
             ) from error
-        if conversations:  # images in completions: every row is processed as a whole conversation
+        if conversations:  # images or tool replies in completions: each row processed as a whole conversation
             try:
                 prompt, _ = _as_prompt_completion(example)
                 row_tools = tools.for_row(example) if tools is not None and isinstance(prompt, list) else None
@@ -883,7 +953,7 @@ def prepare_vision_sft_dataset(
             except Exception as error:
                 raise ValueError(
                     f"`{name}` row {index}: cannot process this image demonstration as a whole conversation "
-                    f"(images in its completion's messages; column `{column}` holds "
+                    f"(images or tool replies in some completion's messages; column `{column}` holds "
                     f"{len(row_images(example, column))} image(s)): {type(error).__name__}: {error}."
                 ) from error
             prompt_tokens.append(demo["prompt_length"])

@@ -44,7 +44,6 @@ from .sft_data import (
     collate_sft,
     collate_vision_conversations,
     collate_vision_sft,
-    completion_image_rows,
     image_column,
     prepare_vision_sft_dataset,
     split_image_parts,
@@ -52,6 +51,7 @@ from .sft_data import (
     tokenize_sft_dataset,
     tool_schemas,
     vision_demonstration,
+    whole_conversation_rows,
 )
 
 
@@ -103,8 +103,10 @@ class SFTTerm:
         self.template_kwargs = dict(getattr(trainer, "chat_template_kwargs", None) or {})
         self.dataset, self.num_dropped = None, 0
         self.stream: InfiniteStream | None = None
-        # images in some completion (tool replies): rows are processed as whole conversations, not by TRL's collator
-        self.whole_conversations = self.image_column is not None and bool(completion_image_rows(sft_dataset))
+        # images or tool replies in some completion: rows are processed as whole conversations, not by TRL's collator
+        # (which trains on every completion token), so that only the assistant's tokens are trained on
+        whole = self.image_column is not None and bool(whole_conversation_rows(sft_dataset))
+        self.whole_conversations = whole
         if self.image_column is not None:  # raw rows, processed batch by batch by TRL's VLM collator
             self.dataset, self.num_dropped = prepare_vision_sft_dataset(
                 sft_dataset,

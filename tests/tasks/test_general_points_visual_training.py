@@ -195,6 +195,16 @@ def test_revision_loop_with_card_images_trains_on_the_tiny_vlm(tmp_path, monkeyp
         and '"name": "submit_answer"' in prompt
         and "<tools>" in prompt
     )
+    # Only the assistant's tokens are trained on: the tool call and the final answer, not the verifier's reply.
+    completion = batch.completion_ids[0][batch.completion_mask[0].bool()]
+    trained = batch.tool_mask[0][batch.completion_mask[0].bool()].bool()
+    reply = data.sft[0]["completion"][1]["content"]
+    assert data.sft[0]["completion"][1]["role"] == "tool" and reply in processor.tokenizer.decode(completion)
+    assert reply not in processor.tokenizer.decode(completion[trained]) and "<tool_response>" not in (
+        processor.tokenizer.decode(completion[trained])
+    )
+    assert "<tool_call>" in processor.tokenizer.decode(completion[trained])
+    assert data.sft[0]["completion"][2]["content"] in processor.tokenizer.decode(completion[trained])
 
 
 def test_image_prompts_in_the_tool_loop_need_pixel_values_as_one_tensor(tmp_path, monkeypatch):

@@ -74,6 +74,31 @@ def test_revision_demonstrations_are_rendered_with_the_environments_tools(tmp_pa
         assert row["prompt_ids"] != without
 
 
+def test_tool_replies_of_text_demonstrations_are_not_trained_on(tmp_path, monkeypatch):
+    """A multi-turn demonstration (General Points' revision loop) trains the assistant's turns only: the tool call and
+    the final answer with their end of turn, not the verifier's reply or the turn header after it, as GRPO masks tool
+    replies out of its rollouts."""
+    monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    from amft_trl.tasks.general_points_visual import general_points_revision_env_factory
+
+    tokenizer = qwen_tokenizer()
+    trainer, data = revision_trainer(tmp_path, tokenizer, None, general_points_revision_env_factory(3))
+    batch = trainer.sft_term.collate(list(range(len(data.sft))))
+    for i in range(len(data.sft)):
+        call, reply, answer = data.sft[i]["completion"]
+        row = trainer.sft_term.dataset[i]
+        ids, mask = row["completion_ids"], row["assistant_mask"]
+        trained = tokenizer.decode([t for t, m in zip(ids, mask) if m])
+        untrained = tokenizer.decode([t for t, m in zip(ids, mask) if not m])
+        assert reply["role"] == "tool" and reply["content"] in untrained and reply["content"] not in trained
+        assert "<tool_response>" in untrained and "<tool_response>" not in trained
+        assert "<tool_call>" in trained and '"submit_answer"' in trained and answer["content"] in trained
+        assert trained.count("<|im_end|>") == 2  # each assistant turn's end of turn is learnt
+        assert untrained.count("<|im_start|>assistant") == 1  # the header of the turn after the reply is not
+        # the batch's loss mask is the row's: the SFT term's token count is the assistant tokens
+        assert batch.loss_mask[i, : len(ids)].tolist() == mask and int(batch.loss_mask[i].sum()) == sum(mask)
+
+
 def test_a_tools_column_overrides_the_trainers_tools_and_null_means_none(tmp_path, monkeypatch):
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
