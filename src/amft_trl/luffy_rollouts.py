@@ -143,15 +143,15 @@ class OffPolicyDemonstrations:
         self,
         out: dict[str, Any],
         demonstrations: list,
-        rewards: torch.Tensor | None,
+        total: torch.Tensor | None,
         metrics: dict[str, list],
     ) -> None:
-        """Mark the off-policy rows of a generation batch (`amft_off_policy`) and log their mean reward."""
+        """Mark the off-policy rows of a generation batch (`amft_off_policy`) and log their mean reward (`total`: the
+        rollout rewards, `amft_trl.trainer.rollout_rewards`; unscorable demonstrations, NaN there, are left out)."""
         device = out["advantages"].device
         out["amft_off_policy"] = torch.tensor([d is not None for d in demonstrations], device=device)
-        if rewards is None:
+        if total is None:
             return
-        total = (rewards * self.trainer.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
         rows = off_policy_rows(len(total), 0, self.trainer.num_generations, self.num_off_policy)
         off = torch.tensor(rows, device=total.device)
         mean = torch.nanmean(total[off])

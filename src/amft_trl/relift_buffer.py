@@ -69,12 +69,11 @@ class FailedPromptBuffer:
             return None
         return self.sft_term.tokenize_demonstration(*entry)
 
-    def fill(self, inputs: list[dict[str, Any]], rewards: torch.Tensor) -> None:
+    def fill(self, inputs: list[dict[str, Any]], total: torch.Tensor) -> None:
         """Buffer the generation batch's all-failed prompts with their demonstrations, in global row order, on every
-        process (each group's first row carries it; the buffer is the same everywhere)."""
+        process (each group's first row carries it; the buffer is the same everywhere). `total`: every process's
+        rollout rewards (`amft_trl.trainer.rollout_rewards`: NaN where unscorable, which is never a failure)."""
         trainer = self.trainer
-        total = (rewards * trainer.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
-        total[torch.isnan(rewards).all(dim=1)] = float("nan")
         g = trainer.num_generations
         failed = all_failed(total.view(-1, g), self.strategy.fail_reward).repeat_interleave(g).cpu().tolist()
         first = trainer.accelerator.process_index * len(inputs)

@@ -151,6 +151,15 @@ class _Generation:
     )
 
 
+def rollout_rewards(rewards: torch.Tensor, reward_weights: torch.Tensor) -> torch.Tensor:
+    """Each rollout's reward from the reward functions' outputs `rewards` (N, num_funcs), as GRPOTrainer sums them
+    before its advantages: weighted by `reward_weights` and summed, skipping NaN (a function that did not score the
+    rollout); NaN where no function scored it (an unscorable rollout, which strategies never count as a failure)."""
+    total = (rewards * reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
+    total[torch.isnan(rewards).all(dim=1)] = float("nan")
+    return total
+
+
 class AMFTTrainer(GRPOTrainer):
     """Single-stage SFT + GRPO on top of [`~trl.GRPOTrainer`], balanced by a strategy (AMFT by default).
 
@@ -712,8 +721,10 @@ class AMFTTrainer(GRPOTrainer):
     def _add_rollout_fields(self, inputs, out: dict[str, Any], generation: _Generation) -> dict[str, Any]:
         """The fields strategies read, LUFFY's marks, ReLIFT's buffer and the token counts, for TRL's output `out`."""
         rewards = generation.rewards
+        # each rollout's reward as GRPO sums it (weighted, NaN-skipping); NaN where no reward function scored it
+        total = None if rewards is None else rollout_rewards(rewards, self.reward_weights)
         if generation.demonstrations is not None:
-            self._luffy.mark(out, generation.demonstrations, rewards, _private_api.train_metrics(self))
+            self._luffy.mark(out, generation.demonstrations, total, _private_api.train_metrics(self))
         if generation.validation or self.model.training:
             mask = out["completion_mask"]
             off = out.get(
@@ -733,11 +744,8 @@ class AMFTTrainer(GRPOTrainer):
         if generation.validation or not self.model.training or rewards is None:
             return out
         if self._relift is not None:
-            self._relift.fill(inputs, rewards)
-        total = (rewards * self.reward_weights.to(rewards.device).unsqueeze(0)).nansum(dim=1)
-        unscorable = torch.isnan(rewards).all(dim=1)
-        total[unscorable] = float("nan")
-        out["amft_unscorable"] = torch.tensor(bool(unscorable.all()))
+            self._relift.fill(inputs, total)
+        out["amft_unscorable"] = torch.tensor(bool(torch.isnan(total).all()))
         g = self.num_generations
         local = slice(
             self.accelerator.process_index * len(inputs), (self.accelerator.process_index + 1) * len(inputs)

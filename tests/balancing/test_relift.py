@@ -55,17 +55,21 @@ def test_all_failed_by_hand():
 def test_buffer_fills_only_from_all_failed_prompts(tmp_path, tiny_model_dir, tokenizer):
     """A hand-built generation batch of 4 groups: all failed, one success, one unscorable rollout, all below the
     fail value. Only the first and the last are buffered, in batch order, and a later batch goes in front."""
+    from amft_trl.trainer import rollout_rewards
+
     trainer = build(tmp_path, tiny_model_dir, tokenizer)
     data = trainer.train_dataset
     rows = [data[i] for i in range(4) for _ in range(4)]
     nan = float("nan")
     group = [[0.0] * 4, [0.0, 1.0, 0.0, 0.0], [0.0, nan, 0.0, 0.0], [-1.0, 0.0, -0.5, 0.0]]
-    rewards = torch.tensor([r for g in group for r in g]).unsqueeze(1)
+    rewards = rollout_rewards(
+        torch.tensor([r for g in group for r in g]).unsqueeze(1), trainer.reward_weights
+    )
     trainer._relift.fill(rows, rewards)
     expected = [(data[i]["prompt"], data[i]["demonstration"]) for i in (0, 3)]
     assert trainer.strategy.buffer == expected
     later = [data[i] for i in (5, 6) for _ in range(4)]
-    trainer._relift.fill(later, torch.tensor([0.0] * 4 + [1.0] * 4).unsqueeze(1))
+    trainer._relift.fill(later, torch.tensor([0.0] * 4 + [1.0] * 4))
     assert trainer.strategy.buffer == [(data[5]["prompt"], data[5]["demonstration"]), *expected]
 
 

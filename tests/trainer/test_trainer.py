@@ -362,3 +362,16 @@ def test_non_finite_entropy_is_skipped_counted_and_logged(tmp_path, tiny_model_d
     assert [h["mu"] for h in trainer.strategy.state.history] == [0.5, 0.5, 0.5]
     assert history(trainer, "amft/skipped_nonfinite")[-1] == 3.0
     assert "non-finite entropy" in caplog.text
+
+
+def test_rollout_rewards_by_hand():
+    """The reward each strategy reads (ReLIFT's failures, LUFFY's logged demonstration reward, the group rewards):
+    weighted and summed as GRPOTrainer sums them, a NaN function skipped, NaN when no function scored the row."""
+    import torch
+
+    from amft_trl.trainer import rollout_rewards
+
+    nan = float("nan")
+    rewards = torch.tensor([[1.0, 2.0], [nan, 2.0], [nan, nan], [0.0, -1.0]])
+    total = rollout_rewards(rewards, torch.tensor([1.0, 0.5]))
+    assert total[[0, 1, 3]].tolist() == [2.0, 1.0, -0.5] and torch.isnan(total[2])
