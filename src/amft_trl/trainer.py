@@ -738,9 +738,8 @@ class AMFTTrainer(GRPOTrainer):
                 ],
             )
             self._token_counts["val_completion" if generation.validation else "completion"] += generated
-            self._token_counts["sft"] += (
-                demonstrated  # LUFFY's off-policy rows: demonstration tokens trained on
-            )
+            # LUFFY's off-policy rows: demonstration tokens trained on, once per pass over the batch
+            self._token_counts["sft"] += demonstrated * self.num_iterations
         if generation.validation or not self.model.training or rewards is None:
             return out
         if self._relift is not None:
@@ -755,7 +754,8 @@ class AMFTTrainer(GRPOTrainer):
         out["amft_group_rewards"] = groups[local]
         if self._attached is not None:
             out.update(self._attached.generation(inputs, out))
-            self._token_counts["sft"] += float(out["amft_sft_tokens"])  # HPT: each demonstration counted once
+            # HPT: each gated demonstration is trained once per pass over the generation batch (`num_iterations`)
+            self._token_counts["sft"] += float(out["amft_sft_tokens"]) * self.num_iterations
         return out
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):

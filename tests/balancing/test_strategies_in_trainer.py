@@ -366,6 +366,59 @@ def test_hpt_sends_the_failing_prompts_to_their_demonstrations(tmp_path, tiny_mo
     assert gated_somewhere, "no prompt was gated: the check would be vacuous"
 
 
+def test_hpt_meters_each_pass_over_its_demonstrations(tmp_path, tiny_model_dir, tokenizer):
+    """`amft/sft_tokens` (amft-compare's budget) counts the demonstration tokens the loss was taken on: with
+    num_iterations=2 every gated demonstration is trained twice, so counted twice."""
+    trainer = build(
+        tmp_path,
+        tiny_model_dir,
+        tokenizer,
+        reward_funcs=[parity_reward],
+        balancing="hpt",
+        max_steps=4,
+        num_iterations=2,
+        per_device_train_batch_size=16,
+        train_dataset=_parity_prompts(32, seed=1),
+    )
+    trained, sft_step = [], trainer._sft_micro_step
+
+    def spy_sft(model, batch, weight, step, row_weights=None, normalizer=None):
+        weights = torch.ones(batch.loss_mask.size(0)) if row_weights is None else row_weights
+        trained.append(float((batch.loss_mask.sum(1).float() * (weights > 0)).sum()))
+        return sft_step(model, batch, weight, step, row_weights, normalizer)
+
+    trainer._sft_micro_step = spy_sft
+    trainer.train()
+    assert sum(trained) > 0
+    assert logged(trainer, "amft/sft_tokens")[-1] == sum(trained)
+
+
+def test_luffy_meters_each_pass_over_its_demonstrations(tmp_path, tiny_model_dir, tokenizer):
+    """The same for LUFFY's off-policy rows: with num_iterations=2 each is in the loss twice."""
+    prompts = make_prompts(32, seed=1)
+    prompts = prompts.add_column("demonstration", [f" {a}. The answer is {a}." for a in prompts["answer"]])
+    trainer = build(
+        tmp_path,
+        tiny_model_dir,
+        tokenizer,
+        balancing="luffy",
+        max_steps=4,
+        num_iterations=2,
+        train_dataset=prompts,
+    )
+    trained, loss_term = [], trainer._luffy.loss_term
+
+    def spy(logps, inputs, advantages):
+        off = inputs["amft_off_policy"].unsqueeze(1)
+        trained.append(float((inputs["completion_mask"] * off).sum()))
+        return loss_term(logps, inputs, advantages)
+
+    trainer._luffy.loss_term = spy
+    trainer.train()
+    assert sum(trained) > 0
+    assert logged(trainer, "amft/sft_tokens")[-1] == sum(trained)
+
+
 def _operand(prompt: str) -> int:
     return int(re.search(r"Compute (\d+)", prompt).group(1))
 
