@@ -4,7 +4,8 @@ Demonstrations come in TRL's prompt-completion format (standard strings or conve
 conversational `messages` column whose last message is the completion. Tokenisation follows TRL's SFTTrainer: the
 chat template for conversational data, EOS appended to standard completions, and the completion starting where the
 tokenised prompt and prompt+completion diverge (`trl.data_utils.common_prefix_length`). The loss is on completion
-tokens only (Eq. 2).
+tokens only (Eq. 2); in a multi-turn completion, on the assistant's turns only (tool replies masked, as GRPO masks
+them: `text_assistant_mask`, `conversation_demonstration`).
 """
 
 from __future__ import annotations
