@@ -22,7 +22,11 @@ OFF = {"enable_thinking": False}
 
 
 @pytest.fixture
-def flag_tokenizer(tokenizer):
+def flag_tokenizer(tiny_model_dir):
+    """A fresh copy (the `tokenizer` fixture is shared by the session's tests), with the flag template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.chat_template = FLAG_TEMPLATE
     return tokenizer
 
