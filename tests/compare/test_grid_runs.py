@@ -686,3 +686,28 @@ def test_luffy_demonstrations_are_metered_as_demonstration_tokens_not_generated(
     assert run["spent"]["sft_tokens"] == steps * prompts * 1 * length
     # 3 generated rollouts of at most 6 tokens per prompt, never the 4th (the demonstration's slot)
     assert 0 < run["spent"]["generated_tokens"] <= steps * prompts * 3 * length
+
+
+def test_evaluation_renders_prompts_with_the_trainings_chat_template_kwargs(monkeypatch):
+    """A grid whose training renders prompts with `chat_template_kwargs` evaluates (test sets and validation split)
+    with the same ones; without them, none are passed."""
+    import amft_trl.evaluation as evaluation
+
+    seen = []
+
+    def recording(model, benchmarks, **settings):
+        seen.append(settings.get("chat_template_kwargs"))
+        return {b.name: {"accuracy": 0.5} for b in benchmarks}
+
+    monkeypatch.setattr(evaluation, "evaluate_model", recording)
+    off = {"enable_thinking": False}
+    for training, expected in (
+        (SMOKE["training"], None),
+        ({**SMOKE["training"], "chat_template_kwargs": off}, off),
+    ):
+        grid = parse_grid(_grid(training=training))
+        data = grid_tasks.build_task(grid.task, grid.task_options).build()
+        for split in ("test", "val"):
+            seen.clear()
+            runs_module.evaluate(None, None, grid, data, split=split)
+            assert seen == [expected], split

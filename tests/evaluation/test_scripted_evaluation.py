@@ -388,6 +388,36 @@ def test_scores_and_metrics_match_a_hand_computation(tokenizer, tmp_path):
     assert EvalResults.load(tmp_path).metrics == results.metrics
 
 
+def test_chat_template_kwargs_render_every_prompt(tiny_model_dir, tmp_path):
+    """`chat_template_kwargs` (amft-eval's `--chat-template-kwargs`, a grid's training settings in amft-compare)
+    reach the chat template of every prompt, and are recorded with the template (so a resumed run with other ones
+    starts over)."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # not the session's: its template is changed
+    tokenizer.chat_template = (
+        "{% if enable_thinking is defined and not enable_thinking %}<|system|>5<|end|>{% endif %}"
+        + tokenizer.chat_template
+    )
+    off = {"enable_thinking": False}
+    benchmarks = math_and_mc(tokenizer)
+    flagged = [replace(b, template=replace(b.template, chat_template_kwargs=off)) for b in benchmarks]
+    # the backend knows the prompts only as rendered with the kwargs: any other rendering is a KeyError
+    backend = ScriptedBackend(tokenizer, flagged, graded_answer, per_call=3)
+    results = evaluate_model(
+        "unused-hub-id", benchmarks, tokenizer=tokenizer, backend=backend, num_samples=0,
+        chat_template_kwargs=off, output_dir=str(tmp_path), progress=False,
+    )  # fmt: skip
+    assert results["math500"]["greedy"] == pytest.approx(2 / 4) and len(backend.generated) == 6
+    saved = json.loads((tmp_path / "results.json").read_text())["benchmarks"]["math500"]
+    assert saved["problems"][0]["prompt"].startswith("<|system|>5<|end|>")
+    assert saved["template"]["chat_template_kwargs"] == off
+    with pytest.raises(EvaluationInputError, match="chat_template_kwargs must be a mapping"):
+        evaluate_model("unused-hub-id", benchmarks, tokenizer=tokenizer, chat_template_kwargs=["x"])
+
+
 def test_a_reward_that_raises_scores_zero_and_the_run_goes_on(tokenizer):
     def touchy_reward(completions, answer, **kwargs):
         if any("BOOM" in c for c in completions):

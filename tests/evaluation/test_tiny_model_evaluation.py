@@ -138,6 +138,14 @@ def test_cli_end_to_end(tiny_model_dir, tmp_path, capsys):
             "pass@4",
         ),
         (["--benchmarks", "math500", "--num-samples", "two"], "--num-samples"),
+        (
+            ["--benchmarks", "math500", "--chat-template-kwargs", "enable_thinking=false"],
+            "--chat-template-kwargs",
+        ),
+        (
+            ["--benchmarks", "math500", "--chat-template-kwargs", "[1]"],
+            "--chat-template-kwargs: expected a JSON",
+        ),
     ],
 )
 def test_cli_bad_input_is_one_line(extra, message, tmp_path, capsys):

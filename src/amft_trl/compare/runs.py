@@ -156,7 +156,8 @@ def evaluate(
     """Scores of `model` on the task's test sets (`split="test"`) or its validation split (`"val"`).
 
     The test sets use the grid's `evaluation` settings (greedy by default); the validation split is always scored
-    greedily, since it only ranks tuning trials."""
+    greedily, since it only ranks tuning trials. Both render their prompts with the training settings'
+    `chat_template_kwargs`, as the trainers render theirs."""
     from datasets import Dataset
 
     from amft_trl.evaluation import benchmark_from_dataset, evaluate_model
@@ -169,6 +170,8 @@ def evaluate(
         items = data.tests
         settings = {"num_samples": 0, "max_new_tokens": data.max_new_tokens, **data.eval_settings}
         settings.update(grid.evaluation)
+    if grid.training.get("chat_template_kwargs"):  # prompts rendered as in training
+        settings.setdefault("chat_template_kwargs", dict(grid.training["chat_template_kwargs"]))
     benchmarks = [
         benchmark_from_dataset(name, item, reward, template=data.template)
         if isinstance(item, Dataset)

@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--system-prompt", default=None, help="A system message for every prompt.")
     p.add_argument(
+        "--chat-template-kwargs",
+        default=None,
+        help="Extra arguments of the chat template, as JSON (e.g. '{\"enable_thinking\": false}'): the "
+        "training config's `chat_template_kwargs`, so the model sees the prompts it was trained on.",
+    )
+    p.add_argument(
         "--output-dir", default=None, help="Where results go (default: eval_results/<model name>)."
     )
     p.add_argument("--seed", type=int, default=0)
@@ -230,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             backend=args.backend,
             prompt_template=args.prompt_template,
             system_prompt=args.system_prompt,
+            chat_template_kwargs=_parse_json_object(args.chat_template_kwargs, "--chat-template-kwargs"),
             seed=args.seed,
             max_problems=args.max_problems,
             output_dir=args.output_dir or os.path.join("eval_results", label),

@@ -75,6 +75,8 @@ class EvalConfig:
         prompt_template: overrides every benchmark's template: a name (`boxed`, `multiple_choice`, `luffy`,
             `qwen_math`, `plain`, `raw`) or a string with `{question}`.
         system_prompt: a system message added to every prompt (replaces the template's).
+        chat_template_kwargs: extra arguments of the chat template for every prompt, as `GRPOConfig`'s (e.g.
+            `{"enable_thinking": False}`): evaluate with the rendering the model was trained with.
         seed: seeds sampling and GPQA's option shuffle.
         max_problems: evaluate the first N problems of each benchmark only (smoke runs).
         output_dir: where progress, `results.json` and `results.md` go (None: nothing is written).
@@ -106,6 +108,7 @@ class EvalConfig:
     backend: str = "auto"
     prompt_template: str | None = None
     system_prompt: str | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     max_problems: int | None = None
     output_dir: str | None = None
@@ -136,6 +139,10 @@ class EvalConfig:
             raise EvaluationInputError(f"batch_size must be >= 1, got {self.batch_size}.")
         if self.backend not in ("auto", "vllm", "transformers"):
             raise EvaluationInputError(f"backend must be auto, vllm or transformers, got {self.backend!r}.")
+        if not isinstance(self.chat_template_kwargs, Mapping):
+            raise EvaluationInputError(
+                f"chat_template_kwargs must be a mapping (a JSON object), got {self.chat_template_kwargs!r}."
+            )
         if self.max_problems is not None and self.max_problems < 1:
             raise EvaluationInputError(f"max_problems must be >= 1, got {self.max_problems}.")
         counts = self.num_samples.values() if isinstance(self.num_samples, Mapping) else [self.num_samples]
@@ -473,6 +480,9 @@ def evaluate_model(
                 b.template = get_template(spec, config.system_prompt)
             except ValueError as exc:
                 raise EvaluationInputError(str(exc)) from None
+    if config.chat_template_kwargs:
+        for b in loaded:
+            b.template = replace(b.template, chat_template_kwargs=dict(config.chat_template_kwargs))
     plan = {b.name: _samples_for(config, b) for b in loaded}
     _check_plan(config, loaded, plan)
 

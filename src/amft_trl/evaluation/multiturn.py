@@ -180,8 +180,8 @@ def _start(problem: Any, task: EpisodeTask | None) -> _Episode:
     return episode
 
 
-def _render(processing_class: Any, episode: _Episode) -> str:
-    kwargs: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+def _render(processing_class: Any, episode: _Episode, template_kwargs: dict[str, Any]) -> str:
+    kwargs: dict[str, Any] = {**template_kwargs, "tokenize": False, "add_generation_prompt": True}
     if episode.tools:
         kwargs["tools"] = episode.tools
     return processing_class.apply_chat_template(episode.messages, **kwargs)
@@ -193,9 +193,10 @@ def _generate(
     episodes: Sequence[_Episode],
     settings: SamplingSettings,
     seed: int,
+    template_kwargs: dict[str, Any],
 ) -> tuple[list[str], list[str]]:
-    """The rendered prompts and one answer to each."""
-    texts = [_render(processing_class, e) for e in episodes]
+    """The rendered prompts (with the chat template's extra arguments `template_kwargs`) and one answer to each."""
+    texts = [_render(processing_class, e, template_kwargs) for e in episodes]
     if any(e.images for e in episodes):
         if not hasattr(engine, "generate_multimodal"):
             from amft_trl.evaluation.problems import EvaluationInputError
@@ -269,7 +270,10 @@ def play(
         active = [e for e in episodes if not e.done]
         if not active:
             break
-        prompts, outputs = _generate(engine, processing_class, active, settings, seed + 1009 * turn)
+        template_kwargs = getattr(benchmark.template, "chat_template_kwargs", None) or {}
+        prompts, outputs = _generate(
+            engine, processing_class, active, settings, seed + 1009 * turn, template_kwargs
+        )
         tokenizer = _tokenizer_of(processing_class)
         for episode, prompt, text in zip(active, prompts, outputs):
             episode.turns += 1

@@ -27,7 +27,7 @@ Any other string containing `{question}` is used as the user message of a custom
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from amft_trl.math_data import DEFAULT_INSTRUCTION
@@ -56,12 +56,15 @@ class PromptTemplate:
         user: the user message; `{question}` is replaced by the question (other braces are left alone).
         system: an optional system message.
         chat: render with the tokenizer's chat template (falls back to plain text when it has none).
+        chat_template_kwargs: extra arguments of the chat template (`GRPOConfig.chat_template_kwargs`, e.g.
+            `{"enable_thinking": False}`), so that a model is evaluated on the rendering it was trained with.
     """
 
     name: str
     user: str = "{question}"
     system: str | None = None
     chat: bool = True
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         if "{question}" not in self.user:
@@ -83,7 +86,9 @@ class PromptTemplate:
         """The prompt text for one question, and whether the tokenizer's chat template produced it."""
         messages = self.messages(question)
         if self.chat and tokenizer is not None and getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **self.chat_template_kwargs
+            )
             return text, True
         return "\n\n".join(str(m.get("content", "")) for m in messages), False
 
