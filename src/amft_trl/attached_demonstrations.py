@@ -44,7 +44,7 @@ import torch
 
 from ._distributed import global_sum
 from .balancing.base import BalancingStrategy, RolloutBatch, StepPlan
-from .sft_data import SFTBatch, collate_sft, row_images
+from .sft_data import SFTBatch, collate_sft, row_images, trained_tokens
 
 Example = dict[str, Any]  # `prompt_ids` / `completion_ids`; for image prompts also the raw row for collation
 
@@ -102,7 +102,8 @@ class AttachedDemonstrations:
         accelerator: the trainer's Accelerator (process index and count, the all-reduce).
         tokenize: `(prompt, demonstration) -> example | None`, tokenised like the SFT data (None: no completion
             token left after truncation); with `image_column`, `(prompt, demonstration, images) -> example | None`.
-            An example has at least `completion_ids` (its trained tokens are counted from them).
+            An example has at least `completion_ids` (its trained tokens are counted from them, or from its
+            `assistant_mask` when it has one: `amft_trl.sft_data.trained_tokens`).
         pad_token_id, eos_token_id: of the tokenizer (padding; the placeholder row when a process has no text).
         gradient_accumulation_steps, steps_per_generation, num_generations: the run's layout (`GRPOConfig`).
         image_column: the RL dataset's image column (`images` / `image`), None for text prompts.
@@ -203,7 +204,7 @@ class AttachedDemonstrations:
                 continue
             examples[k][to_sft[k] % self.accumulation].append(example)
             to_sft[k] += 1
-            tokens[k] += len(example["completion_ids"])
+            tokens[k] += trained_tokens(example)
         counts = [float(len(e)) for per_step in examples for e in per_step]
         reduced = global_sum(self.accelerator, tokens + counts)
         world = self.accelerator.num_processes

@@ -369,7 +369,7 @@ def tokenize_prompt_completion(
         full_ids = _tokenize(processing_class, prompt + completion)["input_ids"]
     prompt_len = common_prefix_length(prompt_ids, full_ids)
     mask = None
-    if is_conversational({"prompt": prompt}) and any(m.get("role") != "assistant" for m in completion):
+    if is_conversational({"prompt": prompt}) and has_other_turns(completion):
         mask = text_assistant_mask(processing_class, prompt, completion, full_ids, kwargs)
     if max_length is not None:
         full_ids = full_ids[:max_length]
@@ -586,6 +586,14 @@ class SFTBatch:
         )
 
 
+def trained_tokens(example: dict[str, Any]) -> int:
+    """How many of a tokenised demonstration's completion tokens the NLL is taken on: the ones of its
+    `assistant_mask` (a multi-turn demonstration's tool replies and image tokens are not trained), else all of its
+    `completion_ids`. What `collate_sft` / `collate_vision_sft` make of it: `SFTBatch.num_tokens`."""
+    mask = example.get("assistant_mask")
+    return len(example["completion_ids"]) if mask is None else int(sum(mask))
+
+
 def collate_sft(examples: list[dict[str, list[int]]], pad_token_id: int) -> SFTBatch:
     """Pad tokenised demonstrations: prompts on the left, completions on the right (as GRPO lays out rollouts).
     Examples with an `assistant_mask` (multi-turn demonstrations, `tokenize_prompt_completion`) give the batch its
@@ -718,12 +726,17 @@ def whole_conversation_rows(dataset: Dataset) -> list[int]:
     text = dataset.select_columns(columns)
 
     def multi_turn(example: dict[str, Any]) -> bool:
-        _, completion = _as_prompt_completion(example)
-        return isinstance(completion, list) and any(
-            isinstance(m, dict) and m.get("role") != "assistant" for m in completion
-        )
+        return has_other_turns(_as_prompt_completion(example)[1])
 
     return [i for i in range(len(text)) if _completion_image_parts(text[i]) or multi_turn(text[i])]
+
+
+def has_other_turns(completion: Any) -> bool:
+    """Whether a conversational completion holds other messages than the assistant's (a multi-turn demonstration's
+    tool replies), whose tokens are not trained on."""
+    return isinstance(completion, list) and any(
+        isinstance(m, dict) and m.get("role") != "assistant" for m in completion
+    )
 
 
 def _image_parts(messages: list[dict[str, Any]]) -> int:
@@ -1074,7 +1087,8 @@ def vision_demonstration(
 ) -> dict[str, Any] | None:
     """One demonstration of an RL prompt with images, as `collate_vision_sft` takes it: `prompt`, `completion`,
     `images`, plus its `prompt_ids` / `completion_ids` (image tokens included, truncated to `max_length` as the
-    collator truncates it). None when the prompt with its image tokens leaves no room for a completion token within
+    collator truncates it) and the `assistant_mask` over them (1 on the tokens trained on, `trained_tokens`). None
+    when the prompt with its image tokens leaves no room for a completion token within
     `max_length`: such a demonstration is dropped, never cut through its image tokens (as `prepare_vision_sft_dataset`
     drops them from `sft_dataset`). `tools`: rendered into the conversation (kept in the example as its `tools`, so
     that `collate_vision_sft` renders it the same way); `template_kwargs`: the chat template's extra arguments (pass
@@ -1084,12 +1098,20 @@ def vision_demonstration(
         example["tools"] = tools
     batch = collate_vision_sft([example], processor, None, "images", DemonstrationTools(), template_kwargs)
     prompt_ids = batch.prompt_ids[0][batch.prompt_mask[0].bool()].tolist()
-    completion_ids = batch.completion_ids[0][batch.completion_mask[0].bool()].tolist()
+    completion = batch.completion_mask[0].bool()
+    completion_ids = batch.completion_ids[0][completion].tolist()
+    assistant_mask = batch.loss_mask[0][completion].tolist()
     if max_length is not None:
         completion_ids = completion_ids[: max(max_length - len(prompt_ids), 0)]
-    if not prompt_ids or not completion_ids:
+        assistant_mask = assistant_mask[: len(completion_ids)]
+    if not prompt_ids or not any(assistant_mask):
         return None
-    return {**example, "prompt_ids": prompt_ids, "completion_ids": completion_ids}
+    return {
+        **example,
+        "prompt_ids": prompt_ids,
+        "completion_ids": completion_ids,
+        "assistant_mask": assistant_mask,
+    }
 
 
 def split_image_parts(prompt: Any) -> tuple[Any, list[Any]]:

@@ -50,6 +50,7 @@ from .sft_data import (
     tokenize_prompt_completion,
     tokenize_sft_dataset,
     tool_schemas,
+    trained_tokens,
     vision_demonstration,
     whole_conversation_rows,
 )
@@ -166,7 +167,7 @@ class SFTTerm:
         self, prompt: Any, demonstration: Any, images: list[Any] | None = None
     ) -> dict[str, Any] | None:
         """A prompt's demonstration (from a train_dataset column) tokenised like the SFT data; None when truncation
-        leaves no completion token. A string demonstration of a conversational prompt is the assistant's message.
+        leaves no completion token to train on (none of the assistant's, for a multi-turn demonstration). A string demonstration of a conversational prompt is the assistant's message.
 
         `images` (image prompts): the row's images, which the demonstration carries into the SFT forward; the example
         is then one for `collate_demonstrations` (`amft_trl.sft_data.vision_demonstration`), None also when the
@@ -195,7 +196,7 @@ class SFTTerm:
             tools=tools,
             template_kwargs=self.template_kwargs,
         )
-        return example if example["completion_ids"] else None
+        return example if trained_tokens(example) > 0 else None
 
     def collate_demonstrations(self, examples: list[dict[str, Any]]) -> SFTBatch:
         """Demonstrations of image prompts (`tokenize_demonstration` with images), through TRL's VLM collator."""

@@ -79,6 +79,7 @@ def test_tool_replies_of_text_demonstrations_are_not_trained_on(tmp_path, monkey
     the final answer with their end of turn, not the verifier's reply or the turn header after it, as GRPO masks tool
     replies out of its rollouts."""
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
+    from amft_trl.sft_data import trained_tokens
     from amft_trl.tasks.general_points_visual import general_points_revision_env_factory
 
     tokenizer = qwen_tokenizer()
@@ -97,6 +98,11 @@ def test_tool_replies_of_text_demonstrations_are_not_trained_on(tmp_path, monkey
         assert untrained.count("<|im_start|>assistant") == 1  # the header of the turn after the reply is not
         # the batch's loss mask is the row's: the SFT term's token count is the assistant tokens
         assert batch.loss_mask[i, : len(ids)].tolist() == mask and int(batch.loss_mask[i].sum()) == sum(mask)
+        # the same demonstration attached to its RL prompt (HPT, ReLIFT): the same mask, and its trained tokens
+        # (HPT's normaliser, the metered SFT tokens) are the assistant's only
+        attached = trainer.sft_term.tokenize_demonstration(data.sft[i]["prompt"], data.sft[i]["completion"])
+        assert attached["completion_ids"] == ids and attached["assistant_mask"] == mask
+        assert trained_tokens(attached) == sum(mask) < len(ids)
 
 
 def test_a_tools_column_overrides_the_trainers_tools_and_null_means_none(tmp_path, monkeypatch):

@@ -256,7 +256,7 @@ def test_a_plan_with_both_rollouts_and_an_sft_dataset_batch_is_refused(tmp_path,
 # ---- the rule itself, on 1 and on 2 (simulated) processes ------------------------------------------------------
 
 
-def _plan_on(world, rows, rewards, accumulation, steps_per_generation, passes, group=4):
+def _plan_on(world, rows, rewards, accumulation, steps_per_generation, passes, group=4, tokenize=None):
     """Every micro-step of `passes` passes over one generation batch, on each of `world` processes: per micro-step
     and process, the demonstrations trained (weight 1), whether an SFT forward runs, its normaliser x processes."""
     board, out = _Board(world), [None] * world
@@ -266,7 +266,10 @@ def _plan_on(world, rows, rewards, accumulation, steps_per_generation, passes, g
         attached = AttachedDemonstrations(
             HPTStrategy("demonstration", success_reward=1.0),
             _FakeAccelerator(rank, world, board),
-            lambda prompt, demonstration: {"prompt_ids": [1], "completion_ids": [2] * len(demonstration)},
+            tokenize
+            or (
+                lambda prompt, demonstration: {"prompt_ids": [1], "completion_ids": [2] * len(demonstration)}
+            ),
             pad_token_id=0,
             eos_token_id=3,
             gradient_accumulation_steps=accumulation,
@@ -332,3 +335,22 @@ def test_the_rule_deals_each_gated_prompt_to_one_step_the_same_on_one_and_two_pr
     assert (one[2][2], one[3][2]) == ([2, 6], [4, 8])
     # on two, each deals its own: process 0 holds q = 0..3, process 1 q = 4..7
     assert (two[0][2][2], two[0][3][2], two[1][2][2], two[1][3][2]) == ([2], [4], [6], [8])
+
+
+def test_the_normaliser_counts_only_the_tokens_trained_on():
+    """A multi-turn demonstration's tool replies are not trained on (`assistant_mask`, the batch's `tool_mask`), so the
+    step's normaliser, the per-token average of the NLL, counts the assistant's tokens only: 2 of each demonstration's
+    5 here, on one process and on two."""
+
+    def tokenize(prompt, demonstration):
+        return {"prompt_ids": [1], "completion_ids": [2, 4, 4, 2, 3], "assistant_mask": [1, 0, 0, 0, 1]}
+
+    group, prompts = 4, 4
+    rows = [{"prompt": f"p{q}", "demonstration": "x"} for q in range(prompts) for _ in range(group)]
+    rewards = [0.0] * (prompts * group)  # every prompt fails: every demonstration is trained
+    for world in (1, 2):
+        seen = _plan_on(world, rows, rewards, 1, 1, 1, group=group, tokenize=tokenize)
+        for rank in range(world):
+            (_, _, trained, ran, scale) = seen[rank][0]
+            assert ran and scale == 2 * prompts  # not 5 * prompts, the completion tokens
+        assert sum(len(seen[r][0][2]) for r in range(world)) == prompts
