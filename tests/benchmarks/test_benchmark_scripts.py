@@ -263,3 +263,53 @@ def test_compare_summary_pairs_with_a_reference_from_another_grid(tmp_path, caps
     assert fixed[-1].startswith("2.0k / 500")  # tokens: the mean over seeds (1k, 2k, 3k)
     with pytest.raises(SystemExit, match="not a row"):
         module.main([str(main), "--reference", "two_stage"])
+
+
+DRIFT = Path(__file__).resolve().parents[2] / "benchmarks" / "rerun_drift.py"
+
+
+def _runs_csv(grid: Path, rows: list[tuple[str, int, float, str]]) -> None:
+    grid.mkdir()
+    lines = ["method,point,seed,id,ood,generated_tokens,sft_tokens,checksum"]
+    lines += [
+        f'fixed,"{{""mu_init"": {mu}}}",{seed},{acc},0.0,10,5,{checksum}' for mu, seed, acc, checksum in rows
+    ]
+    grid.joinpath("runs.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_rerun_drift_matches_runs_and_pairs_over_seeds(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("rerun_drift", DRIFT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    committed, rerun = tmp_path / "committed", tmp_path / "rerun"
+    _runs_csv(committed, [(0.1, 0, 0.5, "a"), (0.1, 1, 0.7, "b"), (0.1, 2, 0.6, "c"), (0.9, 0, 0.4, "d")])
+    # seed 1 moved by +20 points and seed 2 by +10, seed 0 is bit-identical; mu 0.9 was not rerun
+    _runs_csv(rerun, [(0.1, 0, 0.5, "a"), (0.1, 1, 0.9, "x"), (0.1, 2, 0.7, "y")])
+    module.main([str(committed), str(rerun)])
+    out = capsys.readouterr().out
+    assert out.startswith("3 runs in both grids (4 committed, 3 rerun); 1 trained bit-identical weights")
+    assert "2 of 3 changed score; |change| mean 10.0, largest 20.0 points" in out
+    # paired differences 0, 20, 10: mean 10, s = 10, t_{0.975, 2} = 4.302653 -> half-width 24.8
+    assert '| `fixed` | {"mu_init": 0.1} | 60.0 | 70.0 | +10.0 [-14.8, +34.8] |' in out
+    assert "### `ood`" in out and "0 of 3 changed score" in out
+    with pytest.raises(SystemExit, match="no run is in both"):
+        _runs_csv(tmp_path / "other", [(0.5, 0, 0.5, "a")])
+        module.main([str(committed), str(tmp_path / "other")])
+
+
+def test_the_committed_rerun_under_other_kernels_reproduced_every_score():
+    """What `docs/source/results.md` reports of the toy sensitivity grid rerun under other CPU kernels: other weights
+    (no checksum equal), every score the committed one (issue 25). Fails if either committed grid is regenerated apart."""
+    spec = importlib.util.spec_from_file_location("rerun_drift", DRIFT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    results = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "compare"
+    committed = module.load(results / "toy_addition_sensitivity")
+    rerun = module.load(results / "toy_addition_sensitivity_other_kernels")
+    assert len(rerun) == 50 and set(rerun) <= set(committed)
+    for key, row in rerun.items():
+        assert row["checksum"] != committed[key]["checksum"]
+        assert (row["addition_id"], row["addition_ood"]) == (
+            committed[key]["addition_id"],
+            committed[key]["addition_ood"],
+        )
