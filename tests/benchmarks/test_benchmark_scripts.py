@@ -298,18 +298,19 @@ def test_rerun_drift_matches_runs_and_pairs_over_seeds(tmp_path, capsys):
 
 
 def test_the_committed_rerun_under_other_kernels_reproduced_every_score():
-    """What `docs/source/results.md` reports of the toy sensitivity grid rerun under other CPU kernels: other weights
-    (no checksum equal), every score the committed one (issue 25). Fails if either committed grid is regenerated apart."""
+    """What `docs/source/results.md` reports of the sensitivity grids rerun under other CPU kernels (toy: 50 runs,
+    SmolLM2: 2): other weights (no checksum equal), every score the committed one (issue 25). Fails if either committed grid is regenerated apart."""
     spec = importlib.util.spec_from_file_location("rerun_drift", DRIFT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     results = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "compare"
-    committed = module.load(results / "toy_addition_sensitivity")
-    rerun = module.load(results / "toy_addition_sensitivity_other_kernels")
-    assert len(rerun) == 50 and set(rerun) <= set(committed)
-    for key, row in rerun.items():
-        assert row["checksum"] != committed[key]["checksum"]
-        assert (row["addition_id"], row["addition_ood"]) == (
-            committed[key]["addition_id"],
-            committed[key]["addition_ood"],
-        )
+    for grid, runs, scores in [
+        ("toy_addition_sensitivity", 50, ("addition_id", "addition_ood")),
+        ("smollm2_addition_sensitivity", 2, ("add_id", "add_ood")),
+    ]:
+        committed = module.load(results / grid)
+        rerun = module.load(results / f"{grid}_other_kernels")
+        assert len(rerun) == runs and set(rerun) <= set(committed)
+        for key, row in rerun.items():
+            assert row["checksum"] != committed[key]["checksum"]
+            assert [row[s] for s in scores] == [committed[key][s] for s in scores]
