@@ -1088,8 +1088,8 @@ def vision_demonstration(
     """One demonstration of an RL prompt with images, as `collate_vision_sft` takes it: `prompt`, `completion`,
     `images`, plus its `prompt_ids` / `completion_ids` (image tokens included, truncated to `max_length` as the
     collator truncates it) and the `assistant_mask` over them (1 on the tokens trained on, `trained_tokens`). None
-    when the prompt with its image tokens leaves no room for a completion token within
-    `max_length`: such a demonstration is dropped, never cut through its image tokens (as `prepare_vision_sft_dataset`
+    when the prompt with its image tokens leaves no room within `max_length` for a completion token trained on (an
+    assistant's): such a demonstration is dropped, never cut through its image tokens (as `prepare_vision_sft_dataset`
     drops them from `sft_dataset`). `tools`: rendered into the conversation (kept in the example as its `tools`, so
     that `collate_vision_sft` renders it the same way); `template_kwargs`: the chat template's extra arguments (pass
     the same to `collate_vision_sft`)."""

@@ -167,7 +167,8 @@ class SFTTerm:
         self, prompt: Any, demonstration: Any, images: list[Any] | None = None
     ) -> dict[str, Any] | None:
         """A prompt's demonstration (from a train_dataset column) tokenised like the SFT data; None when truncation
-        leaves no completion token to train on (none of the assistant's, for a multi-turn demonstration). A string demonstration of a conversational prompt is the assistant's message.
+        leaves no completion token to train on (none of the assistant's, for a multi-turn demonstration). A string
+        demonstration of a conversational prompt is the assistant's message.
 
         `images` (image prompts): the row's images, which the demonstration carries into the SFT forward; the example
         is then one for `collate_demonstrations` (`amft_trl.sft_data.vision_demonstration`), None also when the

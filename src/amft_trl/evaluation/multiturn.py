@@ -266,11 +266,11 @@ def play(
     task: EpisodeTask | None = benchmark.episode
     episodes = [_start(p, task) for p in problems for _ in range(n)]
     max_turns = task.max_turns if task is not None else 1
+    template_kwargs = getattr(benchmark.template, "chat_template_kwargs", None) or {}
     for turn in range(max_turns):
         active = [e for e in episodes if not e.done]
         if not active:
             break
-        template_kwargs = getattr(benchmark.template, "chat_template_kwargs", None) or {}
         prompts, outputs = _generate(
             engine, processing_class, active, settings, seed + 1009 * turn, template_kwargs
         )
